@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, the sampler, incremental detokenization and the batched loop."""

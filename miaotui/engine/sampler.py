@@ -1,0 +1,68 @@
+"""Pick the next token for every sequence of a batch from its logits and its own SamplingParams.
+
+Not for stop conditions or detokenization (generator.py, detokenizer.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miaotui.engine.sampling_params import SamplingParams
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    # logits: [V]; seen: [V] bool. CTRL's rule: divide positive logits, multiply negative ones.
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [V] float32, already temperature-scaled -> logits with excluded tokens at -inf."""
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Holds one torch.Generator per seeded sequence so its draws do not depend on the batch."""
+
+    def __init__(self) -> None:
+        self._generators: dict[int, torch.Generator] = {}
+
+    def add_sequence(self, seq_id: int, seed: int | None) -> None:
+        gen = torch.Generator()
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        self._generators[seq_id] = gen
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
+               seen: torch.Tensor | None) -> torch.Tensor:
+        """logits: [B, V] float32; seen: [B, V] bool (prompt + output tokens) -> next tokens [B]."""
+        logits = logits.float()
+        if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+            return logits.argmax(-1)
+        out = torch.empty(len(params), dtype=torch.long)
+        for row, (seq_id, p) in enumerate(zip(seq_ids, params, strict=True)):
+            row_logits = logits[row]
+            if p.repetition_penalty != 1.0 and seen is not None:
+                row_logits = apply_repetition_penalty(row_logits, seen[row], p.repetition_penalty)
+            if p.greedy:
+                out[row] = row_logits.argmax()
+                continue
+            row_logits = filter_logits(row_logits / p.temperature, p)
+            probs = row_logits.softmax(-1)
+            out[row] = torch.multinomial(probs.cpu(), 1, generator=self._generators[seq_id])[0]
+        return out.to(logits.device)

@@ -1,0 +1,1 @@
+"""Measurement: perplexity and speed benchmarks."""

@@ -1,0 +1,23 @@
+"""RMSNorm, as in Llama: x / rms(x) * weight, computed in float32 for stability.
+
+Not for LayerNorm variants with a bias or mean subtraction.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., D]. Normalise in float32 (as the reference implementations do), then
+        # scale in the model dtype.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return normed * self.weight

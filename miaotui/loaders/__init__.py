@@ -1,0 +1,1 @@
+"""Turn checkpoints on disk (GGUF files, Hugging Face directories) into models and tokenizers."""

@@ -1,0 +1,117 @@
+"""Read a Hugging Face model directory: config.json, safetensors (single or sharded), tokenizer.
+
+Not for downloading from the hub: miaotui reads local directories only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
+from miaotui.models.config import ModelConfig
+
+# Hugging Face class name -> our architecture name.
+_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MiaotuiError(f"cannot read '{path}': {exc}") from None
+
+
+def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConfig:
+    arch_names = cfg.get("architectures") or [cfg.get("model_type", "<missing>")]
+    hf_arch = arch_names[0]
+    arch = _HF_ARCHITECTURES.get(hf_arch) or {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(hf_arch)
+    if arch is None:
+        raise MiaotuiError(f"unsupported model architecture '{hf_arch}' "
+                           f"(miaotui runs: {', '.join(_HF_ARCHITECTURES)})")
+    # transformers 5 writes rope settings under rope_parameters; 4.x under rope_theta/rope_scaling.
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+    rope_scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default"
+                                               else None)
+    heads = int(cfg["num_attention_heads"])
+    eos_ids: set[int] = set()
+    for source in (cfg, generation):
+        value = source.get("eos_token_id")
+        eos_ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=sorted(eos_ids),
+    )
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise MiaotuiError(f"'{directory}' has no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise MiaotuiError(f"safetensors shard '{f}' listed in the index does not exist")
+        try:
+            tensors.update(load_file(f))
+        except (SafetensorError, OSError) as exc:
+            raise MiaotuiError(f"cannot read safetensors file '{f}': {exc}") from None
+    return tensors
+
+
+def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise MiaotuiError(f"'{directory}' is not a Hugging Face model directory (no config.json)")
+    cfg = _read_json(directory / "config.json")
+    gen_path = directory / "generation_config.json"
+    config = config_from_hf(cfg, _read_json(gen_path) if gen_path.is_file() else {})
+    tensors = load_safetensors_dir(directory)
+    if config.tie_word_embeddings is False and "lm_head.weight" not in tensors:
+        config.tie_word_embeddings = True  # some checkpoints omit the flag but share the matrix
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise MiaotuiError(f"'{directory}' has no tokenizer.json")
+    tok_cfg_path = directory / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+    tokenizer = tokenizer_from_hf_dir(str(tokenizer_json), tok_cfg, _chat_template(directory, tok_cfg),
+                                      config.eos_token_ids)
+    return config, tensors, tokenizer
+
+
+def _chat_template(directory: Path, tok_cfg: dict[str, Any]) -> str | None:
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template

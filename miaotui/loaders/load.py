@@ -1,0 +1,45 @@
+"""load_model: any model argument (name, .gguf, HF directory) -> a ready model and tokenizer.
+
+Not for choosing devices or dtypes' defaults beyond honouring what the caller asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.gguf import GGUF_MAGIC, load_gguf
+from miaotui.loaders.hf import load_hf_dir
+from miaotui.loaders.model_store import resolve_model
+from miaotui.loaders.tokenizer import Tokenizer
+from miaotui.models.config import ModelConfig
+from miaotui.models.llama import Transformer, build_transformer
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    format: str  # "gguf" or "hf"
+
+
+def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> LoadedModel:
+    path = resolve_model(str(model))
+    if path.is_dir():
+        config, tensors, tokenizer = load_hf_dir(path)
+        fmt = "hf"
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC and path.suffix != ".gguf":
+            raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
+        config, tensors, tokenizer = load_gguf(path)
+        fmt = "gguf"
+    net = build_transformer(config, tensors, dtype=dtype, device=device)
+    del tensors
+    return LoadedModel(net, tokenizer, config, path, fmt)

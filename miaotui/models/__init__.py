@@ -1,0 +1,1 @@
+"""Model definitions: the config dataclass and the Llama-family transformer."""

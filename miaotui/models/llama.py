@@ -1,0 +1,182 @@
+"""The Llama-family decoder-only transformer (Llama 2/3, Mistral, SmolLM, Qwen2).
+
+Not for generation logic: the engine drives forward() with its own KV cache and positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.errors import MiaotuiError
+from miaotui.layers.attention import Attention
+from miaotui.layers.linear import make_linear
+from miaotui.layers.norm import RMSNorm
+from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
+from miaotui.models.config import ModelConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        # gate and up share their input: one fused matmul [D -> 2I].
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, False)
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, kv_cache, cache_start, attn_mask, is_causal) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, cache_start, attn_mask, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else make_linear(
+            config.hidden_size, config.vocab_size, False
+        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: KVCache | None = None,
+        cache_start: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens, positions: [B, S] -> final normed hidden states [B, S, D].
+
+        attn_mask: [B, 1, S, cache_start + S] bool, or None for plain causal attention over
+        the whole (unpadded) sequence so far.
+        """
+        seq = tokens.shape[1]
+        # Without a mask, a single query may see all cached keys; a block starting at 0 is
+        # causal; a block after cached tokens needs an explicit offset-causal mask.
+        if attn_mask is None and seq > 1 and cache_start > 0:
+            attn_mask = causal_mask(seq, cache_start, tokens.device)[None, None]
+        is_causal = attn_mask is None and seq > 1
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x = layer(x, cos, sin, cache, cache_start, attn_mask, is_causal)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
+        if self.lm_head is None:
+            out = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            out = self.lm_head(hidden)
+        return out.float()
+
+    def forward(self, tokens, positions, kv_caches=None, cache_start=0, attn_mask=None, last_only=False):
+        """Logits [B, S, V], or [B, V] for the last position only (generation skips the rest)."""
+        hidden = self.hidden_states(tokens, positions, kv_caches, cache_start, attn_mask)
+        return self.logits(hidden[:, -1] if last_only else hidden)
+
+    def allocate_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        shape = (batch, c.num_kv_heads, max_len, c.head_dim)
+        return [
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(c.num_layers)
+        ]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def weight_bytes(self) -> int:
+        tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if "inv_freq" not in n]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def causal_mask(seq: int, cache_start: int, device: torch.device) -> torch.Tensor:
+    """[S, cache_start + S] bool: query i (at absolute position cache_start + i) sees keys <= it."""
+    keys = torch.arange(cache_start + seq, device=device)
+    queries = torch.arange(cache_start, cache_start + seq, device=device)
+    return keys[None, :] <= queries[:, None]
+
+
+def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                      device: str | torch.device = "cpu") -> Transformer:
+    """Build the model from Hugging Face-named tensors, fusing q/k/v and gate/up.
+
+    Built on the meta device first so no random initialisation runs, then weights are assigned.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = fuse_hf_state_dict(config, hf_tensors)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise MiaotuiError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    # The rope buffer is derived from the config, not stored: recompute it off the meta device.
+    model.rotary.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,
+                                                     config.rope_scaling).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def fuse_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF Llama names (model.layers.N.self_attn.q_proj.weight, ...) onto this module tree."""
+    out: dict[str, torch.Tensor] = {}
+    out["embed_tokens.weight"] = _take(hf, "model.embed_tokens.weight")
+    out["norm.weight"] = _take(hf, "model.norm.weight")
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = _take(hf, "lm_head.weight")
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        out[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+            [_take(hf, attn + f"{n}_proj.weight") for n in "qkv"], dim=0
+        )
+        if config.qkv_bias:
+            out[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                [_take(hf, attn + f"{n}_proj.bias") for n in "qkv"], dim=0
+            )
+        out[f"layers.{i}.self_attn.o_proj.weight"] = _take(hf, attn + "o_proj.weight")
+        out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+            [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")], dim=0
+        )
+        out[f"layers.{i}.mlp.down_proj.weight"] = _take(hf, p + "mlp.down_proj.weight")
+        out[f"layers.{i}.input_layernorm.weight"] = _take(hf, p + "input_layernorm.weight")
+        out[f"layers.{i}.post_attention_layernorm.weight"] = _take(hf, p + "post_attention_layernorm.weight")
+    return out
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise MiaotuiError(f"checkpoint has no tensor '{name}'")
+    return tensors[name]

@@ -1,0 +1,61 @@
+"""What the hardware can do, and the dtype that runs fastest on it without losing accuracy.
+
+Not for model code: layers receive a dtype, they never probe the machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from miaotui.errors import MiaotuiError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: bf16 matmuls run natively (else PyTorch emulates them, slowly)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MiaotuiError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe_device(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    simd = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in cpu_flags()]
+    return f"cpu ({torch.get_num_threads()} threads; {', '.join(simd) or 'no wide SIMD'})"
