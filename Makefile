@@ -22,7 +22,7 @@ model: install
 	$(BIN)/miaotui pull smollm2-135m
 
 run: model
-	$(BIN)/python -m miaotui.showcase
+	$(BIN)/miaotui demo
 
 test: model
 	$(BIN)/ruff check miaotui tests benchmarks

@@ -98,9 +98,10 @@ class LLM:
                 out.finish_reason = event.finish_reason
         return results
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Yield StreamEvents for one prompt as tokens are produced (text never splits a character)."""
-        prompts, params = self._normalise(prompt, sampling_params)
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+        """Yield StreamEvents as tokens are produced (their text never splits a character)."""
+        prompts, params = self._normalise(prompts, sampling_params)
         return self._generator.stream([self.encode_prompt(p) for p in prompts], params)
 
     def chat(self, messages: Messages | Sequence[Messages],

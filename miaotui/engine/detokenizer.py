@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from miaotui.loaders.tokenizer import Tokenizer
 
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, stop: list[str] | None = None):
         self.tokenizer = tokenizer

@@ -1,0 +1,293 @@
+"""The `miaotui` command: one subcommand per job, each a thin layer over the Python API.
+
+Not for logic: parse, call, print. Every user mistake ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.model_store import DEFAULT_MODEL
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage dump: the user sees what was wrong and where to look.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got '{text}'")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"model name, .gguf file or Hugging Face directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", help="auto (fastest sound choice for this device), float32, bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="miaotui", description="秒推 — run, compress and measure LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("pull", help="fetch a named model into the cache")
+    p.add_argument("model", help="model name, e.g. smollm2-135m")
+    sub.add_parser("models", help="list cached and known models")
+
+    p = sub.add_parser("info", help="architecture, size and runtime of a model")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    _add_sampling_args(p, temperature=0.0)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the history")
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", default=None)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    p = eval_sub.add_parser("ppl", help="perplexity over a text file")
+    _add_model_args(p)
+    p.add_argument("--text-file", required=True)
+    p.add_argument("--ctx", type=_positive_int, default=512)
+    p.add_argument("--stride", type=_positive_int, default=None, help="window step (default: ctx)")
+    p.add_argument("--score-from", type=_non_negative_int, default=0,
+                   help="score predictions from this window index on (llama.cpp's protocol: ctx/2)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="use only the first N tokens")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="prefill and decode speed (llama-bench style)")
+    _add_model_args(p)
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512)
+    p.add_argument("--gen-tokens", type=_positive_int, default=128)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--repeat", type=_positive_int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the showcase that `make run` runs")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL)
+    p.add_argument("--text-file", default=None, help="text for the perplexity step")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from miaotui.api import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return LLM(args.model, dtype=args.dtype, device=args.device)
+
+
+def _sampling(args: argparse.Namespace):
+    from miaotui.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                          stop=args.stop)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from miaotui.loaders.model_store import pull
+
+    print(pull(args.model))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from miaotui.loaders.model_store import KNOWN_MODELS, cache_dir, list_cached
+
+    cached = {name: (path, size) for name, path, size in list_cached()}
+    print(f"cache: {cache_dir()}")
+    for name, model in KNOWN_MODELS.items():
+        if name in cached:
+            path, size = cached[name]
+            print(f"  {name:<16} {size / 2**20:8.1f} MiB  {path}")
+        else:
+            print(f"  {name:<16} {'':>8}      (not pulled: miaotui pull {name}) — {model.description}")
+
+
+def model_info(llm) -> dict[str, Any]:
+    from miaotui.runtime import default_dtype, describe_device, dtype_name
+
+    c = llm.config
+    return {
+        "path": str(llm.path), "format": llm.format, "architecture": c.architecture,
+        "params": llm.model.num_parameters(), "weight_bytes": llm.model.weight_bytes(),
+        "dtype": dtype_name(llm.dtype), "default_dtype": dtype_name(default_dtype(llm.device)),
+        "device": describe_device(llm.device), "context_length": c.max_position_embeddings,
+        "layers": c.num_layers, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+        "tied_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta,
+        "chat_template": bool(llm.tokenizer.chat_template),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"model         {info['path']} ({info['format']})",
+        f"architecture  {info['architecture']}: {info['layers']} layers, hidden {info['hidden_size']}, "
+        f"MLP {info['intermediate_size']}, {info['heads']} heads / {info['kv_heads']} KV heads × {info['head_dim']}",
+        f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f} M)",
+        f"weights       {info['weight_bytes']:,} bytes ({info['weight_bytes'] / 2**20:.1f} MiB) in {info['dtype']}",
+        f"dtype         {info['dtype']} (default on this device: {info['default_dtype']})",
+        f"device        {info['device']}",
+        f"context       {info['context_length']:,} tokens; vocabulary {info['vocab_size']:,}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = model_info(_load(args))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    params = _sampling(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt_ids = llm.tokenizer.encode_chat(messages)
+    else:
+        prompt_ids = llm.encode_prompt(args.prompt)
+    if args.stream:
+        for event in llm.stream(prompt_ids, params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(llm.generate(prompt_ids, params)[0].outputs[0].text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    params = _sampling(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model — /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = ""
+        for event in llm.stream_chat(history, params):
+            reply += event.text
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from miaotui.eval.perplexity import perplexity
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise MiaotuiError(f"text file '{path}' does not exist")
+    llm = _load(args)
+    ids = llm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    result = perplexity(llm.model, ids, ctx=args.ctx, stride=args.stride, score_from=args.score_from,
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.tokens:,} scored tokens "
+              f"({result.windows} windows of {result.ctx}, stride {result.stride}, scored from {result.score_from}) "
+              f"in {result.seconds:.1f} s")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from miaotui.eval.bench import run_bench
+
+    llm = _load(args)
+    if args.prompt_tokens + args.gen_tokens > llm.max_model_len:
+        raise MiaotuiError(f"--prompt-tokens + --gen-tokens exceed the context length ({llm.max_model_len})")
+    result = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.batch, args.repeat, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"pp{args.prompt_tokens} {result['prefill_tok_s']:.1f} tok/s   tg{args.gen_tokens} "
+              f"{result['decode_tok_s']:.1f} tok/s   batch {args.batch}   TTFT {result['ttft_ms']:.0f} ms   "
+              f"ITL p50 {result['itl_p50_ms']:.1f} ms p99 {result['itl_p99_ms']:.1f} ms   "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB   ({result['dtype']}, {result['threads']} threads)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from miaotui.demo import run_demo
+
+    run_demo(args.model, args.text_file)
+
+
+COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
+            "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except MiaotuiError as exc:
+        print(f"miaotui: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Speed benchmark of the real generation path: prefill, time to first token, inter-token latency.
+
+Like llama-bench: random prompt tokens, fixed lengths, EOS ignored, medians over repeats.
+Not for quality (perplexity.py) or for comparing with other tools (benchmarks/).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from miaotui.api import LLM
+from miaotui.engine.sampling_params import SamplingParams
+from miaotui.runtime import dtype_name
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_once(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> dict[str, Any]:
+    """One timed generation; -> ttft (s), per-step gaps (s), decode time (s)."""
+    params = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
+    step_times: list[float] = []
+    start = time.perf_counter()
+    seen_in_step = 0
+    for _event in llm.stream(prompts, params):
+        # Events of one decoding step arrive together: mark the step at its first event.
+        if seen_in_step == 0:
+            step_times.append(time.perf_counter())
+        seen_in_step = (seen_in_step + 1) % len(prompts)
+    ttft = step_times[0] - start
+    gaps = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
+    return {"ttft": ttft, "gaps": gaps, "decode_seconds": step_times[-1] - step_times[0]}
+
+
+def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: int = 1, repeat: int = 5,
+              warmup: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = llm.config.vocab_size
+    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(batch)]
+    for _ in range(warmup):
+        run_once(llm, prompts, min(gen_tokens, 8))
+    runs = [run_once(llm, prompts, gen_tokens)
+            for _ in tqdm(range(repeat), desc=f"bench b={batch} pp{prompt_tokens} tg{gen_tokens}",
+                          unit="run", disable=not progress)]
+    gaps_ms = [g * 1000 for r in runs for g in r["gaps"]]
+    return {
+        "model": str(llm.path),
+        "dtype": dtype_name(llm.dtype),
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeat": repeat,
+        "prefill_tok_s": statistics.median(batch * prompt_tokens / r["ttft"] for r in runs),
+        "decode_tok_s": statistics.median(batch * (gen_tokens - 1) / r["decode_seconds"] for r in runs)
+        if gen_tokens > 1 else None,
+        "ttft_ms": statistics.median(r["ttft"] * 1000 for r in runs),
+        "itl_p50_ms": _percentile(gaps_ms, 50) if gaps_ms else None,
+        "itl_p99_ms": _percentile(gaps_ms, 99) if gaps_ms else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weight_bytes": llm.model.weight_bytes(),
+        "params": llm.model.num_parameters(),
+    }
