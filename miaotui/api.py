@@ -15,7 +15,7 @@ from miaotui.engine.generator import BatchGenerator, StreamEvent
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.load import load_model
-from miaotui.runtime import resolve_dtype
+from miaotui.runtime import resolve_dtypes
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -40,10 +40,10 @@ class LLM:
     """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, decode_weight_dtype: str | torch.dtype | None = "auto") -> None:
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        loaded = load_model(model, self.dtype, self.device)
+        self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
+        loaded = load_model(model, self.dtype, self.device, self.decode_weight_dtype)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config

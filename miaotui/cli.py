@@ -41,7 +41,9 @@ def _non_negative_int(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"model name, .gguf file or Hugging Face directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", help="auto (fastest sound choice for this device), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (fastest sound one here), float32, bfloat16")
+    p.add_argument("--decode-weight-dtype", default="auto",
+                   help="extra narrow weight copy for batch-1 decode: auto, none, float16, bfloat16")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
@@ -115,7 +117,7 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device)
+    return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype)
 
 
 def _sampling(args: argparse.Namespace):
@@ -146,13 +148,14 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def model_info(llm) -> dict[str, Any]:
-    from miaotui.runtime import default_dtype, describe_device, dtype_name
+    from miaotui.runtime import describe_device, resolve_dtypes
 
     c = llm.config
     return {
         "path": str(llm.path), "format": llm.format, "architecture": c.architecture,
         "params": llm.model.num_parameters(), "weight_bytes": llm.model.weight_bytes(),
-        "dtype": dtype_name(llm.dtype), "default_dtype": dtype_name(default_dtype(llm.device)),
+        "dtype": _name(llm.dtype), "decode_weight_dtype": _name(llm.decode_weight_dtype),
+        "auto_dtypes": [_name(d) for d in resolve_dtypes("auto", "auto", llm.device)],
         "device": describe_device(llm.device), "context_length": c.max_position_embeddings,
         "layers": c.num_layers, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
@@ -161,14 +164,21 @@ def model_info(llm) -> dict[str, Any]:
     }
 
 
+def _name(dtype) -> str:
+    from miaotui.runtime import dtype_name
+
+    return "none" if dtype is None else dtype_name(dtype)
+
+
 def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"model         {info['path']} ({info['format']})",
         f"architecture  {info['architecture']}: {info['layers']} layers, hidden {info['hidden_size']}, "
         f"MLP {info['intermediate_size']}, {info['heads']} heads / {info['kv_heads']} KV heads × {info['head_dim']}",
         f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f} M)",
-        f"weights       {info['weight_bytes']:,} bytes ({info['weight_bytes'] / 2**20:.1f} MiB) in {info['dtype']}",
-        f"dtype         {info['dtype']} (default on this device: {info['default_dtype']})",
+        f"weights       {info['weight_bytes']:,} bytes ({info['weight_bytes'] / 2**20:.1f} MiB)",
+        f"dtype         {info['dtype']}, batch-1 decode copy {info['decode_weight_dtype']} "
+        f"(auto here: {info['auto_dtypes'][0]}, decode copy {info['auto_dtypes'][1]})",
         f"device        {info['device']}",
         f"context       {info['context_length']:,} tokens; vocabulary {info['vocab_size']:,}",
     ]

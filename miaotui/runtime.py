@@ -39,6 +39,26 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def default_decode_weight_dtype(device: str | torch.device, compute: torch.dtype) -> torch.dtype | None:
+    """Batch-1 decode reads every weight per token. On CPUs without native bf16 those matmuls are
+    memory-bound and a float16 copy of the weights reads half the bytes (layers/linear.py)."""
+    if torch.device(device).type == "cpu" and compute == torch.float32:
+        return torch.float16
+    return None
+
+
+def resolve_dtypes(dtype: str | torch.dtype | None, decode_weight_dtype: str | torch.dtype | None,
+                   device: str | torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """-> (compute dtype, decode-copy dtype or None). An 'auto' decode copy follows the device
+    only when dtype was 'auto' too: an explicit dtype='float32' means float32 end to end."""
+    compute = resolve_dtype(dtype, device)
+    if decode_weight_dtype in (None, "none"):
+        return compute, None
+    if decode_weight_dtype == "auto":
+        return compute, default_decode_weight_dtype(device, compute) if dtype in (None, "auto") else None
+    return compute, resolve_dtype(decode_weight_dtype, device)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return default_dtype(device)

@@ -54,6 +54,7 @@ def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: 
     return {
         "model": str(llm.path),
         "dtype": dtype_name(llm.dtype),
+        "decode_weight_dtype": None if llm.decode_weight_dtype is None else dtype_name(llm.decode_weight_dtype),
         "threads": torch.get_num_threads(),
         "batch": batch,
         "prompt_tokens": prompt_tokens,

@@ -28,7 +28,8 @@ class LoadedModel:
     format: str  # "gguf" or "hf"
 
 
-def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+               decode_weight_dtype: torch.dtype | None = None) -> LoadedModel:
     path = resolve_model(str(model))
     if path.is_dir():
         config, tensors, tokenizer = load_hf_dir(path)
@@ -41,5 +42,7 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
         config, tensors, tokenizer = load_gguf(path)
         fmt = "gguf"
     net = build_transformer(config, tensors, dtype=dtype, device=device)
+    if decode_weight_dtype is not None and decode_weight_dtype != dtype:
+        net.add_decode_weights(decode_weight_dtype)
     del tensors
     return LoadedModel(net, tokenizer, config, path, fmt)

@@ -11,7 +11,7 @@ from torch import nn
 
 from miaotui.errors import MiaotuiError
 from miaotui.layers.attention import Attention
-from miaotui.layers.linear import make_linear
+from miaotui.layers.linear import Linear, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
@@ -56,10 +56,19 @@ class Transformer(nn.Module):
             config.hidden_size, config.vocab_size, False
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.lm_head_narrow: torch.Tensor | None = None  # decode copy of a tied head
+
+    def add_decode_weights(self, dtype: torch.dtype) -> None:
+        """Keep a narrow copy of every matmul weight for memory-bound few-row calls (linear.py)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.add_narrow_weight(dtype)
+        if self.lm_head is None:
+            self.lm_head_narrow = self.embed_tokens.weight.detach().to(dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +103,7 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
         if self.lm_head is None:
-            out = F.linear(hidden, self.embed_tokens.weight)
+            out = mixed_linear(hidden, self.embed_tokens.weight, None, self.lm_head_narrow)
         else:
             out = self.lm_head(hidden)
         return out.float()
@@ -117,7 +126,11 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def weight_bytes(self) -> int:
+        """Bytes of all weights held, decode copies included."""
         tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if "inv_freq" not in n]
+        tensors += [m.narrow_weight for m in self.modules() if isinstance(m, Linear) and m.narrow_weight is not None]
+        if self.lm_head_narrow is not None:
+            tensors.append(self.lm_head_narrow)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
