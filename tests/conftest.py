@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny checkpoints on disk, and the real default model for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import write_gguf_from_hf_dir, write_hf_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return write_hf_dir(tmp_path_factory.mktemp("tiny-llama-hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
+    return write_gguf_from_hf_dir(tiny_hf_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_hf_dir):
+    from miaotui import LLM
+
+    return LLM(str(tiny_hf_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    from miaotui.loaders.model_store import pull
+
+    return pull("smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def real_llm(real_model_path):
+    from miaotui import LLM
+
+    return LLM(str(real_model_path), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    assert WIKITEXT.is_file(), f"WikiText-2 test split expected at {WIKITEXT}"
+    return WIKITEXT

@@ -1,0 +1,144 @@
+"""Tiny random-weight Llama-family checkpoints, written the way real ones are (HF directory, GGUF).
+
+Not for quality: these models are noise; they pin loading, numerics and generation mechanics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Once upon a time there was a model.",
+    "Large language models run fast when their weights are small. 秒推 means inference in seconds.",
+    "你好，世界！模型推理。 Emoji: 😀🚀✨ Numbers 0123456789 and symbols #$%&*()[]{}",
+    "def main():\n    print('hello world')\n\nHello, hello, HELLO. what is the capital of France? Paris.",
+]
+
+
+def train_tokenizer(vocab_size: int = 420) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    return tok
+
+
+def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: int = 0,
+                 rope_scaling: dict | None = None) -> Path:
+    """A tiny checkpoint saved by transformers itself, plus a trained byte-level BPE tokenizer."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    tok.save(str(directory / "tokenizer.json"))
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        config = transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=rope_scaling, **common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(rope_theta=10000.0, **common)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=None, **common)
+        cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():  # random norms and biases so every tensor matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+    return directory
+
+
+def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    # llama.cpp's convert_hf_to_gguf permutation (rotate-half -> interleaved pairs).
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_from_hf_dir(hf_dir: Path, path: Path, quant: dict[str, gguf.GGMLQuantizationType] | None = None,
+                           arch: str = "llama", truncate_to: int | None = None) -> Path:
+    """Convert a tiny HF checkpoint to GGUF as llama.cpp does; `quant` maps tensor-name suffixes
+    (e.g. 'attn_q.weight') to a GGML type (default F32)."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(hf_dir / "model.safetensors")
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+             "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for hf_name, array in tensors.items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            _, _, idx, rest = hf_name.split(".", 3)
+            name = f"blk.{idx}.{layer[rest]}"
+        array = array.astype(np.float32)
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            array = _permute_rope_rows(array, heads)
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            array = _permute_rope_rows(array, kv_heads)
+        qtype = next((q for suffix, q in (quant or {}).items() if name.endswith(suffix)), None)
+        if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, array)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if truncate_to is not None:
+        with open(path, "r+b") as f:
+            f.truncate(truncate_to)
+    return path

@@ -1,0 +1,47 @@
+"""Perplexity windows (both protocols) and the value on a tiny model against a direct computation."""
+
+import math
+
+import pytest
+import torch
+
+from miaotui.errors import MiaotuiError
+from miaotui.eval.perplexity import perplexity, window_plan
+
+
+def test_non_overlapping_windows_score_all_but_first_token():
+    plan = window_plan(2048, ctx=512, stride=512, score_from=0)
+    assert plan == [(0, 512, 1), (512, 1024, 513), (1024, 1536, 1025), (1536, 2048, 1537)]
+    assert sum(end - first for _, end, first in plan) == 4 * 511
+
+
+def test_llama_cpp_protocol_scores_second_half():
+    plan = window_plan(40 * 512, ctx=512, stride=512, score_from=256)
+    assert len(plan) == 40 and all(end - first == 255 for _, end, first in plan)
+
+
+def test_overlapping_windows_never_score_a_token_twice():
+    plan = window_plan(1000, ctx=256, stride=128, score_from=0)
+    targets = [t for _, end, first in plan for t in range(first, end)]
+    assert targets == list(range(1, 1000))
+
+
+def test_bad_windows_are_rejected():
+    with pytest.raises(MiaotuiError):
+        window_plan(100, ctx=64, stride=128, score_from=0)
+    with pytest.raises(MiaotuiError):
+        window_plan(100, ctx=64, stride=64, score_from=64)
+
+
+def test_value_matches_direct_cross_entropy(tiny_llm):
+    ids = torch.randint(0, tiny_llm.config.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    result = perplexity(tiny_llm.model, ids, ctx=100, progress=False)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for begin in range(0, 300, 100):
+            window = torch.tensor([ids[begin:begin + 100]])
+            logits = tiny_llm.model(window, torch.arange(window.shape[1])[None])[0]
+            nll += float(torch.nn.functional.cross_entropy(logits[:-1], window[0, 1:], reduction="sum"))
+            count += window.shape[1] - 1
+    assert result.tokens == count
+    assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
