@@ -193,19 +193,20 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = _load(args)
     params = _sampling(args)
+    if not args.prompt:
+        raise MiaotuiError("prompt is empty")
+    prompt: str | list[int] = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
-        prompt_ids = llm.tokenizer.encode_chat(messages)
-    else:
-        prompt_ids = llm.encode_prompt(args.prompt)
+        prompt = llm.tokenizer.encode_chat(messages)
     if args.stream:
-        for event in llm.stream(prompt_ids, params):
+        for event in llm.stream(prompt, params):
             sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(llm.generate(prompt_ids, params)[0].outputs[0].text)
+        print(llm.generate(prompt, params)[0].outputs[0].text)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

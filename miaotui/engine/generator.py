@@ -80,6 +80,8 @@ class BatchGenerator:
     @torch.inference_mode()
     def stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamEvent]:
         seqs = self._sequences(prompts, params)
+        if not seqs:
+            return
         model, device = self.model, self.model.device
         sampler = Sampler()
         for i, s in enumerate(seqs):
