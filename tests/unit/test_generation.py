@@ -19,9 +19,12 @@ def test_kv_cache_decode_matches_full_forward(tiny_llm):
         steps = [model(ids[:, :4], torch.arange(4)[None], caches, 0, last_only=True)[0]]
         for t in range(4, 8):
             steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), caches, t, last_only=True)[0])
-        chunked = model(ids[:, 4:], torch.arange(4, 8)[None], model.allocate_kv_cache(1, 16), 0)
+        # A multi-token block after cached tokens (chunked prefill) takes the offset-causal mask.
+        chunk_caches = model.allocate_kv_cache(1, 16)
+        model(ids[:, :4], torch.arange(4)[None], chunk_caches, 0)
+        chunked = model(ids[:, 4:], torch.arange(4, 8)[None], chunk_caches, 4)[0]
     torch.testing.assert_close(torch.stack(steps), full[3:], rtol=1e-5, atol=1e-5)
-    del chunked
+    torch.testing.assert_close(chunked, full[4:], rtol=1e-5, atol=1e-5)
 
 
 def test_batch_of_different_lengths_equals_one_by_one(tiny_llm):
