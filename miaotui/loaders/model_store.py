@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +114,11 @@ def resolve_model(arg: str) -> Path:
                        "nor an existing .gguf file or model directory")
 
 
-def remove_stale_partials() -> None:
-    """Drop leftovers of pulls killed so hard that their temporary directory survived."""
+def remove_stale_partials(max_age_s: float = 3600.0) -> None:
+    """Drop leftovers of pulls killed so hard (SIGKILL) that their temporary directory survived.
+
+    Only old ones: a young one may belong to a pull running in another process right now."""
     root = cache_dir() / "models"
     for leftover in root.glob("*/.pull-*") if root.is_dir() else []:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if time.time() - leftover.stat().st_mtime > max_age_s:
+            shutil.rmtree(leftover, ignore_errors=True)
