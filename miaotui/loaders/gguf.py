@@ -5,20 +5,18 @@ Not for writing GGUF (export lives with quantization) or for running the model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
+from miaotui.loaders.gguf_file import GGUFFile
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from miaotui.models.config import ModelConfig
 
-GGUF_MAGIC = b"GGUF"
 # GGUF architectures we read, and whether llama.cpp's converter permuted their q/k rows.
 _GGUF_ARCHITECTURES = {"llama": True, "qwen2": False}
 
@@ -32,39 +30,6 @@ _LAYER_NAMES = {
     "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
 }
-
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Open and validate a GGUF file, turning every way it can be broken into a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise MiaotuiError(f"model file '{path}' does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise MiaotuiError(f"'{path}' is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the gguf package raises assorted errors on corrupt headers
-        raise MiaotuiError(f"model file '{path}' is corrupt or truncated ({type(exc).__name__}: {exc})") from None
-    size = os.path.getsize(path)
-    expected = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if expected > size:
-        raise MiaotuiError(f"model file '{path}' is truncated (expected {expected:,} bytes, found {size:,})")
-    return reader
-
-
-def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if fld.types and fld.types[0] == GGUFValueType.ARRAY and len(fld.types) > 1 \
-                and fld.types[1] == GGUFValueType.STRING:
-            meta[key] = [bytes(fld.parts[i]).decode("utf-8", errors="replace") for i in fld.data]
-        else:
-            meta[key] = fld.contents()
-    return meta
 
 
 def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -115,22 +80,22 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """-> (config, Hugging Face-named float32 tensors, tokenizer)."""
-    reader = open_gguf(path)
-    meta = gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
+    gguf_file = GGUFFile(path)
+    meta = gguf_file.metadata
+    names = {t.name for t in gguf_file.tensors}
     config = config_from_gguf_metadata(meta, names)
     permuted = _GGUF_ARCHITECTURES[config.architecture]
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
-        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        config.rope_scaling = {"rope_type": "freq_factors", "factors": dequantize(factors.data, factors.tensor_type)
-                               .astype(np.float32).tolist()}
+        factors = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
+        config.rope_scaling = {"rope_type": "freq_factors",
+                               "factors": dequantize(gguf_file.raw(factors), factors.qtype).astype(np.float32).tolist()}
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in gguf_file.tensors:
         hf_name = _hf_name(t.name)
         if hf_name is None:
             continue
-        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        array = dequantize(gguf_file.raw(t), t.qtype).astype(np.float32, copy=False)
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_rope_rows(array, config.num_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from miaotui.errors import MiaotuiError
-from miaotui.loaders.gguf import GGUF_MAGIC, load_gguf
+from miaotui.loaders.gguf import load_gguf
+from miaotui.loaders.gguf_file import GGUF_MAGIC
 from miaotui.loaders.hf import load_hf_dir
 from miaotui.loaders.model_store import resolve_model
 from miaotui.loaders.tokenizer import Tokenizer
