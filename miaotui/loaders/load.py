@@ -14,6 +14,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.loaders.gguf import load_gguf
 from miaotui.loaders.gguf_file import GGUF_MAGIC
 from miaotui.loaders.hf import load_hf_dir
+from miaotui.loaders.miaotui_dir import is_miaotui_dir, load_miaotui_dir
 from miaotui.loaders.model_store import resolve_model
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
@@ -32,6 +33,11 @@ class LoadedModel:
 def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
                decode_weight_dtype: torch.dtype | None = None) -> LoadedModel:
     path = resolve_model(str(model))
+    if is_miaotui_dir(path):
+        net, tokenizer, config = load_miaotui_dir(path, dtype, device)
+        if decode_weight_dtype is not None and decode_weight_dtype != dtype:
+            net.add_decode_weights(decode_weight_dtype)
+        return LoadedModel(net, tokenizer, config, path, "miaotui")
     if path.is_dir():
         config, tensors, tokenizer = load_hf_dir(path)
         fmt = "hf"

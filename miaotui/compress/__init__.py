@@ -1,0 +1,1 @@
+"""Compression: model -> smaller model (quantization now; pruning and distillation later)."""

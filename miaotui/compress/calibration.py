@@ -1,0 +1,110 @@
+"""Calibration data and layer-by-layer activation capture for post-training compression.
+
+Runs the model one decoder layer at a time over N samples x L tokens, so peak memory stays near
+one layer's activations ([N, L, D]) rather than the whole network's. Not for the algorithms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.tokenizer import Tokenizer
+from miaotui.models.llama import DecoderLayer, Transformer
+
+
+@dataclass(slots=True)
+class CalibrationSet:
+    tokens: torch.Tensor  # [N, L] int64
+    source: str
+    sha256: str  # of the text file: recorded with the result so it can be reproduced
+
+
+def load_calibration(path: str | Path, tokenizer: Tokenizer, samples: int = 128, seq_len: int = 512,
+                     skip_tokens: int = 0) -> CalibrationSet:
+    """N consecutive, non-overlapping windows of L tokens from a text file (after skip_tokens)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiaotuiError(f"calibration file '{path}' does not exist")
+    data = path.read_bytes()
+    ids = tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)[skip_tokens:]
+    need = samples * seq_len
+    if len(ids) < need:
+        raise MiaotuiError(f"calibration file '{path}' is too short: {len(ids):,} tokens, need "
+                           f"{samples} x {seq_len} = {need:,} (lower --calib-samples or use a longer file)")
+    tokens = torch.tensor(ids[:need]).reshape(samples, seq_len)
+    return CalibrationSet(tokens, str(path), hashlib.sha256(data).hexdigest())
+
+
+class HessianAccumulator:
+    """H = 2/n * sum x x^T over the inputs a linear layer sees (x: [K]); GPTQ's and SparseGPT's H."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+        self.abs_max = torch.zeros(in_features)  # per input channel: SmoothQuant's max|X_j|
+        self.abs_mean_sum = torch.zeros(in_features, dtype=torch.float64)  # AWQ's mean|X_j|
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += x.t() @ x
+        self.count += x.shape[0]
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0).float())
+        self.abs_mean_sum += x.abs().sum(0)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return (2.0 * self.sum / max(self.count, 1)).float()
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_mean_sum / max(self.count, 1)).float()
+
+
+def capture_inputs(layer: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, HessianAccumulator]:
+    """Run `run()` once with hooks that accumulate the inputs of layer.<name> for each name."""
+    stats: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name in names:
+        module = layer.get_submodule(name)
+        stats[name] = HessianAccumulator(module.in_features)
+        handles.append(module.register_forward_hook(
+            lambda _m, args, _out, acc=stats[name]: acc.add(args[0].detach())))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.inference_mode()
+def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: int = 8
+                   ) -> Iterator[tuple[int, DecoderLayer, Callable[[], torch.Tensor]]]:
+    """Yield (index, layer, forward_all) for each decoder layer in order.
+
+    forward_all() runs the layer (as it is at that moment) over every calibration sample and
+    returns the outputs; after the caller has modified the layer, the generator feeds the
+    *modified* layer's outputs to the next layer, so errors propagate as they will at inference.
+    """
+    n, seq = calib.tokens.shape
+    positions = torch.arange(seq)[None]
+    cos, sin = model.rotary(positions, model.dtype)
+    hidden = torch.cat([model.embed_tokens(calib.tokens[i:i + batch]) for i in range(0, n, batch)])
+
+    for index, layer in enumerate(tqdm(model.layers, desc=desc, unit="layer")):
+        current = hidden
+
+        def forward_all(layer=layer, current=current) -> torch.Tensor:
+            return torch.cat([layer(current[i:i + batch], cos, sin, None, 0, None, True)
+                              for i in range(0, n, batch)])
+
+        yield index, layer, forward_all
+        hidden = forward_all()

@@ -1,0 +1,1 @@
+"""Quantization algorithms (RTN, GPTQ, ...) that turn dense linears into QuantLinear layers."""

@@ -1,0 +1,92 @@
+"""quantize_model: swap a model's dense linears for QuantLinear layers, by RTN or GPTQ.
+
+Not for file formats (loaders/miaotui_dir.py) or per-matrix math (gptq.py, layers/quant_formats.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
+from miaotui.compress.quantize.gptq import gptq_quantize_weight
+from miaotui.errors import MiaotuiError
+from miaotui.layers.linear import Linear
+from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
+from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.models.llama import Transformer
+
+# The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
+LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(slots=True)
+class QuantizationRecord:
+    """What was done, saved next to the weights so the result can be reproduced and verified."""
+
+    method: str
+    format: dict[str, Any]
+    act_quant: bool = False
+    calibration: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)  # module names that are QuantLinear
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def quant_linear_from_codes(dense: Linear, fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor,
+                            zero: torch.Tensor, act_quant: bool = False) -> QuantLinear:
+    q = QuantLinear(dense.in_features, dense.out_features, dense.bias is not None, fmt, act_quant)
+    q.set_codes(codes, scale, zero, None if dense.bias is None else dense.bias.detach())
+    return q
+
+
+def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False) -> QuantLinear:
+    scale, zero = compute_qparams(dense.weight.detach(), fmt)
+    return quant_linear_from_codes(dense, fmt, quantize_codes(dense.weight.detach(), scale, zero, fmt), scale, zero,
+                                   act_quant)
+
+
+def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: CalibrationSet | None = None,
+                   act_quant: bool = False, damp: float = 0.01, act_order: bool = False) -> QuantizationRecord:
+    """Quantize every decoder-layer linear in place (embedding and output head stay float)."""
+    if method not in METHODS:
+        raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)})")
+    if fmt.kind == "binary" and method != "rtn":
+        raise MiaotuiError("binary weights are quantized by sign (method rtn)")
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name.startswith("layers.") and fmt.group_size != -1 \
+                and module.in_features % fmt.group_size:
+            raise MiaotuiError(f"group size {fmt.group_size} does not divide the input dimension "
+                               f"{module.in_features} of {name}")
+    record = QuantizationRecord(method, fmt.to_dict(), act_quant, options={"damp": damp, "act_order": act_order})
+    if method == "rtn":
+        for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):
+            for name in LAYER_LINEARS:
+                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
+                record.layers.append(f"layers.{i}.{name}")
+        return record
+    if calib is None:
+        raise MiaotuiError(f"method '{method}' needs calibration text (--calib-file)")
+    record.calibration = {"file": calib.source, "sha256": calib.sha256, "samples": int(calib.tokens.shape[0]),
+                          "seq_len": int(calib.tokens.shape[1])}
+    for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
+        stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all)
+        for name in LAYER_LINEARS:
+            dense = layer.get_submodule(name)
+            codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), stats[name].hessian, fmt, damp=damp,
+                                                      act_order=act_order)
+            set_submodule(layer, name, quant_linear_from_codes(dense, fmt, codes, scale, zero, act_quant))
+            record.layers.append(f"layers.{i}.{name}")
+    return record

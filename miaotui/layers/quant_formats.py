@@ -1,0 +1,146 @@
+"""Integer weight formats: how real weights map to integer codes and back, and how codes pack.
+
+A weight W [N, K] is cut into groups of G input columns (G = K: one group per output row).
+Each group has a scale s and a zero point z (float): W ~= (code - z) * s.
+- symmetric b-bit: codes in [-(2^(b-1)-1), 2^(b-1)-1], z = 0 (int8 per channel, Q4_0-like).
+- asymmetric b-bit: codes in [0, 2^b - 1], z = -min / s (Q4_1-like).
+- ternary: codes in {-1, 0, 1}, s = mean |w| of the weights kept (TWN-style threshold 0.7 mean|w|).
+- binary: codes in {-1, +1}, s = mean |w| (sign x scale).
+Not for choosing kernels (quantized_linear.py) or for the algorithms that pick codes (compress/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from miaotui.errors import MiaotuiError
+
+SUPPORTED_BITS = (8, 4, 3, 2)
+SUPPORTED_GROUPS = (-1, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantFormat:
+    bits: int  # 8, 4, 3, 2; ternary and binary use kind
+    group_size: int  # -1 = one group per output row (per channel)
+    symmetric: bool
+    kind: str = "int"  # "int" | "ternary" | "binary"
+
+    def __post_init__(self) -> None:
+        if self.kind == "int" and self.bits not in SUPPORTED_BITS:
+            raise MiaotuiError(f"unsupported bits {self.bits} (miaotui quantizes to {SUPPORTED_BITS})")
+        if self.group_size not in SUPPORTED_GROUPS:
+            raise MiaotuiError(f"unsupported group size {self.group_size} "
+                               f"(use one of {SUPPORTED_GROUPS}; -1 = per channel)")
+
+    @property
+    def qmin(self) -> int:
+        if self.kind != "int":
+            return -1
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        if self.kind != "int":
+            return 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits per code as stored on disk and in memory (3-bit codes use 4-bit slots)."""
+        if self.kind == "binary":
+            return 1
+        if self.kind == "ternary":
+            return 2
+        return {8: 8, 4: 4, 3: 4, 2: 2}[self.bits]
+
+    def groups(self, in_features: int) -> int:
+        g = in_features if self.group_size == -1 else self.group_size
+        if in_features % g:
+            raise MiaotuiError(f"group size {g} does not divide the input dimension {in_features}")
+        return in_features // g
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _grouped(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    n, k = weight.shape
+    return weight.reshape(n, fmt.groups(k), k // fmt.groups(k))  # [N, groups, G]
+
+
+def compute_qparams(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zero points: weight [N, K] -> scale, zero [N, groups] (float32)."""
+    w = _grouped(weight.float(), fmt)
+    if fmt.kind == "binary":
+        return w.abs().mean(-1).clamp(min=1e-8), torch.zeros(w.shape[:2])
+    if fmt.kind == "ternary":
+        delta = 0.7 * w.abs().mean(-1, keepdim=True)
+        kept = (w.abs() > delta).float()
+        scale = (w.abs() * kept).sum(-1) / kept.sum(-1).clamp(min=1)
+        return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
+    if fmt.symmetric:
+        scale = w.abs().amax(-1) / fmt.qmax
+        return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """weight [N, K] -> integer codes [N, K] (int8) under the given per-group scale/zero [N, groups]."""
+    w = _grouped(weight.float(), fmt)
+    if fmt.kind == "binary":
+        codes = torch.where(w >= 0, 1, -1)
+    elif fmt.kind == "ternary":
+        codes = torch.round(w / scale[..., None]).clamp(-1, 1)
+    else:
+        codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(fmt.qmin, fmt.qmax)
+    return codes.reshape(weight.shape).to(torch.int8 if fmt.qmin < 0 else torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes [N, K] -> weight [N, K] in dtype."""
+    c = _grouped(codes.to(torch.float32), fmt)
+    w = (c - zero[..., None].float()) * scale[..., None].float()
+    return w.reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    scale, zero = compute_qparams(weight, fmt)
+    return dequantize_codes(quantize_codes(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
+
+
+def _storage_offset(fmt: QuantFormat) -> tuple[int, int]:
+    """(offset, step): stored = (code + offset) // step; binary {-1, +1} -> {0, 1}."""
+    return (1, 2) if fmt.kind == "binary" else (-fmt.qmin, 1)
+
+
+def pack_codes(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Pack codes [N, K] into uint8 [N, K * storage_bits / 8], lowest bits first."""
+    bits = fmt.storage_bits
+    offset, step = _storage_offset(fmt)
+    u = ((codes.to(torch.int16) + offset) // step).to(torch.uint8)
+    if bits == 8:
+        return u
+    per_byte = 8 // bits
+    u = u.reshape(codes.shape[0], -1, per_byte)
+    packed = torch.zeros(u.shape[:2], dtype=torch.uint8)
+    for i in range(per_byte):
+        packed |= u[..., i] << (bits * i)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = torch.int16) -> torch.Tensor:
+    bits = fmt.storage_bits
+    offset, step = _storage_offset(fmt)
+    if bits == 8:
+        u = packed
+    else:
+        mask = (1 << bits) - 1
+        u = torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)
+        u = u.reshape(packed.shape[0], -1)
+    return (u.to(torch.int16) * step - offset).to(dtype)

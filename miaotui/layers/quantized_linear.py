@@ -1,0 +1,118 @@
+"""QuantLinear: a drop-in for Linear whose weight is stored as packed integer codes.
+
+Storage (saved): `packed` codes (uint8, 1/2/4/8 bits each), `scale` and `zero` [N, groups].
+Kernels (built at load, not saved), chosen per call by the number of rows:
+- "int8pack": torch._weight_int8pack_mm (int8 per-channel weights; few rows)
+- "int4pack": torch._weight_int4pack_mm_for_cpu (4-bit groups of 32..256; few rows)
+- "int_mm":   W8A8 — activations quantized per token on the fly, torch._int_mm (int8 x int8 -> int32)
+- "dense":    dequantize to the activation dtype and run the float GEMM (many rows; any format)
+Not for producing codes (compress/quantize/).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
+
+# Rows up to which the packed weight-only kernels beat dequantize + float GEMM (PERF.md, Xeon:
+# int4 1 row 54 us vs fp32 162; 16 rows 371 vs 466; 64 rows 1442 vs 1010).
+PACKED_KERNEL_MAX_ROWS = 8
+_INT4_INNER_K_TILES = 2
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QuantFormat,
+                 act_quant: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt, self.act_quant = in_features, out_features, fmt, act_quant
+        groups = fmt.groups(in_features)
+        self.register_buffer("packed", torch.zeros(out_features, in_features * fmt.storage_bits // 8,
+                                                   dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("zero", torch.zeros(out_features, groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.packed_kernel_max_rows = PACKED_KERNEL_MAX_ROWS
+        self._int8: torch.Tensor | None = None  # [N, K] int8 codes for int8pack / int_mm
+        self._int4: torch.Tensor | None = None  # CPU int4pack layout
+        self._int4_scales_zeros: torch.Tensor | None = None  # [groups, N, 2]
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> None:
+        self.packed = pack_codes(codes, self.fmt)
+        self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
+        if bias is not None:
+            self.bias = bias.float().clone()
+        self.prepare_kernels()
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed, self.fmt)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(self.codes(), self.scale, self.zero, self.fmt, dtype)
+
+    def prepare_kernels(self) -> None:
+        """Build the kernel-specific layouts from the stored codes (after loading or quantizing)."""
+        fmt, cpu = self.fmt, self.packed.device.type == "cpu"
+        self._int8 = self._int4 = self._int4_scales_zeros = None
+        if fmt.kind == "int" and fmt.bits == 8 and fmt.symmetric and fmt.group_size == -1:
+            self._int8 = self.codes().to(torch.int8).contiguous()
+        elif cpu and fmt.kind == "int" and fmt.bits == 4 and fmt.group_size in (32, 64, 128, 256) \
+                and self.in_features % (fmt.group_size * _INT4_INNER_K_TILES) == 0:
+            # The kernel computes w = (q - 8) * s + z with q in [0, 15].
+            shift = 8 if fmt.symmetric else 0
+            q = (self.codes() + shift).to(torch.int32)
+            self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INT4_INNER_K_TILES)
+            zero_u = self.zero + shift
+            z = (8 - zero_u) * self.scale
+            self._int4_scales_zeros = torch.stack([self.scale.t(), z.t()], dim=-1).contiguous()
+
+    def kernel_for(self, rows: int) -> str:
+        if self.act_quant and self._int8 is not None:
+            return "int_mm"
+        if rows <= self.packed_kernel_max_rows:
+            if self._int8 is not None:
+                return "int8pack"
+            if self._int4 is not None:
+                return "int4pack"
+        return "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        kernel = self.kernel_for(x2.shape[0])
+        if kernel == "int8pack":
+            y = torch._weight_int8pack_mm(x2.contiguous(), self._int8, self.scale[:, 0].to(x.dtype))
+        elif kernel == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._int4, self.fmt.group_size,
+                                                           self._int4_scales_zeros.to(x.dtype))
+        elif kernel == "int_mm":
+            y = _w8a8_matmul(x2, self._int8, self.scale[:, 0])
+        else:
+            y = F.linear(x2, self.dequantized_weight(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        f = self.fmt
+        return (f"in={self.in_features}, out={self.out_features}, {f.kind}{f.bits if f.kind == 'int' else ''}, "
+                f"group={f.group_size}, {'sym' if f.symmetric else 'asym'}{', W8A8' if self.act_quant else ''}")
+
+
+def quantize_activations_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (int8 [M, K], scale [M, 1]) with x ~= q * scale."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / 127.0
+    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _w8a8_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    xq, x_scale = quantize_activations_per_token(x)
+    rows = xq.shape[0]
+    if rows <= 16:  # torch._int_mm wants more than 16 rows: pad (the extra rows are discarded)
+        xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
+    acc = torch._int_mm(xq, w_int8.t())[:rows]  # [M, N] int32
+    return (acc.float() * x_scale * w_scale[None, :].float()).to(x.dtype)

@@ -1,0 +1,110 @@
+"""miaotui's own checkpoint directory: what `quantize` (and later `prune`, `distill`) write.
+
+Files: miaotui_model.json (model config + compression record + version), model.safetensors
+(float and packed integer tensors exactly as the modules hold them), tokenizer.json and
+tokenizer_config.json (special tokens, chat template). Not for Hugging Face directories (hf.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from miaotui.errors import MiaotuiError
+from miaotui.layers.quant_formats import QuantFormat
+from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
+from miaotui.models.config import ModelConfig
+from miaotui.models.llama import Transformer
+
+MARKER = "miaotui_model.json"
+FORMAT_VERSION = 1
+
+
+def is_miaotui_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
+               record: dict[str, Any] | None = None) -> Path:
+    """Write atomically: into a temporary sibling directory, renamed into place when complete."""
+    from miaotui import __version__
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_miaotui_dir(out_dir):
+        raise MiaotuiError(f"output directory '{out_dir}' exists and is not a miaotui model; choose another")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    meta = {"format_version": FORMAT_VERSION, "miaotui_version": __version__, "config": model.config.to_dict(),
+            "compression": record or {}}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    tokenizer.backend.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "chat_template": tokenizer.chat_template,
+    }, indent=2, ensure_ascii=False))
+    if out_dir.exists():
+        for f in out_dir.iterdir():
+            f.unlink()
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Transformer, Tokenizer,
+                                                                                           ModelConfig]:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+        config = ModelConfig.from_dict(meta["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MiaotuiError(f"'{path / MARKER}' is unreadable: {exc}") from None
+    compression = meta.get("compression") or {}
+    try:
+        state = load_file(path / "model.safetensors")
+    except (SafetensorError, OSError) as exc:
+        raise MiaotuiError(f"cannot read '{path / 'model.safetensors'}': {exc}") from None
+    with torch.device("meta"):
+        model = Transformer(config)
+        if compression.get("layers"):
+            fmt = QuantFormat(**compression["format"])
+            for name in compression["layers"]:
+                dense = model.get_submodule(name)
+                q = QuantLinear(dense.in_features, dense.out_features, dense.bias is not None, fmt,
+                                bool(compression.get("act_quant")))
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, q)
+    expected = model.state_dict()
+    problems = sorted(set(expected) ^ set(state))
+    if problems:
+        raise MiaotuiError(f"'{path}': tensors do not match the model record (e.g. '{problems[0]}')")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MiaotuiError(f"'{path}': tensor '{name}' has shape {tuple(tensor.shape)}, the record implies "
+                               f"{tuple(expected[name].shape)}")
+    # Integer codes keep their dtype; float tensors take the compute dtype.
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and not _is_qparam(k) else v.dtype)
+             for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    from miaotui.layers.rope import rope_inverse_frequencies
+
+    model.rotary.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,
+                                                     config.rope_scaling).to(device)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare_kernels()
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer = tokenizer_from_hf_dir(str(path / "tokenizer.json"), tok_cfg, tok_cfg.get("chat_template"),
+                                      config.eos_token_ids)
+    return model.eval().requires_grad_(False), tokenizer, config
+
+
+def _is_qparam(name: str) -> bool:
+    return name.endswith((".scale", ".zero"))
