@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive_int, default=5)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("quantize", help="quantize a model's linear layers and save the result")
+    _add_model_args(p)
+    p.add_argument("--method", required=True, choices=["rtn", "gptq", "binary", "ternary"])
+    p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
+    p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
+    p.add_argument("--calib-file", default=None, help="text for calibration (gptq)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--calib-seq-len", type=_positive_int, default=512)
+    p.add_argument("--calib-skip-tokens", type=_non_negative_int, default=0,
+                   help="skip this many tokens of the file first (keep calibration apart from evaluation)")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL)
     p.add_argument("--text-file", default=None, help="text for the perplexity step")
@@ -275,6 +290,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"peak RSS {result['peak_rss_mb']:.0f} MB   ({result['dtype']}, {result['threads']} threads)")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from miaotui.compress.calibration import load_calibration
+    from miaotui.compress.quantize.apply import quantize_model
+    from miaotui.layers.quant_formats import QuantFormat
+    from miaotui.loaders.miaotui_dir import save_model
+
+    kind = args.method if args.method in ("binary", "ternary") else "int"
+    fmt = QuantFormat(bits=args.bits if kind == "int" else 2, group_size=args.group_size,
+                      symmetric=args.symmetric or kind != "int", kind=kind)
+    method = "gptq" if args.method == "gptq" else "rtn"
+    if method == "gptq" and not args.calib_file:
+        raise MiaotuiError("--method gptq needs --calib-file")
+    args.dtype, args.decode_weight_dtype = "float32", "none"  # quantize from full precision
+    llm = _load(args)
+    calib = None
+    if method == "gptq":
+        calib = load_calibration(args.calib_file, llm.tokenizer, args.calib_samples, args.calib_seq_len,
+                                 args.calib_skip_tokens)
+    record = quantize_model(llm.model, method, fmt, calib, damp=args.damp, act_order=args.act_order)
+    out = save_model(llm.model, llm.tokenizer, args.output, record.to_dict())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"saved {args.method} {fmt.kind}{fmt.bits if kind == 'int' else ''} group {fmt.group_size} "
+          f"to {out} ({size / 2**20:.1f} MiB)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from miaotui.demo import run_demo
 
@@ -282,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
-            "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
+            "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

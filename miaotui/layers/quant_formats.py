@@ -56,19 +56,29 @@ class QuantFormat:
             return 2
         return {8: 8, 4: 4, 3: 4, 2: 2}[self.bits]
 
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
     def groups(self, in_features: int) -> int:
-        g = in_features if self.group_size == -1 else self.group_size
-        if in_features % g:
-            raise MiaotuiError(f"group size {g} does not divide the input dimension {in_features}")
-        return in_features // g
+        """ceil(K / G): like GPTQ and llm-compressor, a row whose width is not a multiple of G
+        ends in one shorter group (576 = 4 x 128 + 64)."""
+        g = self.group_width(in_features)
+        if g > in_features:
+            raise MiaotuiError(f"group size {g} is larger than the input dimension {in_features}")
+        return -(-in_features // g)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _grouped(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """[N, K] -> [N, groups, G], zero-padding a short last group (zeros change no scale: the
+    symmetric scale is a max of |w|, the asymmetric range always includes 0)."""
     n, k = weight.shape
-    return weight.reshape(n, fmt.groups(k), k // fmt.groups(k))  # [N, groups, G]
+    groups, g = fmt.groups(k), fmt.group_width(k)
+    if groups * g != k:
+        weight = torch.nn.functional.pad(weight, (0, groups * g - k))
+    return weight.reshape(n, groups, g)
 
 
 def compute_qparams(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +108,8 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         codes = torch.round(w / scale[..., None]).clamp(-1, 1)
     else:
         codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(fmt.qmin, fmt.qmax)
-    return codes.reshape(weight.shape).to(torch.int8 if fmt.qmin < 0 else torch.uint8)
+    codes = codes.reshape(weight.shape[0], -1)[:, :weight.shape[1]]
+    return codes.to(torch.int8 if fmt.qmin < 0 else torch.uint8).contiguous()
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat,
@@ -106,7 +117,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     """codes [N, K] -> weight [N, K] in dtype."""
     c = _grouped(codes.to(torch.float32), fmt)
     w = (c - zero[..., None].float()) * scale[..., None].float()
-    return w.reshape(codes.shape).to(dtype)
+    return w.reshape(codes.shape[0], -1)[:, :codes.shape[1]].to(dtype)
 
 
 def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

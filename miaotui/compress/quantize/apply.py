@@ -65,11 +65,6 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)})")
     if fmt.kind == "binary" and method != "rtn":
         raise MiaotuiError("binary weights are quantized by sign (method rtn)")
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and name.startswith("layers.") and fmt.group_size != -1 \
-                and module.in_features % fmt.group_size:
-            raise MiaotuiError(f"group size {fmt.group_size} does not divide the input dimension "
-                               f"{module.in_features} of {name}")
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options={"damp": damp, "act_order": act_order})
     if method == "rtn":
         for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):

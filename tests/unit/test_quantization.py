@@ -1,0 +1,164 @@
+"""Quantization: formats and packing, kernels vs the dequantized reference, GPTQ, save/load, errors."""
+
+import json
+
+import pytest
+import torch
+
+from miaotui.cli import main
+from miaotui.compress.calibration import load_calibration
+from miaotui.compress.quantize.apply import quantize_model
+from miaotui.compress.quantize.gptq import gptq_quantize_weight
+from miaotui.errors import MiaotuiError
+from miaotui.layers.quant_formats import (
+    QuantFormat,
+    compute_qparams,
+    dequantize_codes,
+    pack_codes,
+    quantize_codes,
+    unpack_codes,
+)
+from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.loaders.load import load_model
+
+FORMATS = [QuantFormat(8, -1, True), QuantFormat(4, 32, True), QuantFormat(4, 128, False), QuantFormat(3, 64, False),
+           QuantFormat(2, 32, False), QuantFormat(2, 64, True, "ternary"), QuantFormat(2, 64, True, "binary")]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.kind}{f.bits}-g{f.group_size}-{f.symmetric}")
+def test_codes_pack_round_trip_and_stay_in_range(fmt):
+    w = torch.randn(48, 192)
+    scale, zero = compute_qparams(w, fmt)
+    codes = quantize_codes(w, scale, zero, fmt)
+    assert codes.min() >= fmt.qmin and codes.max() <= fmt.qmax
+    packed = pack_codes(codes, fmt)
+    assert packed.shape == (48, 192 * fmt.storage_bits // 8)
+    assert torch.equal(unpack_codes(packed, fmt), codes.to(torch.int16))
+
+
+def test_quantization_error_shrinks_with_bits():
+    w = torch.randn(64, 256)
+    errors = [float((dequantize_codes(quantize_codes(w, *compute_qparams(w, f), f), *compute_qparams(w, f), f) - w)
+                    .norm() / w.norm()) for f in (QuantFormat(8, 32, False), QuantFormat(4, 32, False),
+                                                  QuantFormat(3, 32, False), QuantFormat(2, 32, False))]
+    assert errors == sorted(errors) and errors[0] < 0.01 and errors[-1] < 0.6
+
+
+def test_partial_last_group():
+    fmt = QuantFormat(4, 128, False)
+    w = torch.randn(8, 576)  # 576 = 4 x 128 + 64
+    scale, zero = compute_qparams(w, fmt)
+    assert scale.shape == (8, 5)
+    back = dequantize_codes(quantize_codes(w, scale, zero, fmt), scale, zero, fmt)
+    assert back.shape == w.shape and float((back - w).norm() / w.norm()) < 0.12
+
+
+@pytest.mark.parametrize("fmt,act_quant", [(QuantFormat(8, -1, True), False), (QuantFormat(8, -1, True), True),
+                                           (QuantFormat(4, 32, True), False), (QuantFormat(4, 64, False), False),
+                                           (QuantFormat(2, 64, True, "ternary"), False)])
+def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.05
+    layer = QuantLinear(256, 96, True, fmt, act_quant)
+    scale, zero = compute_qparams(w, fmt)
+    layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero, torch.randn(96))
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 256)
+        ref = x @ layer.dequantized_weight().t() + layer.bias
+        tolerance = 2e-2 if act_quant else 1e-5  # W8A8 also rounds the activations
+        assert float((layer(x) - ref).abs().max() / ref.abs().max()) < tolerance, layer.kernel_for(rows)
+    if fmt.bits == 8 and not act_quant:
+        assert layer.kernel_for(1) == "int8pack" and layer.kernel_for(64) == "dense"
+    if fmt.bits == 4:
+        assert layer.kernel_for(1) == "int4pack"
+
+
+def test_gptq_output_error_is_lower_than_rtn():
+    torch.manual_seed(0)
+    k = 256
+    x = torch.randn(2048, k) @ (torch.randn(k, k) / k**0.5)  # correlated inputs, as in real layers
+    w = torch.randn(64, k) * 0.05
+    hessian = 2 * x.t() @ x / x.shape[0]
+    fmt = QuantFormat(4, 64, False)
+    scale, zero = compute_qparams(w, fmt)
+    rtn = dequantize_codes(quantize_codes(w, scale, zero, fmt), scale, zero, fmt)
+    for act_order in (False, True):
+        codes, s, z = gptq_quantize_weight(w, hessian, fmt, act_order=act_order)
+        gptq = dequantize_codes(codes, s, z, fmt)
+        assert (x @ (w - gptq).t()).norm() < 0.8 * (x @ (w - rtn).t()).norm()
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory, wikitext):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(wikitext.read_text(encoding="utf-8")[:60_000])
+    return path
+
+
+@pytest.mark.parametrize("method,fmt", [("rtn", QuantFormat(8, -1, True)), ("gptq", QuantFormat(4, 32, False)),
+                                        ("rtn", QuantFormat(2, 32, True, "binary"))])
+def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, calib_text, method, fmt):
+    from miaotui.loaders.miaotui_dir import save_model
+
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    calib = load_calibration(calib_text, loaded.tokenizer, 8, 32)
+    record = quantize_model(loaded.model, method, fmt, calib)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    before = loaded.model(ids, torch.arange(5)[None])
+    out = save_model(loaded.model, loaded.tokenizer, tmp_path / "q", record.to_dict())
+    again = load_model(out, torch.float32)
+    assert again.format == "miaotui"
+    torch.testing.assert_close(again.model(ids, torch.arange(5)[None]), before)
+    meta = json.loads((out / "miaotui_model.json").read_text())["compression"]
+    assert meta["method"] == method and meta["format"]["bits"] == fmt.bits and len(meta["layers"]) == 8
+    if method == "gptq":
+        assert len(meta["calibration"]["sha256"]) == 64
+    assert again.tokenizer.encode("hello 你好") == loaded.tokenizer.encode("hello 你好")
+
+
+def test_corrupt_or_mismatched_checkpoint_is_rejected(tiny_hf_dir, tmp_path):
+    from miaotui.loaders.miaotui_dir import save_model
+
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    record = quantize_model(loaded.model, "rtn", QuantFormat(4, 32, False))
+    out = save_model(loaded.model, loaded.tokenizer, tmp_path / "q", record.to_dict())
+    meta_path = out / "miaotui_model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["compression"]["format"]["bits"] = 8  # record says 8 bits, tensors hold 4
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(MiaotuiError, match="shape"):
+        load_model(out, torch.float32)
+    (out / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(MiaotuiError, match="cannot read"):
+        load_model(out, torch.float32)
+
+
+def test_bad_quantization_arguments(tiny_hf_dir, tmp_path, capsys):
+    with pytest.raises(MiaotuiError, match="bits"):
+        QuantFormat(5, 32, False)
+    with pytest.raises(MiaotuiError, match="group size"):
+        QuantFormat(4, 48, False)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(MiaotuiError, match="too short"):
+        load_calibration(short, load_model(tiny_hf_dir, torch.float32).tokenizer, 128, 512)
+    with pytest.raises(MiaotuiError, match="does not exist"):
+        load_calibration(tmp_path / "none.txt", load_model(tiny_hf_dir, torch.float32).tokenizer)
+    for argv, needle in ((["--method", "rtn", "--bits", "5"], "bits"),
+                         (["--method", "gptq"], "--calib-file"),
+                         (["--method", "rtn", "--group-size", "1000"], "group size")):
+        code = main(["quantize", "-m", str(tiny_hf_dir), "-o", str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_quantize_then_generate(tiny_hf_dir, tmp_path, calib_text, capsys):
+    out = tmp_path / "gptq4"
+    assert main(["quantize", "-m", str(tiny_hf_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--calib-file", str(calib_text), "--calib-samples", "4", "--calib-seq-len", "32", "-o", str(out)]) == 0
+    assert main(["generate", "-m", str(out), "-p", "Hello", "--max-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["info", "-m", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    dense_bytes = load_model(tiny_hf_dir, torch.float32).model.weight_bytes()
+    assert info["format"] == "miaotui" and info["weight_bytes"] < dense_bytes
