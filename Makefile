@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench clean
+.PHONY: run test install model lint bench bench-quant clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ run: model
 test: model
 	$(BIN)/ruff check miaotui tests benchmarks
 	$(BIN)/python -m pytest -q -ra
+
+bench-quant: model
+	$(BIN)/python benchmarks/quantization.py
 
 bench: model
 	$(BIN)/python benchmarks/core_vs_transformers.py

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save the result")
     _add_model_args(p)
-    p.add_argument("--method", required=True, choices=["rtn", "gptq", "binary", "ternary"])
+    p.add_argument("--method", required=True, choices=["rtn", "gptq", "smoothquant", "binary", "ternary"])
     p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
     p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip this many tokens of the file first (keep calibration apart from evaluation)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
@@ -299,16 +300,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     kind = args.method if args.method in ("binary", "ternary") else "int"
     fmt = QuantFormat(bits=args.bits if kind == "int" else 2, group_size=args.group_size,
                       symmetric=args.symmetric or kind != "int", kind=kind)
-    method = "gptq" if args.method == "gptq" else "rtn"
-    if method == "gptq" and not args.calib_file:
-        raise MiaotuiError("--method gptq needs --calib-file")
+    method = args.method if args.method in ("gptq", "smoothquant") else "rtn"
+    if method == "smoothquant":
+        fmt = QuantFormat(bits=8, group_size=-1, symmetric=True)
+    if method != "rtn" and not args.calib_file:
+        raise MiaotuiError(f"--method {method} needs --calib-file")
+    if not 0 <= args.alpha <= 1:
+        raise MiaotuiError(f"--alpha must be in [0, 1], got {args.alpha}")
     args.dtype, args.decode_weight_dtype = "float32", "none"  # quantize from full precision
     llm = _load(args)
     calib = None
-    if method == "gptq":
+    if method != "rtn":
         calib = load_calibration(args.calib_file, llm.tokenizer, args.calib_samples, args.calib_seq_len,
                                  args.calib_skip_tokens)
-    record = quantize_model(llm.model, method, fmt, calib, damp=args.damp, act_order=args.act_order)
+    record = quantize_model(llm.model, method, fmt, calib, damp=args.damp, act_order=args.act_order,
+                            alpha=args.alpha)
     out = save_model(llm.model, llm.tokenizer, args.output, record.to_dict())
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"saved {args.method} {fmt.kind}{fmt.bits if kind == 'int' else ''} group {fmt.group_size} "

@@ -16,10 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
+from miaotui.runtime import cpu_flags
 
-# Rows up to which the packed weight-only kernels beat dequantize + float GEMM (PERF.md, Xeon:
-# int4 1 row 54 us vs fp32 162; 16 rows 371 vs 466; 64 rows 1442 vs 1010).
-PACKED_KERNEL_MAX_ROWS = 8
+
+def packed_kernel_max_rows() -> int:
+    """Rows up to which the packed weight-only kernels beat dequantize + float GEMM.
+
+    AVX-512 CPUs (PERF.md, Xeon, 3072x576): int4 1 row 54 us vs fp32 162; 16 rows 371 vs 466.
+    AVX2-only CPUs (docs/kernels.md, EPYC): the packed kernels fall back to slow code; int8pack
+    still wins at 1 row (1.3 ms vs 4.3 ms dequantize + GEMM) and loses from 4 rows.
+    """
+    return 8 if "avx512f" in cpu_flags() else 1
+
+
 _INT4_INNER_K_TILES = 2
 
 
@@ -34,7 +43,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.packed_kernel_max_rows = PACKED_KERNEL_MAX_ROWS
+        self.packed_kernel_max_rows = packed_kernel_max_rows()
         self._int8: torch.Tensor | None = None  # [N, K] int8 codes for int8pack / int_mm
         self._int4: torch.Tensor | None = None  # CPU int4pack layout
         self._int4_scales_zeros: torch.Tensor | None = None  # [groups, N, 2]

@@ -162,3 +162,32 @@ def test_cli_quantize_then_generate(tiny_hf_dir, tmp_path, calib_text, capsys):
     info = json.loads(capsys.readouterr().out)
     dense_bytes = load_model(tiny_hf_dir, torch.float32).model.weight_bytes()
     assert info["format"] == "miaotui" and info["weight_bytes"] < dense_bytes
+
+
+def test_smoothing_preserves_the_float_function(tiny_llm):
+    import copy
+
+    from miaotui.compress.quantize.smoothquant import smooth_layer
+
+    layer = copy.deepcopy(tiny_llm.model.layers[0])
+    x = torch.randn(2, 6, tiny_llm.config.hidden_size) * 3
+    cos, sin = tiny_llm.model.rotary(torch.arange(6)[None].expand(2, 6), torch.float32)
+    before = layer(x, cos, sin, None, 0, None, True)
+    stats = {n: torch.rand(layer.get_submodule(n).in_features) * 10 for n in
+             ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    smooth_layer(layer, stats, alpha=0.5)
+    torch.testing.assert_close(layer(x, cos, sin, None, 0, None, True), before, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    ref = loaded.model(ids, torch.arange(5)[None])
+    calib = load_calibration(calib_text, loaded.tokenizer, 8, 32)
+    record = quantize_model(loaded.model, "smoothquant", QuantFormat(8, -1, True), calib, alpha=0.5)
+    layer = loaded.model.layers[0].self_attn.qkv_proj
+    assert record.act_quant and isinstance(layer, QuantLinear) and layer.kernel_for(1) == "int_mm"
+    out = loaded.model(ids, torch.arange(5)[None])
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+    with pytest.raises(MiaotuiError, match="W8A8"):
+        quantize_model(load_model(tiny_hf_dir, torch.float32).model, "smoothquant", QuantFormat(4, 32, True), calib)

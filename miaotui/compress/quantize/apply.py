@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
+from miaotui.compress.quantize.smoothquant import smooth_layer
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
@@ -22,7 +23,7 @@ from miaotui.models.llama import Transformer
 
 # The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "smoothquant")
 
 
 @dataclass(slots=True)
@@ -59,13 +60,22 @@ def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False
 
 
 def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: CalibrationSet | None = None,
-                   act_quant: bool = False, damp: float = 0.01, act_order: bool = False) -> QuantizationRecord:
-    """Quantize every decoder-layer linear in place (embedding and output head stay float)."""
+                   act_quant: bool = False, damp: float = 0.01, act_order: bool = False,
+                   alpha: float = 0.5) -> QuantizationRecord:
+    """Quantize every decoder-layer linear in place (embedding and output head stay float).
+
+    smoothquant = smoothing (alpha) + RTN int8 weights per channel + int8 activations per token.
+    """
+    if method == "smoothquant":
+        if not (fmt.kind == "int" and fmt.bits == 8 and fmt.group_size == -1 and fmt.symmetric):
+            raise MiaotuiError("smoothquant is W8A8: use --bits 8 --group-size -1 --symmetric")
+        act_quant = True
     if method not in METHODS:
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)})")
     if fmt.kind == "binary" and method != "rtn":
         raise MiaotuiError("binary weights are quantized by sign (method rtn)")
-    record = QuantizationRecord(method, fmt.to_dict(), act_quant, options={"damp": damp, "act_order": act_order})
+    options = {"alpha": alpha} if method == "smoothquant" else {"damp": damp, "act_order": act_order}
+    record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):
             for name in LAYER_LINEARS:
@@ -78,6 +88,12 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                           "seq_len": int(calib.tokens.shape[1])}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
         stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all)
+        if method == "smoothquant":
+            smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
+            for name in LAYER_LINEARS:
+                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant=True))
+                record.layers.append(f"layers.{i}.{name}")
+            continue
         for name in LAYER_LINEARS:
             dense = layer.get_submodule(name)
             codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), stats[name].hessian, fmt, damp=damp,
