@@ -46,18 +46,30 @@ def load_calibration(path: str | Path, tokenizer: Tokenizer, samples: int = 128,
 class HessianAccumulator:
     """H = 2/n * sum x x^T over the inputs a linear layer sees (x: [K]); GPTQ's and SparseGPT's H."""
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, keep_rows: int = 0) -> None:
+        self.keep_rows = keep_rows  # also keep the first rows themselves (AWQ's grid search needs X)
+        self.rows: list[torch.Tensor] = []
+        self.kept = 0
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
         self.abs_max = torch.zeros(in_features)  # per input channel: SmoothQuant's max|X_j|
         self.abs_mean_sum = torch.zeros(in_features, dtype=torch.float64)  # AWQ's mean|X_j|
 
     def add(self, x: torch.Tensor) -> None:
+        if self.kept < self.keep_rows:
+            take = x.reshape(-1, x.shape[-1])[: self.keep_rows - self.kept].float().clone()
+            self.rows.append(take)
+            self.kept += take.shape[0]
         x = x.reshape(-1, x.shape[-1]).double()
         self.sum += x.t() @ x
         self.count += x.shape[0]
         self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0).float())
         self.abs_mean_sum += x.abs().sum(0)
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """The kept input rows [R, K]."""
+        return torch.cat(self.rows) if self.rows else torch.empty(0)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -68,13 +80,14 @@ class HessianAccumulator:
         return (self.abs_mean_sum / max(self.count, 1)).float()
 
 
-def capture_inputs(layer: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, HessianAccumulator]:
+def capture_inputs(layer: nn.Module, names: list[str], run: Callable[[], None],
+                   keep_rows: int = 0) -> dict[str, HessianAccumulator]:
     """Run `run()` once with hooks that accumulate the inputs of layer.<name> for each name."""
     stats: dict[str, HessianAccumulator] = {}
     handles = []
     for name in names:
         module = layer.get_submodule(name)
-        stats[name] = HessianAccumulator(module.in_features)
+        stats[name] = HessianAccumulator(module.in_features, keep_rows)
         handles.append(module.register_forward_hook(
             lambda _m, args, _out, acc=stats[name]: acc.add(args[0].detach())))
     try:

@@ -191,3 +191,29 @@ def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):
     assert float((out - ref).norm() / ref.norm()) < 0.05
     with pytest.raises(MiaotuiError, match="W8A8"):
         quantize_model(load_model(tiny_hf_dir, torch.float32).model, "smoothquant", QuantFormat(4, 32, True), calib)
+
+
+def test_awq_search_beats_plain_rounding_with_outlier_channels():
+    from miaotui.compress.quantize.awq import search_scales
+    from miaotui.layers.quant_formats import fake_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128)
+    x[:, :4] *= 30  # a few salient input channels, as in real LLM activations
+    w = torch.randn(64, 128) * 0.05
+    fmt = QuantFormat(4, 64, False)
+    s, alpha = search_scales(x, w, fmt)
+    plain = (x @ (fake_quantize(w, fmt) - w).t()).norm()
+    scaled = (x @ (fake_quantize(w * s, fmt) / s - w).t()).norm()
+    assert alpha > 0 and scaled < 0.8 * plain
+
+
+def test_awq_model_quantization_runs(tiny_hf_dir, calib_text):
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    ref = loaded.model(ids, torch.arange(5)[None])
+    calib = load_calibration(calib_text, loaded.tokenizer, 8, 32)
+    record = quantize_model(loaded.model, "awq", QuantFormat(4, 32, False), calib)
+    assert len(record.options["alphas"]) == loaded.config.num_layers
+    out = loaded.model(ids, torch.arange(5)[None])
+    assert float((out - ref).norm() / ref.norm()) < 0.5

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
+from miaotui.compress.quantize.awq import awq_scale_layer
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
 from miaotui.compress.quantize.smoothquant import smooth_layer
 from miaotui.errors import MiaotuiError
@@ -23,7 +24,8 @@ from miaotui.models.llama import Transformer
 
 # The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-METHODS = ("rtn", "gptq", "smoothquant")
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+AWQ_SAMPLE_ROWS = 4096  # input rows per linear kept for AWQ's grid search
 
 
 @dataclass(slots=True)
@@ -87,7 +89,15 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     record.calibration = {"file": calib.source, "sha256": calib.sha256, "samples": int(calib.tokens.shape[0]),
                           "seq_len": int(calib.tokens.shape[1])}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
-        stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all)
+        keep = AWQ_SAMPLE_ROWS if method == "awq" else 0
+        stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all, keep_rows=keep)
+        if method == "awq":
+            alphas = awq_scale_layer(layer, {name: acc.samples for name, acc in stats.items()}, fmt)
+            record.options.setdefault("alphas", []).append(alphas)
+            for name in LAYER_LINEARS:
+                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
+                record.layers.append(f"layers.{i}.{name}")
+            continue
         if method == "smoothquant":
             smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
             for name in LAYER_LINEARS:

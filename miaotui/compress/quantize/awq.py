@@ -1,0 +1,62 @@
+"""AWQ (Lin et al., 2024): protect the weights that see large activations by scaling them up
+before rounding and folding the inverse scale into the op that produces their input.
+
+For each input group, s = mean|X|^a / mean|W~|^(1-a) (W~: |W| normalised per quantization
+group), a chosen by grid search over [0, 1] to minimise ||X W^T - X Q(W diag s)^T diag(s)^-1||.
+Producers: RMSNorm weights (q/k/v, gate/up) and the up-projection rows (down_proj). o_proj is
+left unscaled (its producer, v, is shared by several query heads under grouped-query attention).
+Not for the final rounding (RTN, in apply.py) or the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miaotui.layers.quant_formats import QuantFormat, fake_quantize
+from miaotui.models.llama import DecoderLayer
+
+
+def _normalised_weight_mean(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """mean over rows of |W| / max|W| within each quantization group: [K]."""
+    n, k = weight.shape
+    g = fmt.group_width(k)
+    groups = fmt.groups(k)
+    w = torch.nn.functional.pad(weight.abs(), (0, groups * g - k)).reshape(n, groups, g)
+    w = w / w.amax(-1, keepdim=True).clamp(min=1e-8)
+    return w.reshape(n, -1)[:, :k].mean(0)
+
+
+def search_scales(x: torch.Tensor, weight: torch.Tensor, fmt: QuantFormat, grid: int = 20
+                  ) -> tuple[torch.Tensor, float]:
+    """x: [R, K] sample inputs; weight: [N, K] -> (best scales [K], best alpha)."""
+    x, weight = x.float(), weight.float()
+    x_mean = x.abs().mean(0).clamp(min=1e-5)
+    w_mean = _normalised_weight_mean(weight, fmt).clamp(min=1e-5)
+    reference = x @ weight.t()
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    for step in range(grid + 1):
+        alpha = step / grid
+        s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        q = fake_quantize(weight * s[None, :], fmt) / s[None, :]
+        err = float((x @ q.t() - reference).pow(2).mean())
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def awq_scale_layer(layer: DecoderLayer, inputs: dict[str, torch.Tensor], fmt: QuantFormat) -> dict[str, float]:
+    """Search and fold AWQ scales into one decoder layer in place; -> chosen alpha per linear."""
+    alphas = {}
+    for linear_name, norm in (("self_attn.qkv_proj", layer.input_layernorm),
+                              ("mlp.gate_up_proj", layer.post_attention_layernorm)):
+        linear = layer.get_submodule(linear_name)
+        s, alphas[linear_name] = search_scales(inputs[linear_name], linear.weight, fmt)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        linear.weight.mul_(s[None, :].to(linear.weight.dtype))
+    mlp = layer.mlp
+    s, alphas["mlp.down_proj"] = search_scales(inputs["mlp.down_proj"], mlp.down_proj.weight, fmt)
+    mlp.gate_up_proj.weight[mlp.intermediate_size:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
+    mlp.down_proj.weight.mul_(s[None, :].to(mlp.down_proj.weight.dtype))
+    return alphas
