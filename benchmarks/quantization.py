@@ -38,7 +38,6 @@ CONFIGS = [
     ("rtn int4 g128", "rtn", QuantFormat(4, 128, False), True),
     ("gptq int4 g128", "gptq", QuantFormat(4, 128, False), True),
     ("awq int4 g128", "awq", QuantFormat(4, 128, False), True),
-    ("rtn int3 g64", "rtn", QuantFormat(3, 64, False), True),
     ("gptq int3 g64", "gptq", QuantFormat(3, 64, False), True),
     ("ternary g64", "rtn", QuantFormat(2, 64, True, "ternary"), True),
     ("binary g64", "rtn", QuantFormat(2, 64, True, "binary"), True),
@@ -52,7 +51,7 @@ def weight_mb(model: torch.nn.Module) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--text-file", default=str(DEFAULT_TEXT))
-    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated labels to run")
     args = parser.parse_args()
@@ -72,8 +71,8 @@ def main() -> None:
             quantize_model(llm.model, method, fmt, calib)
             seconds = time.perf_counter() - start
         ppl = perplexity(llm.model, ids[:EVAL_TOKENS], ctx=512, progress=False).ppl
-        b1 = run_bench(llm, prompt_tokens=512, gen_tokens=32, batch=1, repeat=2, progress=False)
-        b16 = run_bench(llm, prompt_tokens=32, gen_tokens=16, batch=16, repeat=2, progress=False)
+        b1 = run_bench(llm, prompt_tokens=512, gen_tokens=16, batch=1, repeat=1, progress=False)
+        b16 = run_bench(llm, prompt_tokens=32, gen_tokens=8, batch=16, repeat=1, progress=False)
         row = {"label": label, "method": method or "none", "bits": fmt.bits if fmt else 32,
                "kind": fmt.kind if fmt else "float", "group": fmt.group_size if fmt else None,
                "symmetric": fmt.symmetric if fmt else None, "counts": counts, "size_mb": weight_mb(llm.model),

@@ -3,7 +3,7 @@
 A weight W [N, K] is cut into groups of G input columns (G = K: one group per output row).
 Each group has a scale s and a zero point z (float): W ~= (code - z) * s.
 - symmetric b-bit: codes in [-(2^(b-1)-1), 2^(b-1)-1], z = 0 (int8 per channel, Q4_0-like).
-- asymmetric b-bit: codes in [0, 2^b - 1], z = -min / s (Q4_1-like).
+- asymmetric b-bit: codes in [0, 2^b - 1], z = -min / s, real-valued (Q4_1-like: w = s * code + min).
 - ternary: codes in {-1, 0, 1}, s = mean |w| of the weights kept (TWN-style threshold 0.7 mean|w|).
 - binary: codes in {-1, +1}, s = mean |w| (sign x scale).
 Not for choosing kernels (quantized_linear.py) or for the algorithms that pick codes (compress/).
@@ -94,9 +94,11 @@ def compute_qparams(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tenso
     if fmt.symmetric:
         scale = w.abs().amax(-1) / fmt.qmax
         return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    # Like GGUF's Q4_1 (w = d * q + m): the group's min maps to code 0 and its max to qmax,
+    # with a real-valued zero point, so every code is used.
+    lo, hi = w.amin(-1), w.amax(-1)
     scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
-    return scale, torch.round(-lo / scale)
+    return scale, -lo / scale
 
 
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -107,7 +109,7 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     elif fmt.kind == "ternary":
         codes = torch.round(w / scale[..., None]).clamp(-1, 1)
     else:
-        codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(fmt.qmin, fmt.qmax)
+        codes = torch.round(w / scale[..., None] + zero[..., None]).clamp(fmt.qmin, fmt.qmax)
     codes = codes.reshape(weight.shape[0], -1)[:, :weight.shape[1]]
     return codes.to(torch.int8 if fmt.qmin < 0 else torch.uint8).contiguous()
 

@@ -45,7 +45,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
         for i in range(i2 - i1):
             col = w1[:, i]
             s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            q = (torch.round(col / s) + z).clamp(fmt.qmin, fmt.qmax)
+            q = torch.round(col / s + z).clamp(fmt.qmin, fmt.qmax)
             codes[:, i1 + i] = q.to(torch.int16)
             err = (col - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
