@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
+    p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
+    _add_model_args(p)
+    p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+    p.add_argument("-o", "--output", required=True, help="output .gguf file")
+
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL)
     p.add_argument("--text-file", default=None, help="text for the perplexity step")
@@ -321,6 +326,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"to {out} ({size / 2**20:.1f} MiB)")
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from miaotui.loaders.gguf_export import export_gguf
+
+    args.dtype, args.decode_weight_dtype = "float32", "none"
+    llm = _load(args)
+    out = export_gguf(llm.model, llm.tokenizer, args.output, args.type)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from miaotui.demo import run_demo
 
@@ -328,7 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
-            "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "demo": cmd_demo}
+            "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
+            "export-gguf": cmd_export_gguf, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

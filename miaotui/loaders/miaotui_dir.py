@@ -50,6 +50,7 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
     tokenizer.backend.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "chat_template": tokenizer.chat_template,
+        "gguf_pre": tokenizer.gguf_pre,
     }, indent=2, ensure_ascii=False))
     if out_dir.exists():
         for f in out_dir.iterdir():

@@ -35,6 +35,7 @@ class Tokenizer:
     eos_token: str | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     chat_template: str | None = None
+    gguf_pre: str = "default"  # llama.cpp's pre-tokenizer name, kept for GGUF export
 
     @property
     def vocab_size(self) -> int:
@@ -95,7 +96,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], eos_token_ids: list[int])
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
         )
     return Tokenizer(backend, bos_token=bos, eos_token=token("eos"), eos_token_ids=eos_token_ids,
-                     chat_template=meta.get("tokenizer.chat_template"))
+                     chat_template=meta.get("tokenizer.chat_template"),
+                     gguf_pre=meta.get("tokenizer.ggml.pre") or "default")
 
 
 def _gpt2_bpe(tokens: list[str], merges: list[str], pre: str | None) -> BackendTokenizer:
@@ -155,4 +157,10 @@ def tokenizer_from_hf_dir(tokenizer_json: str, tokenizer_config: dict[str, Any],
         return value.get("content") if isinstance(value, dict) else value
 
     return Tokenizer(backend, bos_token=special("bos_token"), eos_token=special("eos_token"),
-                     eos_token_ids=eos_token_ids, chat_template=chat_template)
+                     eos_token_ids=eos_token_ids, chat_template=chat_template,
+                     gguf_pre=tokenizer_config.get("gguf_pre") or _guess_gguf_pre(backend))
+
+
+def _guess_gguf_pre(backend: BackendTokenizer) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json: digit-splitting (SmolLM) or GPT-2's."""
+    return "smollm" if "Digits" in str(backend.pre_tokenizer) else "default"
