@@ -120,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
+    p = sub.add_parser("qat", help="quantization-aware training, saved as a packed model")
+    _add_model_args(p)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--kind", default="int", choices=["int", "ternary", "binary"])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--text-file", required=True)
+    p.add_argument("--skip-tokens", type=_non_negative_int, default=0, help="skip this many tokens of the text first")
+    p.add_argument("--steps", type=_positive_int, required=True)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch", type=_positive_int, default=4)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
+    p.add_argument("-o", "--output", required=True)
+
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
     _add_model_args(p)
     p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
@@ -326,6 +341,34 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"to {out} ({size / 2**20:.1f} MiB)")
 
 
+def cmd_qat(args: argparse.Namespace) -> None:
+    import hashlib
+
+    import torch
+
+    from miaotui.compress.quantize.qat import pack_after_qat, train_qat
+    from miaotui.layers.quant_formats import QuantFormat
+    from miaotui.loaders.miaotui_dir import save_model
+
+    fmt = QuantFormat(bits=args.bits if args.kind == "int" else 2, group_size=args.group_size,
+                      symmetric=args.symmetric or args.kind != "int", kind=args.kind)
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise MiaotuiError(f"text file '{path}' does not exist")
+    args.dtype, args.decode_weight_dtype = "float32", "none"
+    llm = _load(args)
+    data = path.read_bytes()
+    ids = llm.tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)[args.skip_tokens:]
+    if len(ids) < args.batch * args.seq_len + 1:
+        raise MiaotuiError(f"text file '{path}' is too short for --batch x --seq-len ({len(ids):,} tokens)")
+    result = train_qat(llm.model, torch.tensor(ids), fmt, args.steps, lr=args.lr, batch=args.batch,
+                       seq_len=args.seq_len, max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
+    record = pack_after_qat(llm.model, fmt, result, hashlib.sha256(data).hexdigest())
+    out = save_model(llm.model, llm.tokenizer, args.output, record.to_dict())
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s (loss {result.first_loss:.3f} -> "
+          f"{result.last_loss:.3f}); saved to {out}")
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from miaotui.loaders.gguf_export import export_gguf
 
@@ -342,7 +385,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
-            "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
+            "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
             "export-gguf": cmd_export_gguf, "demo": cmd_demo}
 
 

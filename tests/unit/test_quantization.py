@@ -217,3 +217,24 @@ def test_awq_model_quantization_runs(tiny_hf_dir, calib_text):
     assert len(record.options["alphas"]) == loaded.config.num_layers
     out = loaded.model(ids, torch.arange(5)[None])
     assert float((out - ref).norm() / ref.norm()) < 0.5
+
+
+def test_qat_lowers_the_quantized_loss_and_saves_packed(tiny_hf_dir, tmp_path, calib_text):
+    from miaotui.compress.quantize.qat import pack_after_qat, train_qat
+    from miaotui.eval.perplexity import perplexity
+    from miaotui.loaders.miaotui_dir import save_model
+
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    ids = torch.tensor(loaded.tokenizer.encode(calib_text.read_text(), add_special_tokens=False))
+    train, held_out = ids[:-600], ids[-600:].tolist()
+    fmt = QuantFormat(2, 32, True, "ternary")
+    before = load_model(tiny_hf_dir, torch.float32)
+    quantize_model(before.model, "rtn", fmt)
+    ppl_rtn = perplexity(before.model, held_out, ctx=64, progress=False).ppl
+    result = train_qat(loaded.model, train, fmt, steps=40, lr=3e-3, batch=4, seq_len=64, progress=False)
+    record = pack_after_qat(loaded.model, fmt, result, "0" * 64)
+    ppl_qat = perplexity(loaded.model, held_out, ctx=64, progress=False).ppl
+    assert result.last_loss < result.first_loss and ppl_qat < ppl_rtn
+    out = save_model(loaded.model, loaded.tokenizer, tmp_path / "qat", record.to_dict())
+    assert load_model(out, torch.float32).format == "miaotui"
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantLinear)

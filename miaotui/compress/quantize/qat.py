@@ -1,0 +1,98 @@
+"""Quantization-aware training: fine-tune with fake-quantized weights, then store them packed.
+
+Forward uses Q(W) (the exact grid the packed model will use); the straight-through estimator
+passes gradients to the float W as if Q were the identity. After training, the float weights
+are rounded once more (RTN) into QuantLinear layers. Not for post-training methods (apply.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_linear, set_submodule
+from miaotui.layers.linear import Linear
+from miaotui.layers.quant_formats import QuantFormat, fake_quantize
+from miaotui.models.llama import Transformer
+
+
+class FakeQuantLinear(Linear):
+    """A float Linear whose forward sees Q(W), with straight-through gradients to W."""
+
+    fmt: QuantFormat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w_q = w + (fake_quantize(w, self.fmt) - w).detach()
+        return F.linear(x, w_q.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@dataclass(slots=True)
+class QATResult:
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+
+def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps: int, lr: float = 2e-5,
+              batch: int = 4, seq_len: int = 256, max_seconds: float | None = None, seed: int = 0,
+              progress: bool = True) -> QATResult:
+    """tokens: [T] training text. Trains decoder-layer linears and norms; embeddings stay frozen."""
+    fake: list[FakeQuantLinear] = []
+    for layer in model.layers:
+        for name in LAYER_LINEARS:
+            module = layer.get_submodule(name)
+            module.__class__ = FakeQuantLinear  # same parameters, fake-quantized forward
+            module.fmt = fmt
+            fake.append(module)
+    params = [p for layer in model.layers for p in layer.parameters()]
+    model.train()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    windows = (tokens.numel() - 1) // seq_len
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="qat", unit="step", disable=not progress)
+    for step in bar:
+        lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))  # cosine decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        idx = torch.randint(0, windows, (batch,), generator=generator) * seq_len
+        x = torch.stack([tokens[i:i + seq_len] for i in idx.tolist()])
+        y = torch.stack([tokens[i + 1:i + seq_len + 1] for i in idx.tolist()])
+        positions = torch.arange(seq_len)[None].expand(batch, -1)
+        logits = model(x, positions)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    for module in fake:
+        module.__class__ = Linear
+    return QATResult(len(losses), time.perf_counter() - start, losses[0], sum(losses[-5:]) / len(losses[-5:]))
+
+
+def pack_after_qat(model: Transformer, fmt: QuantFormat, result: QATResult, text_sha256: str) -> QuantizationRecord:
+    record = QuantizationRecord("qat", fmt.to_dict(), options={
+        "steps": result.steps, "seconds": result.seconds, "first_loss": result.first_loss,
+        "last_loss": result.last_loss, "text_sha256": text_sha256})
+    for i, layer in enumerate(model.layers):
+        for name in LAYER_LINEARS:
+            set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt))
+            record.layers.append(f"layers.{i}.{name}")
+    return record
