@@ -1,0 +1,49 @@
+"""Kernel choice of dense linears: the float16 decode copy serves few-row calls, float32 the rest."""
+
+import torch
+
+from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS, Linear
+
+
+def _layer() -> Linear:
+    torch.manual_seed(0)
+    layer = Linear(64, 32, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64) * 0.1)
+        layer.bias.copy_(torch.randn(32))
+    return layer
+
+
+def test_few_rows_use_the_narrow_copy_and_stay_close():
+    layer = _layer()
+    x = torch.randn(1, 64)
+    exact = layer(x)
+    layer.add_narrow_weight(torch.float16)
+    approx = layer(x)
+    assert approx.dtype == torch.float32
+    assert not torch.equal(approx, exact)  # it really ran in float16
+    torch.testing.assert_close(approx, exact, rtol=2e-3, atol=2e-3)
+
+
+def test_many_rows_use_the_full_precision_weight():
+    layer = _layer()
+    x = torch.randn(NARROW_MATMUL_MAX_ROWS + 1, 64)
+    exact = layer(x)
+    layer.add_narrow_weight(torch.float16)
+    assert torch.equal(layer(x), exact)
+
+
+def test_overflowing_activations_fall_back_to_float32():
+    layer = _layer()
+    x = torch.full((1, 64), 1e5)
+    exact = layer(x)
+    layer.add_narrow_weight(torch.float16)
+    assert torch.isfinite(layer(x)).all() and torch.equal(layer(x), exact)
+
+
+def test_decode_copy_is_counted_in_weight_bytes(tiny_hf_dir):
+    from miaotui.loaders.load import load_model
+
+    plain = load_model(tiny_hf_dir, torch.float32)
+    with_copy = load_model(tiny_hf_dir, torch.float32, decode_weight_dtype=torch.float16)
+    assert with_copy.model.weight_bytes() > plain.model.weight_bytes()
