@@ -38,7 +38,6 @@ CONFIGS = [
     ("rtn int4 g128", "rtn", QuantFormat(4, 128, False), True),
     ("gptq int4 g128", "gptq", QuantFormat(4, 128, False), True),
     ("awq int4 g128", "awq", QuantFormat(4, 128, False), True),
-    ("gptq int3 g64", "gptq", QuantFormat(3, 64, False), True),
     ("ternary g64", "rtn", QuantFormat(2, 64, True, "ternary"), True),
     ("binary g64", "rtn", QuantFormat(2, 64, True, "binary"), True),
 ]

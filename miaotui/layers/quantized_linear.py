@@ -5,6 +5,7 @@ Kernels (built at load, not saved), chosen per call by the number of rows:
 - "int8pack": torch._weight_int8pack_mm (int8 per-channel weights; few rows)
 - "int4pack": torch._weight_int4pack_mm_for_cpu (4-bit groups of 32..256; few rows)
 - "int_mm":   W8A8 — activations quantized per token on the fly, torch._int_mm (int8 x int8 -> int32)
+- "w8a8_float": the same W8A8 arithmetic as a float GEMM over the integer values (CPUs without VNNI/AMX)
 - "dense":    dequantize to the activation dtype and run the float GEMM (many rows; any format)
 Not for producing codes (compress/quantize/).
 """
@@ -17,6 +18,10 @@ from torch import nn
 
 from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
 from miaotui.runtime import cpu_flags
+
+
+def fast_int8_matmul(device: torch.device) -> bool:
+    return device.type == "cuda" or bool({"amx_int8", "avx512_vnni"} & cpu_flags())
 
 
 def packed_kernel_max_rows() -> int:
@@ -80,7 +85,9 @@ class QuantLinear(nn.Module):
 
     def kernel_for(self, rows: int) -> str:
         if self.act_quant and self._int8 is not None:
-            return "int_mm"
+            # Same W8A8 arithmetic either way; without int8 dot-product units (VNNI/AMX) the
+            # int8 x int8 kernel is ~30x slower than a float GEMM over the same integer values.
+            return "int_mm" if fast_int8_matmul(self.packed.device) else "w8a8_float"
         if rows <= self.packed_kernel_max_rows:
             if self._int8 is not None:
                 return "int8pack"
@@ -100,6 +107,9 @@ class QuantLinear(nn.Module):
                                                            self._int4_scales_zeros.to(x.dtype))
         elif kernel == "int_mm":
             y = _w8a8_matmul(x2, self._int8, self.scale[:, 0])
+        elif kernel == "w8a8_float":
+            xq, x_scale = quantize_activations_per_token(x2)
+            y = ((xq.float() @ self._int8.float().t()) * x_scale * self.scale[:, 0][None, :]).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized_weight(x.dtype))
         if self.bias is not None:

