@@ -59,6 +59,7 @@ def run_demo(model: str, text_file: str | None) -> None:
     print(f"miaotui chat -m {model}")
     print(f"miaotui eval ppl -m {model} --text-file FILE --score-from 256   # llama.cpp's protocol")
     print(f"miaotui bench -m {model} --batch 8")
-    print(f"miaotui quantize -m {model} --method awq --bits 4 --group-size 32 --symmetric --calib-file FILE -o out/awq4")
+    print(f"miaotui quantize -m {model} --method awq --bits 4 --group-size 32 --symmetric "
+          "--calib-file FILE -o out/awq4")
     print("miaotui export-gguf -m out/awq4 --type q4_0 -o model-q4_0.gguf")
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
