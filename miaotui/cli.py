@@ -325,6 +325,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fmt = QuantFormat(bits=8, group_size=-1, symmetric=True)
     if method != "rtn" and not args.calib_file:
         raise MiaotuiError(f"--method {method} needs --calib-file")
+    if args.damp <= 0:
+        raise MiaotuiError(f"--damp must be > 0, got {args.damp}")
     if not 0 <= args.alpha <= 1:
         raise MiaotuiError(f"--alpha must be in [0, 1], got {args.alpha}")
     args.dtype, args.decode_weight_dtype = "float32", "none"  # quantize from full precision
@@ -401,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # unwritable output paths, full disks: the user's to fix, not a crash
+        print(f"miaotui: error: {exc.strerror or exc}: '{exc.filename}'" if exc.filename
+              else f"miaotui: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

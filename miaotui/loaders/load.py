@@ -27,7 +27,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
-    format: str  # "gguf" or "hf"
+    format: str  # "gguf", "hf" or "miaotui"
 
 
 def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -35,10 +35,8 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
     path = resolve_model(str(model))
     if is_miaotui_dir(path):
         net, tokenizer, config = load_miaotui_dir(path, dtype, device)
-        if decode_weight_dtype is not None and decode_weight_dtype != dtype:
-            net.add_decode_weights(decode_weight_dtype)
-        return LoadedModel(net, tokenizer, config, path, "miaotui")
-    if path.is_dir():
+        fmt = "miaotui"
+    elif path.is_dir():
         config, tensors, tokenizer = load_hf_dir(path)
         fmt = "hf"
     else:
@@ -48,8 +46,9 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
         config, tensors, tokenizer = load_gguf(path)
         fmt = "gguf"
-    net = build_transformer(config, tensors, dtype=dtype, device=device)
+    if fmt != "miaotui":
+        net = build_transformer(config, tensors, dtype=dtype, device=device)
+        del tensors
     if decode_weight_dtype is not None and decode_weight_dtype != dtype:
         net.add_decode_weights(decode_weight_dtype)
-    del tensors
     return LoadedModel(net, tokenizer, config, path, fmt)

@@ -94,10 +94,7 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and not _is_qparam(k) else v.dtype)
              for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    from miaotui.layers.rope import rope_inverse_frequencies
-
-    model.rotary.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,
-                                                     config.rope_scaling).to(device)
+    model.materialize_rotary(device)
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare_kernels()

@@ -58,6 +58,11 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.lm_head_narrow: torch.Tensor | None = None  # decode copy of a tied head
 
+    def materialize_rotary(self, device: str | torch.device) -> None:
+        """The rope buffer is derived from the config, never stored: compute it after a meta-device build."""
+        c = self.config
+        self.rotary.inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+
     def add_decode_weights(self, dtype: torch.dtype) -> None:
         """Keep a narrow copy of every matmul weight for memory-bound few-row calls (linear.py)."""
         for module in self.modules():
@@ -156,9 +161,7 @@ def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], 
         raise MiaotuiError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True, strict=True)
-    # The rope buffer is derived from the config, not stored: recompute it off the meta device.
-    model.rotary.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta,
-                                                     config.rope_scaling).to(device)
+    model.materialize_rotary(device)
     return model.eval().requires_grad_(False)
 
 

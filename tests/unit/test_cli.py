@@ -143,3 +143,11 @@ def test_chat_keeps_history(tiny_gguf, monkeypatch, capsys):
 @pytest.mark.parametrize("argv", [["eval", "ppl", "--text-file", "/nonexistent/file.txt"]])
 def test_missing_text_file(capsys, tiny_gguf, argv):
     assert_one_line_error(*run_cli(capsys, *argv, "-m", str(tiny_gguf))[::2], "does not exist")
+
+
+def test_unwritable_output_path_is_a_one_line_error(capsys, tiny_gguf, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "export-gguf", "-m", str(tiny_gguf), "--type", "f32",
+                           "-o", str(blocker / "sub" / "m.gguf"))
+    assert_one_line_error(code, err, "sub")

@@ -61,6 +61,14 @@ def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False
                                    act_quant)
 
 
+def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant: bool,
+                       record: QuantizationRecord) -> None:
+    """Round every linear of one decoder layer (after any scaling the method applied) and record it."""
+    for name in LAYER_LINEARS:
+        set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
+        record.layers.append(f"layers.{index}.{name}")
+
+
 def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: CalibrationSet | None = None,
                    act_quant: bool = False, damp: float = 0.01, act_order: bool = False,
                    alpha: float = 0.5) -> QuantizationRecord:
@@ -80,9 +88,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):
-            for name in LAYER_LINEARS:
-                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
-                record.layers.append(f"layers.{i}.{name}")
+            rtn_quantize_layer(layer, i, fmt, act_quant, record)
         return record
     if calib is None:
         raise MiaotuiError(f"method '{method}' needs calibration text (--calib-file)")
@@ -94,15 +100,11 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         if method == "awq":
             alphas = awq_scale_layer(layer, {name: acc.samples for name, acc in stats.items()}, fmt)
             record.options.setdefault("alphas", []).append(alphas)
-            for name in LAYER_LINEARS:
-                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
-                record.layers.append(f"layers.{i}.{name}")
+            rtn_quantize_layer(layer, i, fmt, act_quant, record)
             continue
         if method == "smoothquant":
             smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
-            for name in LAYER_LINEARS:
-                set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant=True))
-                record.layers.append(f"layers.{i}.{name}")
+            rtn_quantize_layer(layer, i, fmt, True, record)
             continue
         for name in LAYER_LINEARS:
             dense = layer.get_submodule(name)

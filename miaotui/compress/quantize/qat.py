@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_linear, set_submodule
+from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_layer
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
 from miaotui.models.llama import Transformer
@@ -92,7 +92,5 @@ def pack_after_qat(model: Transformer, fmt: QuantFormat, result: QATResult, text
         "steps": result.steps, "seconds": result.seconds, "first_loss": result.first_loss,
         "last_loss": result.last_loss, "text_sha256": text_sha256})
     for i, layer in enumerate(model.layers):
-        for name in LAYER_LINEARS:
-            set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt))
-            record.layers.append(f"layers.{i}.{name}")
+        rtn_quantize_layer(layer, i, fmt, False, record)
     return record
