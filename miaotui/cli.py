@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save the result")
     _add_model_args(p)
-    p.add_argument("--method", required=True, choices=["rtn", "gptq", "awq", "smoothquant", "binary", "ternary"])
+    p.add_argument("--method", required=True,
+                   choices=["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "binary", "ternary"])
     p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
     p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
@@ -320,7 +321,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     kind = args.method if args.method in ("binary", "ternary") else "int"
     fmt = QuantFormat(bits=args.bits if kind == "int" else 2, group_size=args.group_size,
                       symmetric=args.symmetric or kind != "int", kind=kind)
-    method = args.method if args.method in ("gptq", "awq", "smoothquant") else "rtn"
+    method = args.method if args.method in ("gptq", "awq", "awq-gptq", "smoothquant") else "rtn"
     if method == "smoothquant":
         fmt = QuantFormat(bits=8, group_size=-1, symmetric=True)
     if method != "rtn" and not args.calib_file:

@@ -51,3 +51,11 @@ def real_llm(real_model_path):
 def wikitext() -> Path:
     assert WIKITEXT.is_file(), f"WikiText-2 test split expected at {WIKITEXT}"
     return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory, wikitext) -> Path:
+    """A 60 kB slice of WikiText-2: enough calibration and training text for tiny-model tests."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(wikitext.read_text(encoding="utf-8")[:60_000])
+    return path

@@ -60,11 +60,11 @@ class HessianAccumulator:
             take = x.reshape(-1, x.shape[-1])[: self.keep_rows - self.kept].float().clone()
             self.rows.append(take)
             self.kept += take.shape[0]
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.t() @ x
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x.t() @ x).double()  # float32 GEMM per batch (fast), float64 running sum (exact enough)
         self.count += x.shape[0]
-        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0).float())
-        self.abs_mean_sum += x.abs().sum(0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.abs_mean_sum += x.abs().sum(0).double()
 
     @property
     def samples(self) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 A weight W [N, K] is cut into groups of G input columns (G = K: one group per output row).
 Each group has a scale s and a zero point z (float): W ~= (code - z) * s.
-- symmetric b-bit: codes in [-(2^(b-1)-1), 2^(b-1)-1], z = 0 (int8 per channel, Q4_0-like).
+- symmetric 8-bit: codes in [-127, 127], z = 0 (per channel, like Q8_0 and llm-compressor).
+- symmetric b-bit (b < 8): codes in [-2^(b-1), 2^(b-1) - 1], z = 0, and like GGUF's Q4_0 the
+  scale is signed (the group's largest-magnitude weight maps to -2^(b-1)), so all 2^b codes are used.
 - asymmetric b-bit: codes in [0, 2^b - 1], z = -min / s, real-valued (Q4_1-like: w = s * code + min).
 - ternary: codes in {-1, 0, 1}, s = mean |w| of the weights kept (TWN-style threshold 0.7 mean|w|).
 - binary: codes in {-1, +1}, s = mean |w| (sign x scale).
@@ -39,7 +41,9 @@ class QuantFormat:
     def qmin(self) -> int:
         if self.kind != "int":
             return -1
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -127 if self.bits == 8 else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
@@ -81,8 +85,38 @@ def _grouped(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return weight.reshape(n, groups, g)
 
 
-def compute_qparams(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest scales and zero points: weight [N, K] -> scale, zero [N, groups] (float32)."""
+def _clamp_magnitude(scale: torch.Tensor) -> torch.Tensor:
+    """Keep a (possibly negative) scale away from 0."""
+    return torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
+
+
+def _range_qparams(w: torch.Tensor, fmt: QuantFormat, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped w [N, groups, G] -> scale, zero [N, groups], the range shrunk by `ratio` (clipping)."""
+    if fmt.symmetric:
+        if fmt.bits == 8:
+            return (w.abs().amax(-1) * ratio / fmt.qmax).clamp(min=1e-8), torch.zeros(w.shape[:2])
+        # Q4_0-style signed scale: the weight of largest magnitude lands exactly on qmin.
+        idx = w.abs().argmax(-1, keepdim=True)
+        extreme = torch.gather(w, -1, idx).squeeze(-1)
+        return _clamp_magnitude(extreme * ratio / fmt.qmin), torch.zeros(w.shape[:2])
+    # Like GGUF's Q4_1 (w = d * q + m): the group's min maps to code 0 and its max to qmax,
+    # with a real-valued zero point, so every code is used.
+    lo, hi = w.amin(-1) * ratio, w.amax(-1) * ratio
+    scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
+    return scale, -lo / scale
+
+
+def compute_qparams(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None,
+                    clip_search: bool = False, grid: int = 20, min_ratio: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points: weight [N, K] -> scale, zero [N, groups] (float32).
+
+    Plain round-to-nearest uses each group's full range. With clip_search, each group also tries
+    ranges shrunk to ratio in [min_ratio, 1] and keeps the one with the least squared rounding
+    error, weighted per input column by `importance` [K] (e.g. E[x_j^2] of the calibration
+    inputs: the output error a column causes grows with its input's energy). Ties keep ratio 1,
+    so a weight already on the grid (the shipped Q4_1 model at asym g32) is reproduced exactly.
+    """
     w = _grouped(weight.float(), fmt)
     if fmt.kind == "binary":
         return w.abs().mean(-1).clamp(min=1e-8), torch.zeros(w.shape[:2])
@@ -91,14 +125,24 @@ def compute_qparams(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tenso
         kept = (w.abs() > delta).float()
         scale = (w.abs() * kept).sum(-1) / kept.sum(-1).clamp(min=1)
         return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
-    if fmt.symmetric:
-        scale = w.abs().amax(-1) / fmt.qmax
-        return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
-    # Like GGUF's Q4_1 (w = d * q + m): the group's min maps to code 0 and its max to qmax,
-    # with a real-valued zero point, so every code is used.
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
-    return scale, -lo / scale
+    best_scale, best_zero = _range_qparams(w, fmt)
+    if not clip_search:
+        return best_scale, best_zero
+    col = torch.ones(weight.shape[1]) if importance is None else importance.float().clamp(min=0)
+    col = _grouped(col[None, :], fmt)  # [1, groups, G]; padded columns weigh 0
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        q = torch.round(w / scale[..., None] + zero[..., None]).clamp(fmt.qmin, fmt.qmax)
+        return (((q - zero[..., None]) * scale[..., None] - w).pow(2) * col).sum(-1)
+
+    best_err = error(best_scale, best_zero)
+    for step in range(1, grid + 1):
+        scale, zero = _range_qparams(w, fmt, 1.0 - (1.0 - min_ratio) * step / grid)
+        err = error(scale, zero)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -122,8 +166,9 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return w.reshape(codes.shape[0], -1)[:, :codes.shape[1]].to(dtype)
 
 
-def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    scale, zero = compute_qparams(weight, fmt)
+def fake_quantize(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None,
+                  clip_search: bool = False) -> torch.Tensor:
+    scale, zero = compute_qparams(weight, fmt, importance, clip_search)
     return dequantize_codes(quantize_codes(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
 
 

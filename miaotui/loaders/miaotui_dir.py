@@ -26,6 +26,40 @@ from miaotui.models.llama import Transformer
 
 MARKER = "miaotui_model.json"
 FORMAT_VERSION = 1
+SPARSE_MIN_ZEROS = 0.1  # a float matrix with at least this share of exact zeros is stored as bitmask + values
+MASK_SUFFIX, VALUES_SUFFIX = ".__mask", ".__values"
+
+
+def pack_sparse(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [N, K] -> (bitmask uint8 [ceil(N*K / 8)], the nonzero values in row-major order [nnz])."""
+    flat = tensor.reshape(-1)
+    keep = flat != 0
+    bits = torch.nn.functional.pad(keep, (0, -keep.numel() % 8)).reshape(-1, 8).to(torch.uint8)
+    mask = (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return mask, flat[keep].contiguous()
+
+
+def unpack_sparse(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = int(torch.tensor(shape).prod())
+    keep = ((mask[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[:numel].bool()
+    if int(keep.sum()) != values.numel():
+        raise MiaotuiError(f"sparse tensor: bitmask has {int(keep.sum())} ones but {values.numel()} values are stored")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[keep] = values
+    return dense.reshape(shape)
+
+
+def _compact(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Store pruned float matrices as bitmask + values; -> (tensors to write, {name: shape} stored sparse)."""
+    out, sparse = {}, {}
+    for name, t in state.items():
+        if t.dim() == 2 and t.is_floating_point() and name.startswith("layers.") \
+                and float((t == 0).float().mean()) >= SPARSE_MIN_ZEROS:
+            out[name + MASK_SUFFIX], out[name + VALUES_SUFFIX] = pack_sparse(t)
+            sparse[name] = list(t.shape)
+        else:
+            out[name] = t
+    return out, sparse
 
 
 def is_miaotui_dir(path: Path) -> bool:
@@ -33,8 +67,12 @@ def is_miaotui_dir(path: Path) -> bool:
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
-               record: dict[str, Any] | None = None) -> Path:
-    """Write atomically: into a temporary sibling directory, renamed into place when complete."""
+               record: dict[str, Any] | None = None, stages: list[dict[str, Any]] | None = None) -> Path:
+    """Write atomically: into a temporary sibling directory, renamed into place when complete.
+
+    record: the quantization record (which modules are QuantLinear, in what format); stages: what
+    each compression stage did (pruning, distillation, ...), kept for people and reports.
+    """
     from miaotui import __version__
 
     out_dir = Path(out_dir)
@@ -43,9 +81,10 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
         raise MiaotuiError(f"output directory '{out_dir}' exists and is not a miaotui model; choose another")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, sparse = _compact(state)
     save_file(state, tmp / "model.safetensors")
     meta = {"format_version": FORMAT_VERSION, "miaotui_version": __version__, "config": model.config.to_dict(),
-            "compression": record or {}}
+            "compression": record or {}, "sparse_tensors": sparse, "stages": stages or []}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
     tokenizer.backend.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
@@ -72,6 +111,12 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device)
         state = load_file(path / "model.safetensors")
     except (SafetensorError, OSError) as exc:
         raise MiaotuiError(f"cannot read '{path / 'model.safetensors'}': {exc}") from None
+    for name, shape in (meta.get("sparse_tensors") or {}).items():
+        try:
+            state[name] = unpack_sparse(state.pop(name + MASK_SUFFIX), state.pop(name + VALUES_SUFFIX), tuple(shape))
+        except KeyError:
+            raise MiaotuiError(f"'{path}': sparse tensor '{name}' is recorded but its bitmask or values are missing"
+                               ) from None
     with torch.device("meta"):
         model = Transformer(config)
         if compression.get("layers"):

@@ -88,13 +88,6 @@ def test_gptq_output_error_is_lower_than_rtn():
         assert (x @ (w - gptq).t()).norm() < 0.8 * (x @ (w - rtn).t()).norm()
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory, wikitext):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(wikitext.read_text(encoding="utf-8")[:60_000])
-    return path
-
-
 @pytest.mark.parametrize("method,fmt", [("rtn", QuantFormat(8, -1, True)), ("gptq", QuantFormat(4, 32, False)),
                                         ("rtn", QuantFormat(2, 32, True, "binary"))])
 def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, calib_text, method, fmt):

@@ -24,7 +24,7 @@ from miaotui.models.llama import Transformer
 
 # The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-METHODS = ("rtn", "gptq", "awq", "smoothquant")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant")
 AWQ_SAMPLE_ROWS = 4096  # input rows per linear kept for AWQ's grid search
 
 
@@ -55,17 +55,20 @@ def quant_linear_from_codes(dense: Linear, fmt: QuantFormat, codes: torch.Tensor
     return q
 
 
-def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False) -> QuantLinear:
-    scale, zero = compute_qparams(dense.weight.detach(), fmt)
+def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False,
+                        importance: torch.Tensor | None = None) -> QuantLinear:
+    """Round to nearest; given input-channel importance [K], each group's clipping range is searched too."""
+    scale, zero = compute_qparams(dense.weight.detach(), fmt, importance, clip_search=importance is not None)
     return quant_linear_from_codes(dense, fmt, quantize_codes(dense.weight.detach(), scale, zero, fmt), scale, zero,
                                    act_quant)
 
 
 def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant: bool,
-                       record: QuantizationRecord) -> None:
+                       record: QuantizationRecord, importance: dict[str, torch.Tensor] | None = None) -> None:
     """Round every linear of one decoder layer (after any scaling the method applied) and record it."""
     for name in LAYER_LINEARS:
-        set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant))
+        imp = None if importance is None else importance[name]
+        set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant, imp))
         record.layers.append(f"layers.{index}.{name}")
 
 
@@ -75,6 +78,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     """Quantize every decoder-layer linear in place (embedding and output head stay float).
 
     smoothquant = smoothing (alpha) + RTN int8 weights per channel + int8 activations per token.
+    awq-gptq = AWQ's activation-aware scales folded in first, then GPTQ rounds the scaled weights.
     """
     if method == "smoothquant":
         if not (fmt.kind == "int" and fmt.bits == 8 and fmt.group_size == -1 and fmt.symmetric):
@@ -95,20 +99,27 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     record.calibration = {"file": calib.source, "sha256": calib.sha256, "samples": int(calib.tokens.shape[0]),
                           "seq_len": int(calib.tokens.shape[1])}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
-        keep = AWQ_SAMPLE_ROWS if method == "awq" else 0
+        keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") else 0
         stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all, keep_rows=keep)
-        if method == "awq":
-            alphas = awq_scale_layer(layer, {name: acc.samples for name, acc in stats.items()}, fmt)
-            record.options.setdefault("alphas", []).append(alphas)
-            rtn_quantize_layer(layer, i, fmt, act_quant, record)
-            continue
         if method == "smoothquant":
             smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
             rtn_quantize_layer(layer, i, fmt, True, record)
             continue
+        hessians = {name: acc.hessian for name, acc in stats.items()}  # [K, K] each
+        if method in ("awq", "awq-gptq"):
+            alphas, scales = awq_scale_layer(layer, {name: acc.samples for name, acc in stats.items()}, fmt)
+            record.options.setdefault("alphas", []).append(alphas)
+            # The inputs are now x / s: H becomes diag(1/s) H diag(1/s).
+            for name, s in scales.items():
+                hessians[name] = hessians[name] / s[:, None] / s[None, :]
+            if method == "awq":
+                # E[x_j^2] of the scaled inputs weights each group's clipping search.
+                rtn_quantize_layer(layer, i, fmt, act_quant, record,
+                                   {name: torch.diag(h) / 2 for name, h in hessians.items()})
+                continue
         for name in LAYER_LINEARS:
             dense = layer.get_submodule(name)
-            codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), stats[name].hessian, fmt, damp=damp,
+            codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), hessians[name], fmt, damp=damp,
                                                       act_order=act_order)
             set_submodule(layer, name, quant_linear_from_codes(dense, fmt, codes, scale, zero, act_quant))
             record.layers.append(f"layers.{i}.{name}")

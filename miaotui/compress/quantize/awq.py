@@ -5,7 +5,8 @@ For each input group, s = mean|X|^a / mean|W~|^(1-a) (W~: |W| normalised per qua
 group), a chosen by grid search over [0, 1] to minimise ||X W^T - X Q(W diag s)^T diag(s)^-1||.
 Producers: RMSNorm weights (q/k/v, gate/up) and the up-projection rows (down_proj). o_proj is
 left unscaled (its producer, v, is shared by several query heads under grouped-query attention).
-Not for the final rounding (RTN, in apply.py) or the kernels.
+The final rounding (apply.py) then searches each group's clipping range, weighting the error by
+the energy of the scaled inputs E[(x_j / s_j)^2]. Not for the kernels.
 """
 
 from __future__ import annotations
@@ -46,17 +47,23 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor, fmt: QuantFormat, grid:
 
 
 @torch.no_grad()
-def awq_scale_layer(layer: DecoderLayer, inputs: dict[str, torch.Tensor], fmt: QuantFormat) -> dict[str, float]:
-    """Search and fold AWQ scales into one decoder layer in place; -> chosen alpha per linear."""
-    alphas = {}
+def awq_scale_layer(layer: DecoderLayer, inputs: dict[str, torch.Tensor], fmt: QuantFormat
+                    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Search and fold AWQ scales into one decoder layer in place.
+
+    -> (chosen alpha per linear, scale s [K] per linear: its inputs are now x / s).
+    """
+    alphas, scales = {}, {}
     for linear_name, norm in (("self_attn.qkv_proj", layer.input_layernorm),
                               ("mlp.gate_up_proj", layer.post_attention_layernorm)):
         linear = layer.get_submodule(linear_name)
         s, alphas[linear_name] = search_scales(inputs[linear_name], linear.weight, fmt)
+        scales[linear_name] = s
         norm.weight.div_(s.to(norm.weight.dtype))
         linear.weight.mul_(s[None, :].to(linear.weight.dtype))
     mlp = layer.mlp
     s, alphas["mlp.down_proj"] = search_scales(inputs["mlp.down_proj"], mlp.down_proj.weight, fmt)
+    scales["mlp.down_proj"] = s
     mlp.gate_up_proj.weight[mlp.intermediate_size:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
     mlp.down_proj.weight.mul_(s[None, :].to(mlp.down_proj.weight.dtype))
-    return alphas
+    return alphas, scales

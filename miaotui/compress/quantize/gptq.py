@@ -6,18 +6,24 @@ Not for calibration or module swapping (apply.py); this is the per-matrix math.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams
 
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, damp: float = 0.01,
-                         block_size: int = 128, act_order: bool = False
+                         block_size: int = 128, act_order: bool = False, clip_search: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [N, K], hessian [K, K] -> (codes [N, K], scale [N, groups], zero [N, groups]).
 
-    Group parameters come from the original weight ("static groups"), so act-order's column
-    permutation still yields contiguous groups in the stored layout.
+    Without act-order, each group's scale and zero are chosen when GPTQ reaches the group's first
+    column, from the weights as updated by the error feedback so far (as in the reference code);
+    with act-order the columns are visited out of order, so the group parameters come from the
+    original weight ("static groups") and the stored layout keeps contiguous groups. With
+    clip_search the range of each group is shrunk where that lowers the rounding error weighted
+    by diag(H), i.e. by the energy of each column's inputs.
     """
     w = weight.detach().float().clone()
     n, k = w.shape
@@ -25,28 +31,40 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale, zero = compute_qparams(w, fmt)  # [N, groups]
     group = k if fmt.group_size == -1 else fmt.group_size
+    groups = fmt.groups(k)
+    importance = torch.diag(h).clone()
+    per_group = replace(fmt, group_size=-1)  # one group's slice [N, <=G] is "per channel"
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    if act_order:
+        scale, zero = compute_qparams(w, fmt, importance, clip_search)  # [N, groups]
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        scale, zero = torch.zeros(n, groups), torch.zeros(n, groups)
+        perm = torch.arange(k)
+        block_size = group * -(-block_size // group) if group < k else block_size  # groups never straddle blocks
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
     # Upper Cholesky factor of H^-1: row i holds the update coefficients for column i.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     codes = torch.zeros(n, k, dtype=torch.int16)
-    col_scale = scale[:, perm // group]  # [N, K]: each (permuted) column's group scale / zero
-    col_zero = zero[:, perm // group]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            column = i1 + i
+            g = int(perm[column]) // group
+            if not act_order and column % group == 0:
+                end = min(column + group, k)
+                s, z = compute_qparams(w1[:, i:i + end - column], per_group, importance[column:end], clip_search)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             col = w1[:, i]
-            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
+            s, z = scale[:, g], zero[:, g]
             q = torch.round(col / s + z).clamp(fmt.qmin, fmt.qmax)
-            codes[:, i1 + i] = q.to(torch.int16)
+            codes[:, column] = q.to(torch.int16)
             err = (col - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = err

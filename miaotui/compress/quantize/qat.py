@@ -7,7 +7,6 @@ are rounded once more (RTN) into QuantLinear layers. Not for post-training metho
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_layer
+from miaotui.compress.training import cosine_lr, sample_batch
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
 from miaotui.models.llama import Transformer
@@ -57,17 +57,13 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    windows = (tokens.numel() - 1) // seq_len
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="qat", unit="step", disable=not progress)
     for step in bar:
-        lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))  # cosine decay
         for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        idx = torch.randint(0, windows, (batch,), generator=generator) * seq_len
-        x = torch.stack([tokens[i:i + seq_len] for i in idx.tolist()])
-        y = torch.stack([tokens[i + 1:i + seq_len + 1] for i in idx.tolist()])
+            group["lr"] = cosine_lr(lr, step, steps)
+        x, y = sample_batch(tokens, batch, seq_len, generator)
         positions = torch.arange(seq_len)[None].expand(batch, -1)
         logits = model(x, positions)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -1,0 +1,1 @@
+"""Pruning: importance criteria, masks, SparseGPT, structured pruning and gradual schedules."""

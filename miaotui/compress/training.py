@@ -1,0 +1,66 @@
+"""Shared pieces of miaotui's short CPU fine-tuning loops (QAT, gradual pruning, distillation):
+reading a text file into training windows, the learning-rate schedule, and keeping pruned
+weights at zero. Not for any loss (each trainer owns its own).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.tokenizer import Tokenizer
+
+SPARSE_WEIGHT_THRESHOLD = 0.1  # a weight with at least this fraction of exact zeros counts as pruned
+
+
+def load_training_tokens(path: str | Path, tokenizer: Tokenizer, skip_tokens: int = 0,
+                         min_tokens: int = 1024) -> torch.Tensor:
+    """The whole file as one token stream [T] (after skip_tokens, to keep it apart from evaluation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiaotuiError(f"text file '{path}' does not exist")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+    ids = ids[skip_tokens:]
+    if len(ids) < min_tokens:
+        raise MiaotuiError(f"text file '{path}' is too short: {len(ids):,} tokens after skipping {skip_tokens:,}, "
+                           f"need at least {min_tokens:,}")
+    return torch.tensor(ids)
+
+
+def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random non-overlapping-aligned windows: inputs x [B, L] and next-token targets y [B, L]."""
+    windows = (tokens.numel() - 1) // seq_len
+    if windows < 1:
+        raise MiaotuiError(f"training text has {tokens.numel()} tokens, fewer than one window of {seq_len + 1}")
+    starts = (torch.randint(0, windows, (batch,), generator=generator) * seq_len).tolist()
+    x = torch.stack([tokens[i:i + seq_len] for i in starts])
+    y = torch.stack([tokens[i + 1:i + seq_len + 1] for i in starts])
+    return x, y
+
+
+def cosine_lr(base: float, step: int, steps: int, warmup: int = 0) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+def sparse_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of every 2-D weight that has been pruned, by parameter name."""
+    masks = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name and float((p == 0).float().mean()) >= SPARSE_WEIGHT_THRESHOLD:
+            masks[name] = p.detach() != 0
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Re-zero pruned weights (after an optimizer step) so masks stay applied through training."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
