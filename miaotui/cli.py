@@ -48,6 +48,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-file", default=None, help="calibration text (methods that look at activations)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--calib-seq-len", type=_positive_int, default=512)
+    p.add_argument("--calib-skip-tokens", type=_non_negative_int, default=0,
+                   help="skip this many tokens of the file first (keep calibration apart from evaluation)")
+
+
+def _add_training_args(p: argparse.ArgumentParser, lr: float) -> None:
+    p.add_argument("--text-file", default=None, help="training text")
+    p.add_argument("--skip-tokens", type=_non_negative_int, default=0, help="skip this many tokens of the text first")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch", type=_positive_int, default=4)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
@@ -111,11 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
     p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
-    p.add_argument("--calib-file", default=None, help="text for calibration (gptq)")
-    p.add_argument("--calib-samples", type=_positive_int, default=128)
-    p.add_argument("--calib-seq-len", type=_positive_int, default=512)
-    p.add_argument("--calib-skip-tokens", type=_non_negative_int, default=0,
-                   help="skip this many tokens of the file first (keep calibration apart from evaluation)")
+    _add_calib_args(p)
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
@@ -134,6 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=4)
     p.add_argument("--seq-len", type=_positive_int, default=256)
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training time")
+    p.add_argument("-o", "--output", required=True)
+
+    p = sub.add_parser("prune", help="prune a model (unstructured, N:M, structured or gradual) and save it")
+    _add_model_args(p)
+    p.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt", "taylor", "gradient"],
+                   help="importance criterion (structured: magnitude, wanda, taylor or gradient)")
+    p.add_argument("--sparsity", type=float, default=None, help="share removed, in [0, 1) (N:M sets it)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
+    p.add_argument("--structured", default=None, choices=["channels", "heads", "layers"],
+                   help="remove whole MLP channels, attention heads or layers: a smaller dense model")
+    p.add_argument("--owl", action="store_true", help="outlier-weighted per-layer sparsity (OWL)")
+    p.add_argument("--targets", action="append", default=None, help="regex of module names to prune (repeatable)")
+    p.add_argument("--ignore", action="append", default=None, help="regex of module names to leave (repeatable)")
+    _add_calib_args(p)
+    p.add_argument("--gradual", action="store_true", help="prune gradually while fine-tuning on --text-file")
+    p.add_argument("--initial-sparsity", type=float, default=0.0)
+    p.add_argument("--begin-step", type=_non_negative_int, default=0)
+    p.add_argument("--end-step", type=_positive_int, default=None)
+    p.add_argument("--frequency", type=_positive_int, default=10)
+    _add_training_args(p, lr=5e-5)
+    p.add_argument("-o", "--output", required=True, help="output directory")
+
+    p = sub.add_parser("distill", help="knowledge distillation from a teacher into a student")
+    p.add_argument("--teacher", default=DEFAULT_MODEL)
+    p.add_argument("--student", required=True, help="student model (e.g. a pruned teacher)")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label cross-entropy")
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the final hidden-state MSE")
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "none"])
+    p.add_argument("--checkpoint-every", type=_positive_int, default=50)
+    _add_training_args(p, lr=1e-4)
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
@@ -372,6 +419,119 @@ def cmd_qat(args: argparse.Namespace) -> None:
           f"{result.last_loss:.3f}); saved to {out}")
 
 
+def _float_model(args: argparse.Namespace):
+    """Compression stages work on full-precision weights with no decode copies."""
+    args.dtype, args.decode_weight_dtype = "float32", "none"
+    return _load(args)
+
+
+def _calibration(args: argparse.Namespace, tokenizer, needed: bool):
+    from miaotui.compress.calibration import load_calibration
+
+    if not needed:
+        return None
+    if not args.calib_file:
+        raise MiaotuiError(f"--method {args.method} needs --calib-file")
+    return load_calibration(args.calib_file, tokenizer, args.calib_samples, args.calib_seq_len,
+                            args.calib_skip_tokens)
+
+
+def _saved(out: Path) -> str:
+    return f"{out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB on disk)"
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from miaotui.loaders.miaotui_dir import save_model
+
+    stages = []
+    if args.gradual:
+        from miaotui.compress.prune.gradual import GradualSchedule, train_gradual
+        from miaotui.compress.training import load_training_tokens
+
+        if args.sparsity is None or args.end_step is None or args.steps is None or not args.text_file:
+            raise MiaotuiError("--gradual needs --sparsity (the final one), --end-step, --steps and --text-file")
+        schedule = GradualSchedule(args.initial_sparsity, args.sparsity, args.begin_step, args.end_step,
+                                   args.frequency)
+        llm = _float_model(args)
+        tokens = load_training_tokens(args.text_file, llm.tokenizer, args.skip_tokens)
+        record = train_gradual(llm.model, tokens, schedule, args.steps, args.method, lr=args.lr, batch=args.batch,
+                               seq_len=args.seq_len, targets=args.targets, ignore=args.ignore)
+        stages.append({"stage": "gradual_prune", **record.to_dict()})
+        model = llm.model
+        print(f"gradual pruning: sparsity {record.curve[-1][1]:.3f} after {record.steps} steps "
+              f"in {record.seconds:.0f} s (loss {record.losses[0]:.3f} -> {record.losses[-1]:.3f})")
+    elif args.structured:
+        from miaotui.compress.prune.structured import prune_structured
+
+        if args.sparsity is None:
+            raise MiaotuiError("--structured needs --sparsity (the share of channels, heads or layers removed)")
+        if args.pattern or args.owl or args.targets or args.ignore:
+            raise MiaotuiError("--structured removes the same share from every layer: drop --pattern/--owl/"
+                               "--targets/--ignore")
+        llm = _float_model(args)
+        calib = _calibration(args, llm.tokenizer, args.method != "magnitude")
+        model, record = prune_structured(llm.model, args.structured, args.sparsity, args.method, calib)
+        stages.append({"stage": "structured_prune", **record.to_dict()})
+        print(f"structured ({args.structured}): {record.params_before:,} -> {record.params_after:,} parameters "
+              f"({1 - record.params_after / record.params_before:.1%} fewer)")
+    else:
+        from miaotui.compress.prune.unstructured import NEEDS_CALIBRATION, prune_model
+
+        if args.sparsity is None and not args.pattern:
+            raise MiaotuiError("give --sparsity S or --pattern N:M")
+        llm = _float_model(args)
+        calib = _calibration(args, llm.tokenizer, args.method in NEEDS_CALIBRATION or args.owl)
+        record = prune_model(llm.model, args.method, args.sparsity if args.sparsity is not None else 0.0,
+                             args.pattern, calib, owl=args.owl, targets=args.targets, ignore=args.ignore)
+        stages.append({"stage": "prune", **record.to_dict()})
+        model = llm.model
+        measured = sum(record.modules.values()) / max(len(record.modules), 1)
+        print(f"pruned {len(record.modules)} matrices by {args.method}: mean sparsity {measured:.3f}")
+    out = save_model(model, llm.tokenizer, args.output, stages=list(getattr(llm.model, "stages", [])) + stages)
+    print(f"saved to {_saved(out)}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    import torch
+
+    from miaotui.api import LLM
+    from miaotui.compress.distill import DistillConfig, check_same_tokenizer, distill
+    from miaotui.compress.training import load_training_tokens
+    from miaotui.loaders.miaotui_dir import save_model
+
+    if not args.text_file or args.steps is None:
+        raise MiaotuiError("distill needs --text-file and --steps")
+    cfg = DistillConfig(steps=args.steps, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
+                        grad_accum=args.grad_accum, temperature=args.temperature, alpha=args.alpha,
+                        hidden_weight=args.hidden_weight, autocast=args.autocast,
+                        checkpoint_every=args.checkpoint_every,
+                        max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = LLM(args.teacher, dtype="float32", decode_weight_dtype="none")
+    student = LLM(args.student, dtype="float32", decode_weight_dtype="none")
+    check_same_tokenizer(teacher.tokenizer, student.tokenizer)
+    tokens = load_training_tokens(args.text_file, student.tokenizer, args.skip_tokens)
+    checkpoint_dir = Path(args.output).with_name(Path(args.output).name + ".ckpt")
+    try:
+        result = distill(teacher.model, student.model, tokens, cfg, checkpoint_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: progress saved in {checkpoint_dir}; run the same command again to resume",
+              file=sys.stderr)
+        raise
+    stages = list(getattr(student.model, "stages", [])) + [
+        {"stage": "distill", "teacher": str(teacher.path), **asdict(cfg), **result.to_dict()}]
+    out = save_model(student.model, student.tokenizer, args.output, stages=stages)
+    (checkpoint_dir / "distill_state.pt").unlink(missing_ok=True)
+    if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(f"distilled {result.steps} steps in {result.seconds:.0f} s{resumed}: loss "
+          f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {_saved(out)}")
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from miaotui.loaders.gguf_export import export_gguf
 
@@ -389,7 +549,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
-            "export-gguf": cmd_export_gguf, "demo": cmd_demo}
+            "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

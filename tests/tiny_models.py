@@ -38,12 +38,12 @@ def train_tokenizer(vocab_size: int = 420) -> Tokenizer:
 
 
 def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: int = 0,
-                 rope_scaling: dict | None = None) -> Path:
+                 rope_scaling: dict | None = None, vocab_size: int = 420) -> Path:
     """A tiny checkpoint saved by transformers itself, plus a trained byte-level BPE tokenizer."""
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer()
+    tok = train_tokenizer(vocab_size)
     tok.save(str(directory / "tokenizer.json"))
     common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,

@@ -84,7 +84,8 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
     state, sparse = _compact(state)
     save_file(state, tmp / "model.safetensors")
     meta = {"format_version": FORMAT_VERSION, "miaotui_version": __version__, "config": model.config.to_dict(),
-            "compression": record or {}, "sparse_tensors": sparse, "stages": stages or []}
+            "compression": record or {}, "sparse_tensors": sparse,
+            "stages": list(getattr(model, "stages", [])) if stages is None else stages}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
     tokenizer.backend.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
@@ -140,6 +141,7 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device)
              for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.materialize_rotary(device)
+    model.stages = list(meta.get("stages") or [])  # earlier compression stages: carried into later saves
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare_kernels()
