@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, lr=1e-4)
     p.add_argument("-o", "--output", required=True)
 
+    p = sub.add_parser("compress", help="run a recipe of compression stages (prune, distill, quantize, ...)")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL)
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("-o", "--output", required=True)
+
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
     _add_model_args(p)
     p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
@@ -361,16 +367,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from miaotui.compress.calibration import load_calibration
-    from miaotui.compress.quantize.apply import quantize_model
-    from miaotui.layers.quant_formats import QuantFormat
+    from miaotui.compress.quantize.apply import quantize_model, resolve_method
     from miaotui.loaders.miaotui_dir import save_model
 
-    kind = args.method if args.method in ("binary", "ternary") else "int"
-    fmt = QuantFormat(bits=args.bits if kind == "int" else 2, group_size=args.group_size,
-                      symmetric=args.symmetric or kind != "int", kind=kind)
-    method = args.method if args.method in ("gptq", "awq", "awq-gptq", "smoothquant") else "rtn"
-    if method == "smoothquant":
-        fmt = QuantFormat(bits=8, group_size=-1, symmetric=True)
+    method, fmt = resolve_method(args.method, args.bits, args.group_size, args.symmetric)
+    kind = fmt.kind
     if method != "rtn" and not args.calib_file:
         raise MiaotuiError(f"--method {method} needs --calib-file")
     if args.damp <= 0:
@@ -532,6 +533,19 @@ def cmd_distill(args: argparse.Namespace) -> None:
           f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {_saved(out)}")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from miaotui.compress.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before any model is loaded
+    rows = run_recipe(args.model, recipe, args.output, threads=args.threads)
+    if rows:
+        print(f"{'checkpoint':<28} {'params':>12} {'MB':>8} {'ppl':>9} {'decode tok/s':>13}")
+        for r in rows:
+            print(f"{r['label']:<28} {r['params']:>12,} {r['size_mb']:>8.1f} {r['ppl']:>9.2f} "
+                  f"{r['decode_tok_s']:>13.1f}")
+    print(f"saved to {_saved(Path(args.output))}")
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from miaotui.loaders.gguf_export import export_gguf
 
@@ -549,7 +563,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
-            "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill}
+            "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
+            "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:

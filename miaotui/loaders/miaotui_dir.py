@@ -86,7 +86,7 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
     meta = {"format_version": FORMAT_VERSION, "miaotui_version": __version__, "config": model.config.to_dict(),
             "compression": record or {}, "sparse_tensors": sparse,
             "stages": list(getattr(model, "stages", [])) if stages is None else stages}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str))
     tokenizer.backend.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "chat_template": tokenizer.chat_template,
@@ -98,6 +98,15 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
         out_dir.rmdir()
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def update_stages(path: Path, stages: list[dict[str, Any]]) -> None:
+    """Rewrite the stage records of a saved model (e.g. to add metrics measured on it), atomically."""
+    meta = json.loads((path / MARKER).read_text())
+    meta["stages"] = stages
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path / MARKER)
 
 
 def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Transformer, Tokenizer,

@@ -5,6 +5,7 @@ Not for file formats (loaders/miaotui_dir.py) or per-matrix math (gptq.py, layer
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +44,17 @@ class QuantizationRecord:
         return asdict(self)
 
 
+def resolve_method(method: str, bits: int, group_size: int, symmetric: bool) -> tuple[str, QuantFormat]:
+    """User-facing method names (binary and ternary are formats, rounded by RTN) -> (algorithm, format)."""
+    if method in ("binary", "ternary"):
+        return "rtn", QuantFormat(2, group_size, True, method)
+    if method == "smoothquant":
+        return method, QuantFormat(8, -1, True)
+    if method not in METHODS:
+        raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)}, binary, ternary)")
+    return method, QuantFormat(bits, group_size, symmetric)
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -64,9 +76,12 @@ def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False
 
 
 def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant: bool,
-                       record: QuantizationRecord, importance: dict[str, torch.Tensor] | None = None) -> None:
-    """Round every linear of one decoder layer (after any scaling the method applied) and record it."""
+                       record: QuantizationRecord, importance: dict[str, torch.Tensor] | None = None,
+                       modules: Collection[str] | None = None) -> None:
+    """Round the (selected) linears of one decoder layer, after any scaling the method applied, and record them."""
     for name in LAYER_LINEARS:
+        if modules is not None and f"layers.{index}.{name}" not in modules:
+            continue
         imp = None if importance is None else importance[name]
         set_submodule(layer, name, rtn_quantize_linear(layer.get_submodule(name), fmt, act_quant, imp))
         record.layers.append(f"layers.{index}.{name}")
@@ -74,8 +89,9 @@ def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant
 
 def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: CalibrationSet | None = None,
                    act_quant: bool = False, damp: float = 0.01, act_order: bool = False,
-                   alpha: float = 0.5) -> QuantizationRecord:
-    """Quantize every decoder-layer linear in place (embedding and output head stay float).
+                   alpha: float = 0.5, modules: Collection[str] | None = None) -> QuantizationRecord:
+    """Quantize every decoder-layer linear in place (embedding and output head stay float), or only
+    `modules` (full names such as 'layers.3.mlp.down_proj', from compress/selectors.py).
 
     smoothquant = smoothing (alpha) + RTN int8 weights per channel + int8 activations per token.
     awq-gptq = AWQ's activation-aware scales folded in first, then GPTQ rounds the scaled weights.
@@ -92,7 +108,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):
-            rtn_quantize_layer(layer, i, fmt, act_quant, record)
+            rtn_quantize_layer(layer, i, fmt, act_quant, record, modules=modules)
         return record
     if calib is None:
         raise MiaotuiError(f"method '{method}' needs calibration text (--calib-file)")
@@ -103,7 +119,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all, keep_rows=keep)
         if method == "smoothquant":
             smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
-            rtn_quantize_layer(layer, i, fmt, True, record)
+            rtn_quantize_layer(layer, i, fmt, True, record, modules=modules)
             continue
         hessians = {name: acc.hessian for name, acc in stats.items()}  # [K, K] each
         if method in ("awq", "awq-gptq"):
@@ -115,9 +131,11 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
             if method == "awq":
                 # E[x_j^2] of the scaled inputs weights each group's clipping search.
                 rtn_quantize_layer(layer, i, fmt, act_quant, record,
-                                   {name: torch.diag(h) / 2 for name, h in hessians.items()})
+                                   {name: torch.diag(h) / 2 for name, h in hessians.items()}, modules)
                 continue
         for name in LAYER_LINEARS:
+            if modules is not None and f"layers.{i}.{name}" not in modules:
+                continue
             dense = layer.get_submodule(name)
             codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), hessians[name], fmt, damp=damp,
                                                       act_order=act_order)
