@@ -80,7 +80,8 @@ def test_tokenizer_mismatch_is_rejected(tiny_hf_dir, tmp_path):
 
     other = write_hf_dir(tmp_path / "other", vocab_size=300)
     with pytest.raises(MiaotuiError, match="tokenizers differ"):
-        check_same_tokenizer(load_model(tiny_hf_dir, torch.float32).tokenizer, load_model(other, torch.float32).tokenizer)
+        check_same_tokenizer(load_model(tiny_hf_dir, torch.float32).tokenizer,
+                             load_model(other, torch.float32).tokenizer)
 
 
 def test_cli_prune_distill_and_errors(tiny_hf_dir, calib_text, tmp_path, capsys):
