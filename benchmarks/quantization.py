@@ -35,9 +35,11 @@ CONFIGS = [
     ("rtn int4 g32 sym (Q4_0 format)", "rtn", QuantFormat(4, 32, True), True),
     ("gptq int4 g32 sym", "gptq", QuantFormat(4, 32, True), True),
     ("awq int4 g32 sym", "awq", QuantFormat(4, 32, True), True),
+    ("awq-gptq int4 g32 sym", "awq-gptq", QuantFormat(4, 32, True), True),
     ("rtn int4 g128", "rtn", QuantFormat(4, 128, False), True),
     ("gptq int4 g128", "gptq", QuantFormat(4, 128, False), True),
     ("awq int4 g128", "awq", QuantFormat(4, 128, False), True),
+    ("awq-gptq int4 g128", "awq-gptq", QuantFormat(4, 128, False), True),
     ("ternary g64", "rtn", QuantFormat(2, 64, True, "ternary"), True),
     ("binary g64", "rtn", QuantFormat(2, 64, True, "binary"), True),
 ]

@@ -133,9 +133,13 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                 rtn_quantize_layer(layer, i, fmt, act_quant, record,
                                    {name: torch.diag(h) / 2 for name, h in hessians.items()}, modules)
                 continue
-        for name in LAYER_LINEARS:
+        for n, name in enumerate(LAYER_LINEARS):
             if modules is not None and f"layers.{i}.{name}" not in modules:
                 continue
+            if n > 0:
+                # "True sequential": a linear's Hessian comes from inputs computed with the earlier
+                # linears of this layer already quantized, so it also corrects their error.
+                hessians[name] = capture_inputs(layer, [name], forward_all)[name].hessian
             dense = layer.get_submodule(name)
             codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), hessians[name], fmt, damp=damp,
                                                       act_order=act_order)
