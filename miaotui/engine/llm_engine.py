@@ -1,0 +1,353 @@
+"""The serving engine: continuous batching over a paged KV cache.
+
+Every step the scheduler (1) drops aborted requests, (2) gives each running request one decode
+token, preempting the newest requests (by recomputation) if blocks run out, and (3) fills the
+rest of the token budget with prefill chunks (requests join as soon as they fit), reusing
+cached prefix blocks. One forward pass then runs decode rows and prefill chunks together.
+Outputs go to each request's sink as deltas. Thread-safe entry points: add_request, abort.
+Not for HTTP (server/) or for static batches (generator.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.engine.block_manager import BlockManager
+from miaotui.engine.detokenizer import IncrementalDetokenizer
+from miaotui.engine.generator import validate_prompt
+from miaotui.engine.paged_cache import PagedKVCache, kv_bytes_per_token
+from miaotui.engine.sampler import Sampler
+from miaotui.engine.sampling_params import SamplingParams
+from miaotui.errors import MiaotuiError
+from miaotui.loaders.tokenizer import Tokenizer
+from miaotui.models.llama import Transformer
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely tokens at this position
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when the prompt is scored
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[EngineOutput], None]
+    logprobs: int | None = None  # top-k log-probs per generated token; None = off
+    prompt_logprobs: int | None = None  # score the prompt too (completions' echo + logprobs)
+    # -- state, owned by the engine thread ------------------------------------------------
+    seq_id: int = 0
+    max_new_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    table: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose keys/values are in the cache
+    detok: IncrementalDetokenizer | None = None
+    stop_ids: set[int] = field(default_factory=set)
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    finished: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int, kv_cache_mb: float = 256,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
+        dtype = model.dtype
+        num_blocks = int(kv_cache_mb * 2**20) // (block_size * kv_bytes_per_token(model.config, dtype))
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, model.device)
+        self.sampler = Sampler()
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.stats = EngineStats()
+        self._incoming: deque[EngineRequest] = deque()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._seq_ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- thread-safe API ---------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.blocks.num_blocks - 1) * self.blocks.block_size
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Validate (raises MiaotuiError with a user-facing message) and queue a request."""
+        req.max_new_tokens = validate_prompt(req.prompt_ids, req.params, self.max_model_len)
+        if len(req.prompt_ids) + req.max_new_tokens > self.capacity_tokens:
+            raise MiaotuiError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.max_new_tokens}) "
+                               f"exceed the KV cache ({self.capacity_tokens} tokens): raise --kv-cache-mb")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise MiaotuiError(f"prompt token ids must be in [0, {vocab})")
+        p = req.params
+        req.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.tokenizer.eos_token_ids))
+        req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop)
+        with self._wake:
+            self._incoming.append(req)
+            self._wake.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._incoming) + len(self.waiting) + len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._incoming) + len(self.waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not (self._incoming or self.waiting or self.running or self._aborts):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not hang them
+                self._fail_all(f"internal error: {exc}")
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        with self._lock:
+            while self._incoming:
+                req = self._incoming.popleft()
+                req.seq_id = next(self._seq_ids)
+                self.sampler.add_sequence(req.seq_id, req.params.seed)
+                self.waiting.append(req)
+            aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            self._abort_now(rid)
+        batch = self._schedule()
+        if not batch:
+            return
+        self._run(batch)
+        self.stats.steps += 1
+
+    def _abort_now(self, request_id: str) -> None:
+        for queue in (self.waiting, self.running):
+            for req in list(queue):
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self._finish(req, "abort")
+
+    def _finish(self, req: EngineRequest, reason: str, text: str = "", error: str | None = None,
+                out: EngineOutput | None = None) -> None:
+        self.blocks.release(req.table)
+        self.sampler.remove_sequence(req.seq_id)
+        self.stats.finished += 1
+        out = out or EngineOutput(req.request_id)
+        out.text += text
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.num_prompt_tokens, out.num_output_tokens = len(req.prompt_ids), len(req.output_ids)
+        req.sink(out)
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self.waiting) + list(self.running):
+            self._finish(req, "error", error=message)
+        self.waiting.clear()
+        self.running.clear()
+
+    def _preempt_newest(self) -> EngineRequest:
+        victim = max(self.running, key=lambda r: r.arrival)
+        self.running.remove(victim)
+        self.blocks.release(victim.table)
+        victim.computed = 0
+        self.waiting.appendleft(victim)
+        self.stats.preemptions += 1
+        return victim
+
+    def _schedule(self) -> list[tuple[EngineRequest, int, int]]:
+        """-> rows (request, first position, number of tokens) for this step."""
+        rows: list[tuple[EngineRequest, int, int]] = []
+        budget = self.max_num_batched_tokens
+        # 1. Decode: one token each for requests whose prompt is in the cache.
+        for req in sorted([r for r in self.running if r.computed == len(r.tokens) - 1], key=lambda r: r.arrival):
+            if req not in self.running:
+                continue  # preempted below to make room for an older request
+            while not self.blocks.can_grow(req.table, len(req.tokens)):
+                if self._preempt_newest() is req:
+                    break
+            if req in self.running:
+                self.blocks.grow(req.table, len(req.tokens))
+                rows.append((req, req.computed, 1))
+                budget -= 1
+        # 2. Prefill chunks: unfinished prompts of running requests, then new requests (FCFS).
+        scheduled = {id(r) for r, _, _ in rows}
+        candidates = [r for r in self.running if id(r) not in scheduled and r.computed < len(r.tokens) - 1]
+        for req in candidates + list(self.waiting):
+            if budget <= 0:
+                break
+            admitting = req not in self.running
+            if admitting and len(self.running) >= self.max_num_seqs:
+                break
+            if admitting and not req.table and req.prompt_logprobs is None:
+                req.table = self.blocks.match_prefix(req.tokens)
+                req.computed = len(req.table) * self.blocks.block_size
+            chunk = min(len(req.tokens) - req.computed, budget)
+            if not self.blocks.can_grow(req.table, req.computed + chunk):
+                if admitting:
+                    self.blocks.release(req.table)
+                    req.computed = 0
+                break
+            self.blocks.grow(req.table, req.computed + chunk)
+            if admitting:
+                self.waiting.remove(req)
+                self.running.append(req)
+            rows.append((req, req.computed, chunk))
+            budget -= chunk
+        return rows
+
+    def _run(self, rows: list[tuple[EngineRequest, int, int]]) -> None:
+        model, device, bs = self.model, self.model.device, self.blocks.block_size
+        b, s = len(rows), max(n for _, _, n in rows)
+        t = max(start + n for _, start, n in rows)
+        tokens = torch.zeros(b, s, dtype=torch.long)
+        positions = torch.zeros(b, s, dtype=torch.long)
+        slots = torch.zeros(b, s, dtype=torch.long)  # padding writes go to scratch block 0
+        gather = torch.zeros(b, t, dtype=torch.long)
+        mask = torch.zeros(b, 1, s, t, dtype=torch.bool)
+        for row, (req, start, n) in enumerate(rows):
+            tokens[row, :n] = torch.tensor(req.tokens[start:start + n])
+            pos = torch.arange(start, start + n)
+            positions[row, :n] = pos
+            table = torch.tensor(req.table, dtype=torch.long)
+            slots[row, :n] = table[pos // bs] * bs + pos % bs
+            ctx = torch.arange(start + n)
+            gather[row, :start + n] = table[ctx // bs] * bs + ctx % bs
+            mask[row, 0, :n, :start + n] = ctx[None, :] <= pos[:, None]
+            mask[row, 0, n:, 0] = True  # padding queries see one key: no fully masked row (NaN-free)
+        views = self.cache.step_views(slots.to(device), gather.to(device))
+        hidden = model.hidden_states(tokens.to(device), positions.to(device), views, 0, mask.to(device))
+        last = torch.tensor([n - 1 for _, _, n in rows], device=device)
+        logits = model.logits(hidden[torch.arange(b, device=device), last])  # [B, V]
+        for row, (req, start, n) in enumerate(rows):
+            if req.prompt_logprobs is not None and start < len(req.prompt_ids):
+                self._score_prompt(req, start, n, model.logits(hidden[row, :n]))
+            req.computed = start + n
+            self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
+            if start < len(req.prompt_ids):
+                self.stats.prompt_tokens += min(n, len(req.prompt_ids) - start)
+        sampling = [row for row, (req, start, n) in enumerate(rows) if req.computed == len(req.tokens)]
+        if not sampling:
+            return
+        reqs = [rows[row][0] for row in sampling]
+        seen = None
+        if any(r.params.repetition_penalty != 1.0 for r in reqs):
+            seen = torch.zeros(len(reqs), model.config.vocab_size, dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                seen[i, r.tokens] = True
+        picked = logits[sampling]
+        next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen)
+        logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
+        for i, req in enumerate(reqs):
+            self._append(req, int(next_tokens[i]), None if logprobs is None else logprobs[i])
+
+    def _score_prompt(self, req: EngineRequest, start: int, n: int, logits: torch.Tensor) -> None:
+        """Log-probs of each prompt token given the ones before it (the first has none)."""
+        logp = torch.log_softmax(logits.float(), -1)  # [n, V]: position start + i predicts start + i + 1
+        if start == 0:
+            req.prompt_scores = [None]  # (re)computed from the start, e.g. after a preemption
+        k = req.prompt_logprobs or 0
+        for i in range(n):
+            target = start + i + 1
+            if target >= len(req.prompt_ids):
+                break
+            token = req.prompt_ids[target]
+            top = torch.topk(logp[i], k) if k else None
+            req.prompt_scores.append(TokenLogprob(token, float(logp[i, token]), [] if top is None else
+                                                  list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+
+    def _append(self, req: EngineRequest, token: int, logp: torch.Tensor | None) -> None:
+        now = time.perf_counter()
+        req.first_token_at = req.first_token_at or now
+        req.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        out = EngineOutput(req.request_id, token_ids=[token])
+        if len(req.output_ids) == 1 and req.prompt_logprobs is not None:
+            out.prompt_logprobs = req.prompt_scores
+        if logp is not None and req.logprobs is not None:
+            top = torch.topk(logp, req.logprobs) if req.logprobs else None
+            out.logprobs.append(TokenLogprob(token, float(logp[token]), [] if top is None else
+                                             list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+        reason = None
+        if token in req.stop_ids:
+            text, reason = req.detok.finish(), "stop"
+        else:
+            text = req.detok.add_token(token)
+            if req.detok.stopped_by is not None:
+                reason = "stop"
+            elif len(req.output_ids) >= req.max_new_tokens:
+                reason = "length"
+                text += req.detok.finish()
+        if reason is None:
+            out.text = text
+            out.num_prompt_tokens, out.num_output_tokens = len(req.prompt_ids), len(req.output_ids)
+            req.sink(out)
+            return
+        self.running.remove(req)
+        self._finish(req, reason, text, out=out)
