@@ -189,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("-o", "--output", required=True)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MIAOTUI_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the -m value)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together at most")
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 429")
+    p.add_argument("--kv-cache-mb", type=float, default=512, help="memory for the paged KV cache")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                   help="tokens per engine step (decode rows + prefill chunks)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body (413 above)")
+
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
     _add_model_args(p)
     p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
@@ -546,6 +561,30 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"saved to {_saved(Path(args.output))}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+    import uvicorn
+
+    from miaotui.server.app import ServerConfig, create_app
+
+    if args.kv_cache_mb <= 0 or args.max_body_mb <= 0:
+        raise MiaotuiError("--kv-cache-mb and --max-body-mb must be > 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(model=args.model, served_model_name=args.served_model_name,
+                          api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_num_seqs=args.max_num_seqs,
+                          max_queue=args.max_queue, kv_cache_mb=args.kv_cache_mb,
+                          max_body_bytes=int(args.max_body_mb * 2**20),
+                          max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                          dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype, device=args.device,
+                          max_model_len=args.max_model_len)
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the timeout), then exits.
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=120)
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from miaotui.loaders.gguf_export import export_gguf
 
@@ -564,7 +603,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
             "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
-            "compress": cmd_compress}
+            "compress": cmd_compress, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

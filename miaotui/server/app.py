@@ -1,0 +1,447 @@
+"""The OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+
+The model loads in a background thread after the socket is open, so /health answers 503 until it
+is ready. Requests become engine requests (one per prompt and per n); outputs flow back through
+asyncio queues. A client that disconnects has its requests aborted, which frees their KV blocks.
+Not for the engine (engine/llm_engine.py) or request parsing (protocol.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from miaotui.engine.llm_engine import EngineOutput, EngineRequest, LLMEngine, TokenLogprob
+from miaotui.errors import MiaotuiError
+from miaotui.server.metrics import ServerMetrics
+from miaotui.server.protocol import ApiError, GenerationRequest, parse_common, parse_messages, parse_prompts
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    model: str
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    kv_cache_mb: float = 512
+    max_body_bytes: int = 1 << 20
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    dtype: str = "auto"
+    decode_weight_dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.engine: LLMEngine | None = None
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.load_error: str | None = None
+        self.draining = False
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        from miaotui.api import LLM
+
+        try:
+            c = self.config
+            llm = LLM(c.model, dtype=c.dtype, device=c.device, max_model_len=c.max_model_len,
+                      decode_weight_dtype=c.decode_weight_dtype)
+            engine = LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size,
+                               c.max_num_seqs, c.max_num_batched_tokens)
+            engine.start()
+            self.metrics.bind_engine(engine)
+            self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+            self.engine = engine
+        except (MiaotuiError, OSError) as exc:
+            self.load_error = str(exc)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+
+def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if load_in_background:
+            threading.Thread(target=state.load, name="miaotui-load", daemon=True).start()
+        else:
+            state.load()
+        yield
+        state.draining = True  # uvicorn has stopped accepting and drained in-flight requests
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.miaotui = state
+    app.add_middleware(_GuardMiddleware, state=state)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.name, "object": "model", "created": state.created,
+                                            "owned_by": "miaotui", "max_model_len": state.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _json_body(request)
+        gen = parse_common(body, 16, chat=False)
+        engine = _check_ready(state, gen)
+        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in parse_prompts(body)]
+        return await _serve(state, engine, request, gen, prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _json_body(request)
+        gen = parse_common(body, None, chat=True)
+        engine = _check_ready(state, gen)
+        try:
+            ids = state.tokenizer.encode_chat(parse_messages(body))
+        except MiaotuiError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        return await _serve(state, engine, request, gen, [ids], chat=True)
+
+    return app
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _check_ready(state: ServerState, gen: GenerationRequest) -> LLMEngine:
+    if gen.model != state.config.name:
+        raise ApiError(400, f"The model `{gen.model}` does not exist (this server serves `{state.config.name}`)",
+                       param="model", code="model_not_found")
+    if state.engine is None or state.draining:
+        raise ApiError(503, "the model is still loading" if not state.draining else "the server is shutting down",
+                       "service_unavailable")
+    if state.engine.num_waiting >= state.config.max_queue:
+        raise ApiError(429, f"the server is busy: {state.config.max_queue} requests are already waiting; retry later",
+                       "rate_limit_exceeded")
+    return state.engine
+
+
+class _Choice:
+    """Collects one engine request's outputs (one choice of the response)."""
+
+    def __init__(self, index: int, prompt_ids: list[int]) -> None:
+        self.index, self.prompt_ids = index, prompt_ids
+        self.text, self.token_ids, self.logprobs = "", [], []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+
+async def _serve(state: ServerState, engine: LLMEngine, request: Request, gen: GenerationRequest,
+                 prompts: list[list[int]], chat: bool) -> Response:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+
+    def sink(out: EngineOutput) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
+
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    choices: dict[str, _Choice] = {}
+    n = gen.params.n
+    index = itertools.count()
+    submitted: list[str] = []
+    try:
+        for prompt in prompts:
+            limit = state.max_model_len
+            wanted = len(prompt) + (gen.params.max_tokens or 0)
+            if len(prompt) >= limit or wanted > limit:
+                where = "messages" if chat else "prompt"
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                    f"{wanted} tokens ({len(prompt)} in the {where}, {gen.params.max_tokens or 0} "
+                                    f"in the completion). Please reduce the length of the {where} or completion.",
+                               param=where, code="context_length_exceeded")
+            for sample in range(n):
+                seed = None if gen.params.seed is None else gen.params.seed + sample
+                params = replace(gen.params, n=1, seed=seed)
+                sub_id = f"{rid}-{len(submitted)}"
+                choices[sub_id] = _Choice(next(index), prompt)
+                engine.add_request(EngineRequest(sub_id, prompt, params, sink, logprobs=gen.logprobs,
+                                                 prompt_logprobs=gen.logprobs if gen.echo and gen.logprobs is not None
+                                                 else (0 if gen.echo else None)))
+                submitted.append(sub_id)
+    except MiaotuiError as exc:
+        for sub_id in submitted:
+            engine.abort(sub_id)
+        raise ApiError(400, str(exc)) from None
+    except ApiError:
+        for sub_id in submitted:
+            engine.abort(sub_id)
+        raise
+    tracker = _Tracker(state, time.perf_counter())
+    if gen.stream:
+        return StreamingResponse(_stream(state, engine, queue, choices, gen, rid, chat, tracker),
+                                 media_type="text/event-stream")
+    pending = set(choices)
+    try:
+        while pending:
+            try:
+                out = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            _absorb(choices[out.request_id], out, tracker)
+            if out.finished:
+                pending.discard(out.request_id)
+                if out.finish_reason == "error":
+                    raise ApiError(500, out.error or "generation failed", "server_error")
+    finally:
+        for sub_id in pending:
+            engine.abort(sub_id)
+    tracker.done("ok")
+    return JSONResponse(_full_response(state, choices.values(), gen, rid, chat))
+
+
+class _Tracker:
+    """Per-request latency metrics: time to first token, inter-token gaps, end to end."""
+
+    def __init__(self, state: ServerState, start: float) -> None:
+        self.metrics, self.start, self.last = state.metrics, start, None
+
+    def tokens(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+        self.metrics.generation_tokens.inc(count)
+
+    def done(self, status: str) -> None:
+        self.metrics.requests.labels(status).inc()
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+
+
+def _absorb(choice: _Choice, out: EngineOutput, tracker: _Tracker) -> None:
+    if out.token_ids:
+        tracker.tokens(len(out.token_ids))
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
+    choice.text += out.text
+    choice.token_ids += out.token_ids
+    choice.logprobs += out.logprobs
+    if out.finished:
+        choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        choice.completion_tokens = out.num_output_tokens
+        tracker.metrics.prompt_tokens.inc(out.num_prompt_tokens)
+
+
+def _usage(choices) -> dict[str, int]:
+    seen_prompts: dict[int, int] = {}
+    for c in choices:
+        seen_prompts[id(c.prompt_ids)] = len(c.prompt_ids)
+    prompt = sum(seen_prompts.values())
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(state: ServerState, choice: _Choice, gen: GenerationRequest, text_start: int = 0
+                         ) -> dict[str, Any] | None:
+    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+    if gen.logprobs is None:
+        return None
+    decode = state.tokenizer.decode
+    entries: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
+    if gen.echo and choice.prompt_logprobs is not None:
+        for token, lp in zip(choice.prompt_ids, choice.prompt_logprobs, strict=False):
+            entries.append((token, None, None) if lp is None else (token, lp.logprob, lp.top))
+    entries += [(lp.token_id, lp.logprob, lp.top) for lp in choice.logprobs]
+    tokens, offsets, offset = [], [], text_start
+    for token, _, _ in entries:
+        piece = decode([token], skip_special_tokens=False)
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": tokens, "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [None if e[2] is None else {decode([t], skip_special_tokens=False): v for t, v in e[2]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(state: ServerState, logprobs: list[TokenLogprob], gen: GenerationRequest) -> dict | None:
+    if gen.logprobs is None:
+        return None
+    decode = state.tokenizer.decode
+
+    def item(token: int, value: float) -> dict[str, Any]:
+        piece = decode([token], skip_special_tokens=False)
+        return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
+
+    return {"content": [{**item(lp.token_id, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
+def _full_response(state: ServerState, choices, gen: GenerationRequest, rid: str, chat: bool) -> dict[str, Any]:
+    choices = sorted(choices, key=lambda c: c.index)
+    base = {"id": rid, "created": int(time.time()), "model": state.config.name, "usage": _usage(choices)}
+    if chat:
+        return {**base, "object": "chat.completion", "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": _chat_logprobs(state, c.logprobs, gen), "finish_reason": c.finish_reason}
+            for c in choices]}
+    out = []
+    for c in choices:
+        prefix = state.tokenizer.decode(c.prompt_ids) if gen.echo else ""
+        out.append({"index": c.index, "text": prefix + c.text, "logprobs": _completion_logprobs(state, c, gen),
+                    "finish_reason": c.finish_reason})
+    return {**base, "object": "text_completion", "choices": out}
+
+
+async def _stream(state: ServerState, engine: LLMEngine, queue: asyncio.Queue, choices: dict[str, _Choice],
+                  gen: GenerationRequest, rid: str, chat: bool, tracker: _Tracker) -> AsyncIterator[str]:
+    created, name = int(time.time()), state.config.name
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    pending = set(choices)
+
+    def chunk(payload: list[dict[str, Any]], usage: dict | None = None) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": name, "choices": payload}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    status = "aborted"
+    try:
+        if chat:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for c in sorted(choices.values(), key=lambda c: c.index)])
+        elif gen.echo:
+            yield chunk([{"index": c.index, "text": state.tokenizer.decode(c.prompt_ids), "logprobs": None,
+                          "finish_reason": None} for c in sorted(choices.values(), key=lambda c: c.index)])
+        while pending:
+            out: EngineOutput = await queue.get()
+            choice = choices[out.request_id]
+            before = len(choice.logprobs)
+            _absorb(choice, out, tracker)
+            if out.finish_reason == "error":
+                raise ApiError(500, out.error or "generation failed", "server_error")
+            finish = choice.finish_reason if out.finished else None
+            if out.finished:
+                pending.discard(out.request_id)
+            if not out.text and not finish:
+                continue
+            if chat:
+                delta = {"content": out.text} if out.text else {}
+                yield chunk([{"index": choice.index, "delta": delta,
+                              "logprobs": _chat_logprobs(state, choice.logprobs[before:], gen),
+                              "finish_reason": finish}])
+            else:
+                lp = None
+                if gen.logprobs is not None:
+                    sub = _Choice(choice.index, choice.prompt_ids)
+                    sub.logprobs = choice.logprobs[before:]
+                    lp = _completion_logprobs(state, sub, replace(gen, echo=False))
+                yield chunk([{"index": choice.index, "text": out.text, "logprobs": lp, "finish_reason": finish}])
+        if gen.include_usage:
+            yield chunk([], _usage(list(choices.values())))
+        yield "data: [DONE]\n\n"
+        status = "ok"
+    except ApiError as exc:
+        status = "error"
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    finally:
+        for sub_id in pending:  # the client went away (or an error): free the engine's work
+            engine.abort(sub_id)
+        tracker.done(status)
+
+
+class _GuardMiddleware:
+    """Pure ASGI: the API key (401) and the body size limit (413) before any route runs."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        config = self.state.config
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if config.api_key and scope["path"].startswith("/v1"):
+            if headers.get("authorization", "") != f"Bearer {config.api_key}":
+                await _send_error(send, ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                                 "authentication_error", code="invalid_api_key"))
+                return
+        limit = config.max_body_bytes
+        if int(headers.get("content-length", "0") or 0) > limit:
+            await _send_error(send, ApiError(413, f"request body is larger than {limit} bytes",
+                                             code="request_too_large"))
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except ApiError as exc:  # a chunked body that went over the limit mid-stream
+            await _send_error(send, exc)
+
+
+async def _send_error(send, exc: ApiError) -> None:
+    body = json.dumps(exc.body()).encode()
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
