@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body (413 above)")
 
+    p = sub.add_parser("bench-serve", help="load-test a running server (throughput, TTFT, TPOT)")
+    p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    p.add_argument("--requests", type=_positive_int, default=64, help="requests per level")
+    p.add_argument("--input-len", type=_positive_int, default=128)
+    p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
     _add_model_args(p)
     p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
@@ -585,6 +594,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 timeout_graceful_shutdown=120)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from miaotui.eval.bench_serve import bench_serve
+
+    try:
+        levels = [int(v) for v in args.concurrency.split(",")]
+    except ValueError:
+        raise MiaotuiError(f"--concurrency must be comma-separated integers, got '{args.concurrency}'") from None
+    if any(v < 1 for v in levels):
+        raise MiaotuiError("--concurrency levels must be >= 1")
+    rows = bench_serve(args.url, levels, args.requests, args.input_len, args.output_len, args.api_key)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'conc':>5} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
+          f"{'TPOT p99':>9} {'failed':>7}")
+    for r in rows:
+        print(f"{r['concurrency']:>5} {r['request_throughput']:>8.2f} {r['output_tok_s']:>10.1f} "
+              f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms {r['tpot_p50_ms']:>7.1f}ms "
+              f"{r['tpot_p99_ms']:>7.1f}ms {r['failed']:>7}")
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     from miaotui.loaders.gguf_export import export_gguf
 
@@ -603,7 +633,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
             "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
-            "compress": cmd_compress, "serve": cmd_serve}
+            "compress": cmd_compress, "serve": cmd_serve,
+            "bench-serve": cmd_bench_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,7 +123,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.name, "object": "model", "created": state.created,
-                                            "owned_by": "miaotui", "max_model_len": state.max_model_len}]}
+                                            "owned_by": "miaotui", "max_model_len": state.max_model_len,
+                                            "vocab_size": None if state.engine is None else
+                                            state.engine.model.config.vocab_size}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -215,3 +215,17 @@ def test_sigterm_drains_in_flight_requests(tiny_hf_dir):
         events = [x for x in lines if x]
         data = [json.loads(x[6:]) for x in events if x.startswith("data: {")]
         assert events[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_bench_serve_against_the_server(server, capsys):
+    from miaotui.cli import main
+
+    url, _ = server
+    assert main(["bench-serve", "--url", url, "--api-key", KEY, "--concurrency", "1,4", "--requests", "4",
+                 "--input-len", "16", "--output-len", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["completed"] == 4 and r["failed"] == 0 and r["output_tok_s"] > 0
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["tpot_p50_ms"] > 0
+    assert main(["bench-serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"]) == 2

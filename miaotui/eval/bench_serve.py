@@ -1,0 +1,100 @@
+"""Load-test an OpenAI-compatible server: the figures of vLLM's `bench serve`.
+
+For each concurrency level, N requests (random token-id prompts of input_len tokens, exactly
+output_len tokens out: ignore_eos) are streamed through /v1/completions with at most that many
+in flight. Reports request throughput, output tok/s, and TTFT / TPOT percentiles (TPOT = time
+per output token after the first). Works against miaotui and any server that takes token-id
+prompts. Not for in-process benchmarks (bench.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+from miaotui.errors import MiaotuiError
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]) -> dict:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return {"ok": False, "status": 500}
+            if event.get("choices") and event["choices"][0].get("text"):
+                first = first or time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    first = first or end
+    return {"ok": True, "ttft": first - start, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens,
+            "latency": end - start}
+
+
+async def _level(url: str, model: str, concurrency: int, requests: int, input_len: int, output_len: int,
+                 vocab: int, headers: dict[str, str], seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    bodies = [{"model": model, "prompt": [rng.randrange(100, vocab) for _ in range(input_len)],
+               "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}} for _ in range(requests)]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(body):
+        async with gate:
+            return await _one(client, url, body, headers)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*[run(b) for b in bodies])
+        duration = time.perf_counter() - start
+    ok = [r for r in results if r["ok"]]
+    out_tokens = sum(r["tokens"] for r in ok)
+    return {"concurrency": concurrency, "requests": requests, "completed": len(ok), "failed": len(results) - len(ok),
+            "duration_s": duration, "request_throughput": len(ok) / duration, "output_tok_s": out_tokens / duration,
+            "ttft_p50_ms": _percentile([r["ttft"] for r in ok], 50) * 1e3,
+            "ttft_p99_ms": _percentile([r["ttft"] for r in ok], 99) * 1e3,
+            "tpot_p50_ms": _percentile([r["tpot"] for r in ok], 50) * 1e3,
+            "tpot_p99_ms": _percentile([r["tpot"] for r in ok], 99) * 1e3,
+            "mean_latency_s": statistics.mean(r["latency"] for r in ok) if ok else float("nan")}
+
+
+def bench_serve(url: str, concurrency: list[int], requests: int, input_len: int, output_len: int,
+                api_key: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise MiaotuiError(f"cannot reach {url}: {exc}") from None
+    if models.status_code != 200:
+        raise MiaotuiError(f"{url}/v1/models answered {models.status_code}: {models.text[:200]}")
+    card = models.json()["data"][0]
+    model, vocab = card["id"], int(card.get("vocab_size", 32000))  # miaotui's model card has vocab_size
+    rows = []
+    for level in concurrency:
+        asyncio.run(_level(url, model, level, min(level, requests), 8, 4, vocab, headers, seed + 1))  # warm-up
+        rows.append(asyncio.run(_level(url, model, level, requests, input_len, output_len, vocab, headers, seed)))
+    return rows
