@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-prune clean
+.PHONY: run test install model lint bench bench-quant bench-prune bench-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-quant: model
 
 bench-prune: model
 	$(BIN)/python benchmarks/pruning.py
+
+bench-serve: model
+	$(BIN)/python benchmarks/serving.py
 
 bench: model
 	$(BIN)/python benchmarks/core_vs_transformers.py

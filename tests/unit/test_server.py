@@ -229,3 +229,18 @@ def test_bench_serve_against_the_server(server, capsys):
         assert r["completed"] == 4 and r["failed"] == 0 and r["output_tok_s"] > 0
         assert r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["tpot_p50_ms"] > 0
     assert main(["bench-serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"]) == 2
+
+
+def test_serves_compressed_checkpoints(tiny_hf_dir, tmp_path):
+    """Whatever miaotui writes (pruned smaller, then 4-bit quantized) loads and serves."""
+    from miaotui.cli import main
+
+    pruned, quantized = tmp_path / "pruned", tmp_path / "q4"
+    assert main(["prune", "-m", str(tiny_hf_dir), "--structured", "heads", "--sparsity", "0.5", "-o", str(pruned)]) == 0
+    assert main(["quantize", "-m", str(pruned), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "-o", str(quantized)]) == 0
+    with running_server(quantized, "--served-model-name", MODEL) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5
