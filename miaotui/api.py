@@ -40,10 +40,20 @@ class LLM:
     """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, decode_weight_dtype: str | torch.dtype | None = "auto") -> None:
+                 max_model_len: int | None = None, decode_weight_dtype: str | torch.dtype | None = "auto",
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1) -> None:
         self.device = torch.device(device)
         self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
-        loaded = load_model(model, self.dtype, self.device, self.decode_weight_dtype)
+        self.parallel = None
+        world = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
+        if world > 1:
+            from miaotui.distributed.launch import ParallelConfig, init_parallel
+
+            self.parallel = init_parallel(ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
+                                                         data_parallel_size), device)
+        loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype)
+        if world > 1:
+            self._split(loaded.model)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -52,6 +62,19 @@ class LLM:
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self._generator = BatchGenerator(self.model, self.tokenizer, self.max_model_len)
+
+    def _split(self, net) -> None:
+        """This rank's part of the model: its tensor shard of its pipeline stage's layers."""
+        from miaotui.distributed.pipeline import make_pipeline_stage
+        from miaotui.distributed.tensor_parallel import shard_tensor_parallel
+
+        ctx = self.parallel
+        if ctx.config.tp > 1:
+            shard_tensor_parallel(net, ctx.config.tp, ctx.tp_rank, ctx.tp_group)
+        if ctx.config.pp > 1:
+            make_pipeline_stage(net, ctx.config.pp, ctx.pp_rank, ctx.pp_ranks, ctx.pp_group)
+        if self.decode_weight_dtype is not None and self.decode_weight_dtype != self.dtype:
+            net.add_decode_weights(self.decode_weight_dtype)
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -83,8 +106,13 @@ class LLM:
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for all prompts together as one batch; results come back in input order."""
+        """Generate for all prompts together as one batch; results come back in input order.
+
+        With data parallelism each replica generates every dp-th prompt and the results are
+        gathered, in input order, on every rank."""
         prompts, params = self._normalise(prompts, sampling_params)
+        if self.parallel is not None and self.parallel.config.dp > 1:
+            return self._generate_data_parallel(prompts, params)
         ids = [self.encode_prompt(p) for p in prompts]
         results = [RequestOutput(p if isinstance(p, str) else None, i,
                                  [CompletionOutput(k) for k in range(sp.n)])
@@ -97,6 +125,25 @@ class LLM:
             if event.finished:
                 out.finish_reason = event.finish_reason
         return results
+
+    def _generate_data_parallel(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
+        import torch.distributed as dist
+
+        ctx = self.parallel
+        dp, mine = ctx.config.dp, ctx.dp_rank
+        local = self.generate_local([p for i, p in enumerate(prompts) if i % dp == mine],
+                                    [sp for i, sp in enumerate(params) if i % dp == mine]) if prompts[mine::dp] \
+            else []
+        gathered: list[list[RequestOutput] | None] = [None] * dp
+        dist.all_gather_object(gathered, local, group=ctx.dp_group)
+        return [gathered[i % dp][i // dp] for i in range(len(prompts))]
+
+    def generate_local(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
+        saved, self.parallel = self.parallel, None  # this replica alone
+        try:
+            return self.generate(prompts, params)
+        finally:
+            self.parallel = saved
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[StreamEvent]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,6 +50,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel processes")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel stages")
+    p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel replicas")
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-file", default=None, help="calibration text (methods that look at activations)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
@@ -73,6 +81,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -91,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete one prompt")
     _add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    _add_parallel_args(p)
+    p.add_argument("-p", "--prompt", required=True, action="append",
+                   help="prompt (repeatable: several prompts run as one batch)")
+    p.add_argument("--json", action="store_true", help="print texts, token ids and finish reasons as JSON")
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -116,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode speed (llama-bench style)")
     _add_model_args(p)
+    _add_parallel_args(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512)
     p.add_argument("--gen-tokens", type=_positive_int, default=128)
     p.add_argument("--batch", type=_positive_int, default=1)
@@ -231,7 +244,9 @@ def _load(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype)
+    return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype,
+               tensor_parallel_size=getattr(args, "tp", 1), pipeline_parallel_size=getattr(args, "pp", 1),
+               data_parallel_size=getattr(args, "dp", 1))
 
 
 def _sampling(args: argparse.Namespace):
@@ -239,7 +254,7 @@ def _sampling(args: argparse.Namespace):
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                          stop=args.stop)
+                          stop=args.stop, ignore_eos=getattr(args, "ignore_eos", False))
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -305,22 +320,31 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    llm = _load(args)
-    params = _sampling(args)
-    if not args.prompt:
+    if any(not p for p in args.prompt):
         raise MiaotuiError("prompt is empty")
-    prompt: str | list[int] = args.prompt
+    if args.stream and (len(args.prompt) > 1 or args.dp > 1):
+        raise MiaotuiError("--stream takes one prompt and no --dp")
+    params = _sampling(args)
+    llm = _load(args)
+    prompts: list[str | list[int]] = list(args.prompt)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
-        prompt = llm.tokenizer.encode_chat(messages)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [llm.tokenizer.encode_chat([*system, {"role": "user", "content": p}]) for p in args.prompt]
     if args.stream:
-        for event in llm.stream(prompt, params):
+        for event in llm.stream(prompts[0], params):
             sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    else:
-        print(llm.generate(prompt, params)[0].outputs[0].text)
+        return
+    outputs = llm.generate(prompts, params)
+    if args.json:
+        print(json.dumps([{"prompt": text, "text": o.outputs[0].text, "token_ids": o.outputs[0].token_ids,
+                           "finish_reason": o.outputs[0].finish_reason} for text, o in zip(args.prompt, outputs,
+                                                                                          strict=True)],
+                         ensure_ascii=False))
+        return
+    for o in outputs:
+        print(o.outputs[0].text)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -639,7 +663,20 @@ COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    workers = []
+    world = getattr(args, "tp", 1) * getattr(args, "pp", 1) * getattr(args, "dp", 1)
     try:
+        if world > 1:
+            from miaotui.distributed.launch import in_distributed_env, spawn_local_workers
+
+            if not in_distributed_env():
+                # This process becomes rank 0; ranks 1.. run the same command line.
+                from miaotui.distributed.launch import ParallelConfig
+
+                workers = spawn_local_workers(ParallelConfig(args.tp, args.pp, args.dp),
+                                              sys.argv[1:] if argv is None else list(argv))
+            if os.environ.get("RANK", "0") != "0":
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - only rank 0 speaks
         COMMANDS[args.command](args)
     except MiaotuiError as exc:
         print(f"miaotui: error: {exc}", file=sys.stderr)
@@ -649,11 +686,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except RuntimeError as exc:
+        if world <= 1:
+            raise
+        # gloo/NCCL: a peer died or a collective timed out. Say which worker, in one line.
+        from miaotui.distributed.launch import check_workers
+
+        time.sleep(0.5)
+        detail = check_workers(workers) or str(exc).strip().splitlines()[0][:200]
+        print(f"miaotui: error: distributed inference failed: {detail}", file=sys.stderr)
+        return 2
     except OSError as exc:  # unwritable output paths, full disks: the user's to fix, not a crash
         print(f"miaotui: error: {exc.strerror or exc}: '{exc.filename}'" if exc.filename
               else f"miaotui: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _stop_workers(workers)
     return 0
+
+
+def _stop_workers(workers) -> None:
+    """Let local workers finish (they end with the same command) or stop them."""
+    import subprocess
+
+    for proc in workers:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":

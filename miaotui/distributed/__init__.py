@@ -1,0 +1,1 @@
+"""Distributed inference on torch.distributed: tensor, pipeline and data parallelism."""

@@ -1,0 +1,162 @@
+"""Tensor parallelism in the Megatron layout, applied to a loaded model in place of its layers.
+
+- q/k/v and gate/up are column-parallel (each rank keeps some output rows), o and down are
+  row-parallel (each rank keeps the matching input columns), and their outputs are summed by an
+  all-reduce. The embedding and the tied or untied output head are vocabulary-parallel.
+- Grouped-query heads: when tp divides both the query and the key/value heads, each rank takes
+  whole groups. Otherwise each rank takes a contiguous, as-even-as-possible share of query heads
+  and a private copy of the key/value head of each one (multi-head locally): always correct, at
+  the cost of duplicated key/value work.
+- Packed integer weights are split, never re-quantized: column splits cut output rows; row
+  splits cut input columns at quantization-group boundaries (an error otherwise).
+Not for process groups or launching (launch.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.errors import MiaotuiError
+from miaotui.layers.linear import Linear
+from miaotui.layers.quant_formats import QuantFormat
+from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.models.llama import Transformer
+
+
+def even_split(total: int, parts: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank's share of `total` items, the first (total % parts) ranks one larger."""
+    base, extra = divmod(total, parts)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def head_plan(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[list[int], list[int]]:
+    """-> (query heads, key/value head for each local kv slot) of this rank."""
+    per_group = num_heads // num_kv_heads
+    if num_heads % tp == 0 and num_kv_heads % tp == 0:
+        kv = list(range(*even_split(num_kv_heads, tp, rank)))
+        return [g * per_group + j for g in kv for j in range(per_group)], kv
+    q = list(range(*even_split(num_heads, tp, rank)))
+    if not q:
+        raise MiaotuiError(f"tensor parallel size {tp} exceeds the {num_heads} attention heads")
+    return q, [h // per_group for h in q]  # one private kv head per query head
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the embedding; tokens outside give zeros, and an all-reduce sums the shards."""
+
+    def __init__(self, weight: torch.Tensor, start: int, group=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start, self.end, self.group = start, start + weight.shape[0], group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        inside = (ids >= self.start) & (ids < self.end)
+        local = torch.where(inside, ids - self.start, torch.zeros_like(ids))
+        out = F.embedding(local, self.weight) * inside[..., None].to(self.weight.dtype)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def _rows(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """Column-parallel: keep output rows `index` of a Linear or QuantLinear."""
+    if isinstance(module, QuantLinear):
+        q = QuantLinear(module.in_features, len(index), module.bias is not None, module.fmt, module.act_quant)
+        q.packed_kernel_max_rows = module.packed_kernel_max_rows
+        q.set_codes(module.codes()[index], module.scale[index], module.zero[index],
+                    None if module.bias is None else module.bias[index])
+        return q
+    lin = Linear(module.in_features, len(index), module.bias is not None)
+    lin.weight = nn.Parameter(module.weight.detach()[index].clone(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach()[index].clone(), requires_grad=False)
+    return lin
+
+
+def _cols(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """Row-parallel: keep input columns `index` (contiguous) of a Linear or QuantLinear (no bias)."""
+    if isinstance(module, QuantLinear):
+        fmt: QuantFormat = module.fmt
+        start, width = int(index[0]), len(index)
+        g = fmt.group_width(module.in_features)
+        if fmt.group_size != -1 and (start % g or (width % g and start + width != module.in_features)):
+            raise MiaotuiError(f"cannot split {fmt.bits}-bit group-{fmt.group_size} weights at input column "
+                               f"{start} (+{width}) for tensor parallelism: use per-channel or a group size that "
+                               f"divides each rank's share")
+        local_fmt = fmt if fmt.group_size == -1 or width >= g else replace(fmt, group_size=-1)
+        groups = slice(None) if fmt.group_size == -1 else slice(start // g, -(-(start + width) // g))
+        q = QuantLinear(width, module.out_features, False, local_fmt, module.act_quant)
+        q.packed_kernel_max_rows = module.packed_kernel_max_rows
+        q.set_codes(module.codes()[:, index], module.scale[:, groups], module.zero[:, groups], None)
+        return q
+    lin = Linear(len(index), module.out_features, False)
+    lin.weight = nn.Parameter(module.weight.detach()[:, index].clone(), requires_grad=False)
+    return lin
+
+
+def _all_reduce_output(group):
+    def hook(_module, _args, output):
+        dist.all_reduce(output, group=group)
+        return output
+    return hook
+
+
+class TensorParallelTransformer(Transformer):
+    """A Transformer whose logits are gathered from vocabulary shards."""
+
+    tp_group = None
+    tp_size = 1
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = super().logits(hidden).contiguous()  # [..., V_local]
+        parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        # Shards may differ by one row: pad to the largest and trim after the gather.
+        sizes = self.vocab_sizes
+        width = max(sizes)
+        if local.shape[-1] < width:
+            local = F.pad(local, (0, width - local.shape[-1]))
+            parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        dist.all_gather(parts, local, group=self.tp_group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+
+@torch.no_grad()
+def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) -> Transformer:
+    """Turn a full model into this rank's shard (in place; returns it)."""
+    c = model.config
+    q_heads, kv_heads = head_plan(c.num_heads, c.num_kv_heads, tp, rank)
+    hd = c.head_dim
+    q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
+    k_rows = torch.cat([c.q_size + torch.arange(g * hd, (g + 1) * hd) for g in kv_heads])
+    v_rows = k_rows + c.kv_size
+    i0, i1 = even_split(c.intermediate_size, tp, rank)
+    inter = torch.arange(i0, i1)
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = _rows(attn.qkv_proj, torch.cat([q_rows, k_rows, v_rows]))
+        attn.o_proj = _cols(attn.o_proj, q_rows)
+        attn.num_heads, attn.num_kv_heads = len(q_heads), len(kv_heads)
+        attn.q_size, attn.kv_size = len(q_heads) * hd, len(kv_heads) * hd
+        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([inter, c.intermediate_size + inter]))
+        mlp.down_proj = _cols(mlp.down_proj, inter)
+        mlp.intermediate_size = i1 - i0
+        attn.o_proj.register_forward_hook(_all_reduce_output(group))
+        mlp.down_proj.register_forward_hook(_all_reduce_output(group))
+    vocab = [even_split(c.vocab_size, tp, r) for r in range(tp)]
+    v0, v1 = vocab[rank]
+    embed = model.embed_tokens.weight.detach()
+    if model.lm_head is not None:
+        model.lm_head = _rows(model.lm_head, torch.arange(v0, v1))
+    model.embed_tokens = VocabParallelEmbedding(embed[v0:v1].clone(), v0, group)
+    model.__class__ = TensorParallelTransformer
+    model.tp_group, model.tp_size = group, tp
+    model.vocab_sizes = [b - a for a, b in vocab]
+    # The KV cache holds this rank's kv heads only.
+    model.config = replace(c, num_heads=len(q_heads), num_kv_heads=len(kv_heads), intermediate_size=i1 - i0)
+    model.full_config = c
+    return model

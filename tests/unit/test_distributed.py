@@ -1,0 +1,90 @@
+"""Distributed inference over loopback: TP, PP, DP and TP x PP give the single-process outputs."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from miaotui.cli import main
+from miaotui.distributed.tensor_parallel import even_split, head_plan
+
+PROMPTS = ["hello world", "The quick brown fox jumps", "a"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def generate(model, *parallel: str, max_tokens: int = 12) -> list[list[int]]:
+    args = [sys.executable, "-m", "miaotui.cli", "generate", "-m", str(model), "--dtype", "float32",
+            "--max-tokens", str(max_tokens), "--json", "--threads", "1", *parallel]
+    for p in PROMPTS:
+        args += ["-p", p]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [o["token_ids"] for o in json.loads(done.stdout)]
+
+
+def test_head_plans():
+    assert head_plan(8, 4, 2, 1) == ([4, 5, 6, 7], [2, 3])  # whole groups when tp divides both
+    # 9 query heads in 3 groups over 2 ranks: 5 + 4 query heads, each with its group's kv head.
+    assert head_plan(9, 3, 2, 0) == ([0, 1, 2, 3, 4], [0, 0, 0, 1, 1])
+    assert head_plan(9, 3, 2, 1) == ([5, 6, 7, 8], [1, 2, 2, 2])
+    assert [even_split(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_hf_dir):
+    return generate(tiny_hf_dir)
+
+
+@pytest.mark.parametrize("parallel", [["--tp", "2"], ["--pp", "2"], ["--dp", "2"], ["--tp", "2", "--pp", "2"],
+                                      ["--tp", "3"]],  # 4 query / 2 kv heads over 3 ranks: the uneven rule
+                         ids=lambda p: "".join(p))
+def test_parallel_generation_equals_single_process(tiny_hf_dir, single, parallel):
+    assert generate(tiny_hf_dir, *parallel) == single
+
+
+def test_tensor_parallel_int8_weights(tiny_hf_dir, tmp_path):
+    q = tmp_path / "int8"
+    assert main(["quantize", "-m", str(tiny_hf_dir), "--method", "rtn", "--bits", "8", "--group-size", "-1",
+                 "--symmetric", "-o", str(q)]) == 0
+    assert generate(q, "--tp", "2") == generate(q)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_logits_match_under_torchrun(tiny_hf_dir, tmp_path, tp, pp):
+    from miaotui import LLM
+
+    out = tmp_path / "logits.pt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
+                           "--standalone", str(ROOT / "tests/unit/dist_logits.py"), str(tiny_hf_dir), str(out),
+                           str(tp), str(pp)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    llm = LLM(str(tiny_hf_dir), dtype="float32", decode_weight_dtype="none")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
+    with torch.inference_mode():
+        ref = llm.model(ids, torch.arange(8)[None].expand(2, -1))
+    got = torch.load(out)
+    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+def test_killed_worker_fails_fast_with_a_clear_error(tiny_hf_dir):
+    args = [sys.executable, "-m", "miaotui.cli", "generate", "-m", str(tiny_hf_dir), "--dtype", "float32",
+            "--max-tokens", "240", "--ignore-eos", "--threads", "1", "--tp", "2", "-p", "x"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    child = None
+    while child is None and time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        child = int(found[0]) if found else None
+        time.sleep(0.2)
+    assert child is not None
+    time.sleep(3)  # both ranks loaded and generating
+    subprocess.run(["kill", "-9", str(child)])
+    killed_at = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 30
+    assert proc.returncode == 2
+    assert "distributed inference failed" in err and "Traceback" not in err
