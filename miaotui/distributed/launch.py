@@ -86,6 +86,18 @@ def spawn_local_workers(config: ParallelConfig, argv: list[str]) -> list[subproc
     return workers
 
 
+def group_layouts(config: ParallelConfig) -> dict[str, list[list[int]]]:
+    """The global ranks of every tp, pp and dp group."""
+    tp, pp, dp = config.tp, config.pp, config.dp
+
+    def rank(d: int, p: int, t: int) -> int:
+        return d * tp * pp + p * tp + t
+
+    return {"tp": [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
+            "pp": [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
+
+
 def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
                   ) -> ParallelContext:
     """Join (or reuse) the default process group and build the tp / pp / dp subgroups."""
@@ -102,25 +114,11 @@ def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float 
     tp_rank, pp_rank, dp_rank = rank % tp, (rank // tp) % pp, rank // (tp * pp)
     groups: dict[str, object] = {}
     members: dict[str, list[int]] = {}
-    # Every rank must create every group, in the same order.
-    for d in range(config.dp):
-        for p in range(pp):
-            ranks = [d * tp * pp + p * tp + t for t in range(tp)]
+    for kind, layouts in group_layouts(config).items():
+        for ranks in layouts:  # every rank must create every group, in the same order
             g = dist.new_group(ranks)
             if rank in ranks:
-                groups["tp"], members["tp"] = g, ranks
-    for d in range(config.dp):
-        for t in range(tp):
-            ranks = [d * tp * pp + p * tp + t for p in range(pp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["pp"], members["pp"] = g, ranks
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [d * tp * pp + p * tp + t for d in range(config.dp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["dp"], members["dp"] = g, ranks
+                groups[kind], members[kind] = g, ranks
     # Identical unseeded sampling on every rank of a model replica: one shared RNG seed.
     seed = torch.tensor([int(torch.randint(0, 2**31 - 1, (1,)))])
     dist.broadcast(seed, src=0)
