@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
     _add_model_args(p)
+    _add_parallel_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MIAOTUI_API_KEY)")
@@ -595,8 +596,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
     import torch
     import uvicorn
 
@@ -604,15 +603,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.kv_cache_mb <= 0 or args.max_body_mb <= 0:
         raise MiaotuiError("--kv-cache-mb and --max-body-mb must be > 0")
+    if args.pp > 1 or args.dp > 1:
+        raise MiaotuiError("serve runs tensor parallelism (--tp); --pp and --dp are for generate and bench")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if os.environ.get("RANK", "0") != "0":  # a tensor-parallel worker: no HTTP, just the engine's steps
+        from miaotui.distributed.serve_worker import cache_shape_from_driver, run_worker
+
+        llm = _load(args)
+        num_blocks, block_size = cache_shape_from_driver(None, args.block_size)
+        run_worker(llm.model, num_blocks, block_size)
+        return
     config = ServerConfig(model=args.model, served_model_name=args.served_model_name,
                           api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_num_seqs=args.max_num_seqs,
                           max_queue=args.max_queue, kv_cache_mb=args.kv_cache_mb,
                           max_body_bytes=int(args.max_body_mb * 2**20),
                           max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                           dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype, device=args.device,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, tensor_parallel_size=args.tp)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the timeout), then exits.
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=120)

@@ -87,16 +87,33 @@ class EngineStats:
     finished: int = 0
 
 
+def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One engine forward: -> (logits at each row's last new token [B, V], all logits [B, S, V] when
+    prompt tokens are scored, else None). Also what tensor-parallel workers run."""
+    tokens, positions, slots, gather, mask, last, score = step
+    device = model.device
+    views = cache.step_views(slots.to(device), gather.to(device))
+    hidden = model.hidden_states(tokens.to(device), positions.to(device), views, 0, mask.to(device))
+    rows = torch.arange(tokens.shape[0], device=device)
+    if score:
+        all_logits = model.logits(hidden)
+        return all_logits[rows, last.to(device)], all_logits
+    return model.logits(hidden[rows, last.to(device)]), None
+
+
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int, kv_cache_mb: float = 256,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, num_blocks: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.remote: Callable[[tuple], None] | None = None  # sends each step to tensor-parallel workers
+        self.fatal: str | None = None  # set when the engine cannot go on (e.g. a worker died)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         dtype = model.dtype
-        num_blocks = int(kv_cache_mb * 2**20) // (block_size * kv_bytes_per_token(model.config, dtype))
+        if num_blocks is None:
+            num_blocks = int(kv_cache_mb * 2**20) // (block_size * kv_bytes_per_token(model.config, dtype))
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype, model.device)
         self.sampler = Sampler()
@@ -168,7 +185,12 @@ class LLMEngine:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not hang them
-                self._fail_all(f"internal error: {exc}")
+                message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                if self.remote is not None:  # a distributed step failed: a worker is gone; stop for good
+                    self.fatal = f"distributed worker failure: {message}"
+                    self._fail_all(self.fatal)
+                    return
+                self._fail_all(f"internal error: {message}")
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -263,7 +285,7 @@ class LLMEngine:
         return rows
 
     def _run(self, rows: list[tuple[EngineRequest, int, int]]) -> None:
-        model, device, bs = self.model, self.model.device, self.blocks.block_size
+        model, bs = self.model, self.blocks.block_size
         b, s = len(rows), max(n for _, _, n in rows)
         t = max(start + n for _, start, n in rows)
         tokens = torch.zeros(b, s, dtype=torch.long)
@@ -281,13 +303,15 @@ class LLMEngine:
             gather[row, :start + n] = table[ctx // bs] * bs + ctx % bs
             mask[row, 0, :n, :start + n] = ctx[None, :] <= pos[:, None]
             mask[row, 0, n:, 0] = True  # padding queries see one key: no fully masked row (NaN-free)
-        views = self.cache.step_views(slots.to(device), gather.to(device))
-        hidden = model.hidden_states(tokens.to(device), positions.to(device), views, 0, mask.to(device))
-        last = torch.tensor([n - 1 for _, _, n in rows], device=device)
-        logits = model.logits(hidden[torch.arange(b, device=device), last])  # [B, V]
+        last = torch.tensor([n - 1 for _, _, n in rows])
+        score = any(req.prompt_logprobs is not None and start < len(req.prompt_ids) for req, start, _ in rows)
+        step = (tokens, positions, slots, gather, mask, last, score)
+        if self.remote is not None:
+            self.remote(step)  # tensor-parallel workers run the same forward on their shards
+        logits, all_logits = forward_step(model, self.cache, step)
         for row, (req, start, n) in enumerate(rows):
             if req.prompt_logprobs is not None and start < len(req.prompt_ids):
-                self._score_prompt(req, start, n, model.logits(hidden[row, :n]))
+                self._score_prompt(req, start, n, all_logits[row, :n])
             req.computed = start + n
             self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
             if start < len(req.prompt_ids):

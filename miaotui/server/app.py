@@ -44,6 +44,7 @@ class ServerConfig:
     decode_weight_dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
+    tensor_parallel_size: int = 1
 
     @property
     def name(self) -> str:
@@ -67,9 +68,14 @@ class ServerState:
         try:
             c = self.config
             llm = LLM(c.model, dtype=c.dtype, device=c.device, max_model_len=c.max_model_len,
-                      decode_weight_dtype=c.decode_weight_dtype)
+                      decode_weight_dtype=c.decode_weight_dtype, tensor_parallel_size=c.tensor_parallel_size)
             engine = LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size,
                                c.max_num_seqs, c.max_num_batched_tokens)
+            if c.tensor_parallel_size > 1:
+                from miaotui.distributed.serve_worker import broadcaster, cache_shape_from_driver
+
+                cache_shape_from_driver(engine.blocks.num_blocks, c.block_size)
+                engine.remote = broadcaster()
             engine.start()
             self.metrics.bind_engine(engine)
             self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
@@ -79,7 +85,14 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining
+        return self.engine is not None and not self.draining and self.engine.fatal is None
+
+    def shutdown(self) -> None:
+        self.draining = True
+        if self.engine is not None:
+            self.engine.stop()
+            if self.engine.remote is not None and self.engine.fatal is None:
+                self.engine.remote(None)  # let the tensor-parallel workers exit
 
 
 def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
@@ -92,9 +105,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         else:
             state.load()
         yield
-        state.draining = True  # uvicorn has stopped accepting and drained in-flight requests
-        if state.engine is not None:
-            state.engine.stop()
+        state.shutdown()  # uvicorn has stopped accepting and drained in-flight requests
 
     app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.miaotui = state
@@ -110,8 +121,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        if state.load_error or (state.engine is not None and state.engine.fatal):
+            return JSONResponse({"status": "error", "error": state.load_error or state.engine.fatal},
+                                status_code=503)
         if not state.ready:
             return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -163,9 +175,10 @@ def _check_ready(state: ServerState, gen: GenerationRequest) -> LLMEngine:
     if gen.model != state.config.name:
         raise ApiError(400, f"The model `{gen.model}` does not exist (this server serves `{state.config.name}`)",
                        param="model", code="model_not_found")
-    if state.engine is None or state.draining:
-        raise ApiError(503, "the model is still loading" if not state.draining else "the server is shutting down",
-                       "service_unavailable")
+    if not state.ready:
+        reason = ("the server is shutting down" if state.draining else
+                  state.engine.fatal if state.engine is not None else state.load_error or "the model is still loading")
+        raise ApiError(503, reason, "service_unavailable")
     if state.engine.num_waiting >= state.config.max_queue:
         raise ApiError(429, f"the server is busy: {state.config.max_queue} requests are already waiting; retry later",
                        "rate_limit_exceeded")
