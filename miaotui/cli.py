@@ -401,6 +401,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from miaotui.eval.bench import run_bench
 
+    if args.dp > 1:
+        raise MiaotuiError("bench times one model replica (--tp/--pp); data-parallel throughput is measured by "
+                           "benchmarks/distributed.py")
     llm = _load(args)
     if args.prompt_tokens + args.gen_tokens > llm.max_model_len:
         raise MiaotuiError(f"--prompt-tokens + --gen-tokens exceed the context length ({llm.max_model_len})")
