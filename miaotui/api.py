@@ -41,7 +41,9 @@ class LLM:
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  max_model_len: int | None = None, decode_weight_dtype: str | torch.dtype | None = "auto",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                 speculative_model: str | None = None, speculate: str | None = None,
+                 num_speculative_tokens: int = 4) -> None:
         self.device = torch.device(device)
         self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
         self.parallel = None
@@ -62,6 +64,31 @@ class LLM:
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self._generator = BatchGenerator(self.model, self.tokenizer, self.max_model_len)
+        if speculative_model or speculate:
+            self._generator = self._speculative(speculative_model, speculate, num_speculative_tokens)
+
+    def _speculative(self, draft_name: str | None, kind: str | None, k: int):
+        """Speculative decoding with a draft model (sharing the tokenizer) or prompt lookup ('ngram')."""
+        from miaotui.engine.speculative import ModelDraft, NgramDraft, SpeculativeGenerator
+
+        if kind not in (None, "ngram", "model"):
+            raise MiaotuiError(f"unknown speculation '{kind}' (use 'ngram', or a draft model)")
+        if draft_name and kind != "ngram":
+            draft = LLM(draft_name, dtype=self.dtype, device=str(self.device),
+                        decode_weight_dtype=self.decode_weight_dtype)
+            if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
+                raise MiaotuiError("the draft model's tokenizer differs from the target's")
+            proposer = ModelDraft(draft.model)
+        elif kind == "ngram":
+            proposer = NgramDraft()
+        else:
+            raise MiaotuiError("speculate='model' needs speculative_model")
+        return SpeculativeGenerator(self.model, self.tokenizer, self.max_model_len, proposer, k=k)
+
+    @property
+    def speculation_stats(self):
+        """Steps, drafted and accepted tokens so far (None without speculative decoding)."""
+        return getattr(self._generator, "stats", None)
 
     def _split(self, net) -> None:
         """This rank's part of the model: its tensor shard of its pipeline stage's layers."""

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, action="append",
                    help="prompt (repeatable: several prompts run as one batch)")
     p.add_argument("--json", action="store_true", help="print texts, token ids and finish reasons as JSON")
+    p.add_argument("--draft", default=None, help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--speculate", default=None, choices=["ngram"], help="speculative decoding by prompt lookup")
+    p.add_argument("--num-speculative-tokens", type=_positive_int, default=4, help="initial k (adapts)")
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -247,7 +250,9 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype,
                tensor_parallel_size=getattr(args, "tp", 1), pipeline_parallel_size=getattr(args, "pp", 1),
-               data_parallel_size=getattr(args, "dp", 1))
+               data_parallel_size=getattr(args, "dp", 1), speculative_model=getattr(args, "draft", None),
+               speculate=getattr(args, "speculate", None),
+               num_speculative_tokens=getattr(args, "num_speculative_tokens", 4))
 
 
 def _sampling(args: argparse.Namespace):
