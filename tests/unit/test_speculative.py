@@ -22,10 +22,24 @@ def greedy(llm, max_tokens=20):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
 
 
+@pytest.fixture(scope="module")
+def compressed_draft(tiny_hf_dir, tmp_path_factory):
+    """The target's own compressed variant: half its MLP channels, then 8-bit weights."""
+    from miaotui.cli import main
+
+    out = tmp_path_factory.mktemp("compressed")
+    assert main(["prune", "-m", str(tiny_hf_dir), "--structured", "channels", "--sparsity", "0.5",
+                 "-o", str(out / "p")]) == 0
+    assert main(["quantize", "-m", str(out / "p"), "--method", "rtn", "--bits", "8", "--group-size", "-1",
+                 "--symmetric", "-o", str(out / "q")]) == 0
+    return out / "q"
+
+
 @pytest.mark.parametrize("k", [2, 4, 8])
-@pytest.mark.parametrize("kind", ["ngram", "model", "self"])
-def test_greedy_speculation_equals_the_target(tiny_hf_dir, tiny_llm, draft_dir, k, kind):
-    draft = {"ngram": None, "model": str(draft_dir), "self": str(tiny_hf_dir)}[kind]
+@pytest.mark.parametrize("kind", ["ngram", "model", "compressed", "self"])
+def test_greedy_speculation_equals_the_target(tiny_hf_dir, tiny_llm, draft_dir, compressed_draft, k, kind):
+    draft = {"ngram": None, "model": str(draft_dir), "compressed": str(compressed_draft),
+             "self": str(tiny_hf_dir)}[kind]
     spec = LLM(str(tiny_hf_dir), dtype="float32", speculative_model=draft,
                speculate="ngram" if kind == "ngram" else None, num_speculative_tokens=k)
     assert greedy(spec) == greedy(tiny_llm)
