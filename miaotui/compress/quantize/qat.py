@@ -71,7 +71,7 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
