@@ -117,7 +117,8 @@ def section_structured(path: str, text: str, ids: list[int], args, tmp: Path) ->
     distilled_ppl = ppl_of(student, ids)
     rows.append({"section": "structured", "label": f"channels -{args.channel_sparsity:.0%} + distill",
                  "params": record.params_after, "ppl": distilled_ppl, "decode_tok_s": pruned_tok_s,
-                 "size_mb": dir_mb(pruned_dir), "distill_steps": result.steps, "distill_s": result.seconds,
+                 "size_mb": dir_mb(pruned_dir), "speedup": pruned_tok_s / dense_tok_s,
+                 "distill_steps": result.steps, "distill_s": result.seconds,
                  "gap_closed": (pruned_ppl - distilled_ppl) / (pruned_ppl - base_ppl)})
     print(json.dumps(rows[-1]), flush=True)
     return rows
