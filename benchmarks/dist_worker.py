@@ -48,6 +48,8 @@ def main() -> None:
     torch.set_num_threads(int(threads))
     llm = LLM(model, dtype="float32", tensor_parallel_size=int(tp), pipeline_parallel_size=int(pp),
               data_parallel_size=int(dp))
+    if not dist.is_initialized():  # world size 1: no parallel model, but barriers still need a group
+        dist.init_process_group("gloo")
     gen = int(tokens)
     params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
     base = min(1000, llm.config.vocab_size - 80)
