@@ -121,3 +121,18 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
 
         yield index, layer, forward_all
         hidden = forward_all()
+
+
+def prepare_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies for GPTQ/SparseGPT: inputs that never fire (H_jj = 0) get H_jj = 1 and a zero weight."""
+    w, h = weight.detach().float().clone(), hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i holds column i's update coefficients."""
+    h = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

@@ -61,6 +61,19 @@ def validate_prompt(prompt_ids: list[int], params: SamplingParams, max_model_len
     return params.max_tokens
 
 
+def append_token_text(detok: IncrementalDetokenizer, token: int, stop_ids: set[int], produced: int,
+                      max_new_tokens: int) -> tuple[str, str | None]:
+    """The stop rules every decoder shares: -> (text made safe to show, finish reason or None)."""
+    if token in stop_ids:
+        return detok.finish(), "stop"
+    text = detok.add_token(token)
+    if detok.stopped_by is not None:
+        return text, "stop"
+    if produced >= max_new_tokens:
+        return text + detok.finish(), "length"
+    return text, None
+
+
 class BatchGenerator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int) -> None:
         self.model = model
@@ -126,16 +139,8 @@ class BatchGenerator:
                 s.output_ids.append(token)
                 if seen is not None:
                     seen[row, token] = True
-                reason = None
-                if token in s.stop_ids:
-                    text, reason = s.detokenizer.finish(), "stop"
-                else:
-                    text = s.detokenizer.add_token(token)
-                    if s.detokenizer.stopped_by is not None:
-                        reason = "stop"
-                    elif len(s.output_ids) >= s.max_new_tokens:
-                        reason = "length"
-                        text += s.detokenizer.finish()
+                text, reason = append_token_text(s.detokenizer, token, s.stop_ids, len(s.output_ids),
+                                                 s.max_new_tokens)
                 if reason is None:
                     keep.append(row)
                 else:

@@ -21,7 +21,7 @@ import torch
 
 from miaotui.engine.block_manager import BlockManager
 from miaotui.engine.detokenizer import IncrementalDetokenizer
-from miaotui.engine.generator import validate_prompt
+from miaotui.engine.generator import append_token_text, validate_prompt
 from miaotui.engine.paged_cache import PagedKVCache, kv_bytes_per_token
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.sampling_params import SamplingParams
@@ -358,16 +358,7 @@ class LLMEngine:
             top = torch.topk(logp, req.logprobs) if req.logprobs else None
             out.logprobs.append(TokenLogprob(token, float(logp[token]), [] if top is None else
                                              list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
-        reason = None
-        if token in req.stop_ids:
-            text, reason = req.detok.finish(), "stop"
-        else:
-            text = req.detok.add_token(token)
-            if req.detok.stopped_by is not None:
-                reason = "stop"
-            elif len(req.output_ids) >= req.max_new_tokens:
-                reason = "length"
-                text += req.detok.finish()
+        text, reason = append_token_text(req.detok, token, req.stop_ids, len(req.output_ids), req.max_new_tokens)
         if reason is None:
             out.text = text
             out.num_prompt_tokens, out.num_output_tokens = len(req.prompt_ids), len(req.output_ids)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from miaotui.engine.detokenizer import IncrementalDetokenizer
-from miaotui.engine.generator import StreamEvent, validate_prompt
+from miaotui.engine.generator import StreamEvent, append_token_text, validate_prompt
 from miaotui.engine.sampler import filter_logits
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
@@ -219,14 +219,5 @@ class SpeculativeGenerator:
         """Append one token of output, with the usual stop rules."""
         seq.output.append(token)
         self.stats.generated += 1
-        reason = None
-        if token in seq.stop_ids:
-            text, reason = seq.detok.finish(), "stop"
-        else:
-            text = seq.detok.add_token(token)
-            if seq.detok.stopped_by is not None:
-                reason = "stop"
-            elif len(seq.output) >= seq.max_new:
-                reason = "length"
-                text += seq.detok.finish()
+        text, reason = append_token_text(seq.detok, token, seq.stop_ids, len(seq.output), seq.max_new)
         return reason is not None, [StreamEvent(req, sample, token, text, reason is not None, reason)]

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from miaotui.compress.calibration import inverse_hessian_cholesky, prepare_weight_and_hessian
+
 
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                            nm: tuple[int, int] | None = None, damp: float = 0.01, block_size: int = 128
                            ) -> torch.Tensor:
     """weight [N, K], hessian [K, K] -> pruned and reconstructed weight [N, K] (exact zeros where pruned)."""
-    w = weight.detach().float().clone()
+    w, h = prepare_weight_and_hessian(weight, hessian)
     n, k = w.shape
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_cholesky(h, damp)
     if nm is not None:
         block_size = nm[1] * -(-block_size // nm[1])  # N:M groups never straddle blocks
     pruned = torch.zeros(n, k, dtype=torch.bool)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from miaotui.compress.calibration import inverse_hessian_cholesky, prepare_weight_and_hessian
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams
 
 
@@ -25,12 +26,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
     clip_search the range of each group is shrunk where that lowers the rounding error weighted
     by diag(H), i.e. by the energy of each column's inputs.
     """
-    w = weight.detach().float().clone()
+    w, h = prepare_weight_and_hessian(weight, hessian)
     n, k = w.shape
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     group = k if fmt.group_size == -1 else fmt.group_size
     groups = fmt.groups(k)
     importance = torch.diag(h).clone()
@@ -44,9 +41,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
         perm = torch.arange(k)
         block_size = group * -(-block_size // group) if group < k else block_size  # groups never straddle blocks
     w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    # Upper Cholesky factor of H^-1: row i holds the update coefficients for column i.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_cholesky(h, damp)
 
     codes = torch.zeros(n, k, dtype=torch.int16)
     for i1 in range(0, k, block_size):
