@@ -62,4 +62,6 @@ def run_demo(model: str, text_file: str | None) -> None:
     print(f"miaotui quantize -m {model} --method awq --bits 4 --group-size 32 --symmetric "
           "--calib-file FILE -o out/awq4")
     print("miaotui export-gguf -m out/awq4 --type q4_0 -o model-q4_0.gguf")
+    print("miaotui compress -m smollm2-135m --recipe recipes/prune-distill-int4.yaml -o out/pdq")
+    print("miaotui serve -m smollm2-135m --port 8000          # OpenAI-compatible API")
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
