@@ -5,9 +5,10 @@ Protocol of the quantization report: WikiText-2 test, ctx 512, first 40 x 512 to
 the evaluated tokens, so they never overlap. Sections (--sections, comma-separated):
 - oneshot: 50% unstructured (magnitude, wanda, wanda+owl, sparsegpt, taylor) and 2:4 (magnitude,
   wanda, sparsegpt): ppl and size on disk (bitmask + values).
-- structured: MLP channels removed, batch-1 decode speed against the original in the same run
-  (each loaded as a user loads it, default dtypes, median of repetitions); then distillation from
-  the original for a fixed CPU-time budget, and the share of the ppl gap it closes.
+- structured: whole decoder layers and MLP channels removed (Taylor-ranked, `--structures`), batch-1
+  decode speed against the original in the same run (each loaded as a user loads it, default dtypes,
+  median of repetitions); then the first listed structure is distilled from the original for a fixed
+  CPU-time budget, and the share of the ppl gap it closes is reported.
 - gradual: gradual magnitude pruning to 50% while fine-tuning, against one-shot magnitude at 50%.
 Writes benchmarks/results/pruning.{json,md,png}. Run: `make bench-prune`.
 """
@@ -89,37 +90,43 @@ def section_oneshot(path: str, text: str, ids: list[int], samples: int, tmp: Pat
 
 
 def section_structured(path: str, text: str, ids: list[int], args, tmp: Path) -> list[dict]:
-    rows = []
+    """Each listed structure is pruned (Taylor-ranked) and timed against the original in the same run;
+    the first one listed is then distilled from the original for `--distill-minutes`."""
     base = float_llm(path)
     base_ppl = ppl_of(base.model, ids)
     base_dir = save_model(base.model, base.tokenizer, tmp / "dense")
     calib = load_calibration(text, base.tokenizer, args.calib_samples, 512, skip_tokens=EVAL_TOKENS)
-    student, record = prune_structured(float_llm(path).model, "channels", args.channel_sparsity, "taylor", calib)
-    pruned_ppl = ppl_of(student, ids)
-    pruned_dir = save_model(student, base.tokenizer, tmp / "pruned")
-    # Decode speed: original and pruned alternate, so drift on a shared machine hits both alike.
-    speeds: dict[str, list[float]] = {"dense": [], "pruned": []}
+    pruned: list[tuple[str, object, object, Path]] = []
+    for spec in args.structures.split(","):
+        structure, sparsity = spec.split(":")
+        student, record = prune_structured(float_llm(path).model, structure, float(sparsity), "taylor", calib)
+        label = f"{structure} -{float(sparsity):.0%} (taylor)"
+        pruned.append((label, student, record, save_model(student, base.tokenizer, tmp / structure)))
+    # Decode speed: the original and every pruned model alternate, so drift on a shared machine hits all alike.
+    speeds: dict[str, list[float]] = {"original": []} | {label: [] for label, *_ in pruned}
     for _ in range(args.repeat):
-        speeds["dense"].append(decode_speed(str(base_dir), 1))
-        speeds["pruned"].append(decode_speed(str(pruned_dir), 1))
-    dense_tok_s, pruned_tok_s = statistics.median(speeds["dense"]), statistics.median(speeds["pruned"])
-    rows.append({"section": "structured", "label": "original", "params": record.params_before, "ppl": base_ppl,
-                 "decode_tok_s": dense_tok_s, "size_mb": dir_mb(base_dir)})
-    rows.append({"section": "structured", "label": f"channels -{args.channel_sparsity:.0%} (taylor)",
-                 "params": record.params_after, "ppl": pruned_ppl, "decode_tok_s": pruned_tok_s,
-                 "size_mb": dir_mb(pruned_dir), "speedup": pruned_tok_s / dense_tok_s,
-                 "param_reduction": 1 - record.params_after / record.params_before})
-    print(json.dumps(rows[-2:]), flush=True)
+        speeds["original"].append(decode_speed(str(base_dir), 1))
+        for label, _, _, out in pruned:
+            speeds[label].append(decode_speed(str(out), 1))
+    tok_s = {label: statistics.median(v) for label, v in speeds.items()}
+    rows = [{"section": "structured", "label": "original", "params": pruned[0][2].params_before, "ppl": base_ppl,
+             "decode_tok_s": tok_s["original"], "size_mb": dir_mb(base_dir)}]
+    for label, student, record, out in pruned:
+        rows.append({"section": "structured", "label": label, "params": record.params_after,
+                     "ppl": ppl_of(student, ids), "decode_tok_s": tok_s[label], "size_mb": dir_mb(out),
+                     "speedup": tok_s[label] / tok_s["original"], "removed": record.removed,
+                     "param_reduction": 1 - record.params_after / record.params_before})
+        print(json.dumps(rows[-1]), flush=True)
+    label, student, record, out = pruned[0]
+    pruned_row = rows[1]
     tokens = load_training_tokens(text, base.tokenizer, skip_tokens=EVAL_TOKENS)
     cfg = DistillConfig(steps=100_000, lr=args.distill_lr, batch=args.batch, seq_len=args.seq_len,
                         max_seconds=args.distill_minutes * 60, alpha=0.1, temperature=2.0)
     result = distill(base.model, student, tokens, cfg)
     distilled_ppl = ppl_of(student, ids)
-    rows.append({"section": "structured", "label": f"channels -{args.channel_sparsity:.0%} + distill",
-                 "params": record.params_after, "ppl": distilled_ppl, "decode_tok_s": pruned_tok_s,
-                 "size_mb": dir_mb(pruned_dir), "speedup": pruned_tok_s / dense_tok_s,
-                 "distill_steps": result.steps, "distill_s": result.seconds,
-                 "gap_closed": (pruned_ppl - distilled_ppl) / (pruned_ppl - base_ppl)})
+    rows.append(pruned_row | {"label": f"{label} + distill {args.distill_minutes:g} min", "ppl": distilled_ppl,
+                              "distill_steps": result.steps, "distill_s": result.seconds,
+                              "gap_closed": (pruned_row["ppl"] - distilled_ppl) / (pruned_row["ppl"] - base_ppl)})
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -147,7 +154,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--channel-sparsity", type=float, default=0.5)
+    parser.add_argument("--structures", default="layers:0.34,channels:0.5",
+                        help="structure:sparsity list; the first is distilled")
     parser.add_argument("--distill-minutes", type=float, default=20.0)
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--batch", type=int, default=2)

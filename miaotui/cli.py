@@ -406,9 +406,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from miaotui.eval.bench import run_bench
 
-    if args.dp > 1:
-        raise MiaotuiError("bench times one model replica (--tp/--pp); data-parallel throughput is measured by "
-                           "benchmarks/distributed.py")
+    if args.batch % args.dp:
+        raise MiaotuiError(f"--batch {args.batch} must be a multiple of --dp {args.dp} (each replica runs "
+                           f"batch / dp rows)")
     llm = _load(args)
     if args.prompt_tokens + args.gen_tokens > llm.max_model_len:
         raise MiaotuiError(f"--prompt-tokens + --gen-tokens exceed the context length ({llm.max_model_len})")
@@ -611,24 +611,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.kv_cache_mb <= 0 or args.max_body_mb <= 0:
         raise MiaotuiError("--kv-cache-mb and --max-body-mb must be > 0")
-    if args.pp > 1 or args.dp > 1:
-        raise MiaotuiError("serve runs tensor parallelism (--tp); --pp and --dp are for generate and bench")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if os.environ.get("RANK", "0") != "0":  # a tensor-parallel worker: no HTTP, just the engine's steps
-        from miaotui.distributed.serve_worker import cache_shape_from_driver, run_worker
-
-        llm = _load(args)
-        num_blocks, block_size = cache_shape_from_driver(None, args.block_size)
-        run_worker(llm.model, num_blocks, block_size)
-        return
     config = ServerConfig(model=args.model, served_model_name=args.served_model_name,
                           api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_num_seqs=args.max_num_seqs,
                           max_queue=args.max_queue, kv_cache_mb=args.kv_cache_mb,
                           max_body_bytes=int(args.max_body_mb * 2**20),
                           max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                           dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype, device=args.device,
-                          max_model_len=args.max_model_len, tensor_parallel_size=args.tp)
+                          max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
+                          pipeline_parallel_size=args.pp, data_parallel_size=args.dp)
+    if os.environ.get("RANK", "0") != "0":  # a worker: no HTTP; a replica's steps, or a replica's requests
+        from miaotui.distributed.serve_worker import connect_replica, serve_replica_leader, serve_replica_worker
+        from miaotui.server.app import build_engine, load_llm
+
+        llm = load_llm(config)
+        ctx = llm.parallel
+        if ctx.rank != ctx.model_ranks[0]:
+            serve_replica_worker(llm.model, args.block_size, ctx)
+            return
+        engine = build_engine(llm, config)
+        connect_replica(engine, ctx)
+        serve_replica_leader(engine, ctx)
+        return
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the timeout), then exits.
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=120)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from miaotui.errors import MiaotuiError
 
-DEFAULT_TIMEOUT_S = 30
+DEFAULT_TIMEOUT_S = 30  # a collective waiting longer is an error (override: MIAOTUI_DIST_TIMEOUT_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,8 @@ class ParallelContext:
     dp_group: object
     pp_ranks: list[int]  # global ranks of this rank's pipeline, stage by stage
     dp_ranks: list[int]
+    model_group: object  # every rank of this rank's model replica (its tp x pp ranks)
+    model_ranks: list[int]  # ... in rank order: the first is the replica's leader
 
     @property
     def is_driver(self) -> bool:
@@ -95,12 +97,14 @@ def group_layouts(config: ParallelConfig) -> dict[str, list[list[int]]]:
 
     return {"tp": [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
             "pp": [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
-            "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
+            "dp": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "model": [[rank(d, p, t) for p in range(pp) for t in range(tp)] for d in range(dp)]}
 
 
-def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
-                  ) -> ParallelContext:
+def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float | None = None) -> ParallelContext:
     """Join (or reuse) the default process group and build the tp / pp / dp subgroups."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MIAOTUI_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     if not dist.is_initialized():
         if not in_distributed_env():
             raise MiaotuiError(f"{config.world_size} processes needed: run under torchrun, or use --tp/--pp/--dp "
@@ -116,7 +120,7 @@ def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float 
     members: dict[str, list[int]] = {}
     for kind, layouts in group_layouts(config).items():
         for ranks in layouts:  # every rank must create every group, in the same order
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))  # subgroups default to 30 min
             if rank in ranks:
                 groups[kind], members[kind] = g, ranks
     # Identical unseeded sampling on every rank of a model replica: one shared RNG seed.
@@ -124,7 +128,7 @@ def init_parallel(config: ParallelConfig, device: str = "cpu", timeout_s: float 
     dist.broadcast(seed, src=0)
     torch.manual_seed(int(seed) + dp_rank)
     return ParallelContext(config, rank, tp_rank, pp_rank, dp_rank, groups["tp"], groups["pp"], groups["dp"],
-                           members["pp"], members["dp"])
+                           members["pp"], members["dp"], groups["model"], members["model"])
 
 
 def check_workers(workers: list[subprocess.Popen]) -> str | None:

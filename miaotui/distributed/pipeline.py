@@ -1,8 +1,9 @@
 """Pipeline parallelism: contiguous layer stages on consecutive ranks, activations passed with
 send/recv in micro-batches so stages overlap, each stage owning the KV cache of its layers.
 
-The last stage computes the logits and broadcasts them to the whole pipeline, so every rank
-samples the same tokens (SPMD). Not for tensor splitting (tensor_parallel.py).
+The last stage broadcasts its final hidden states (D wide, far narrower than the vocabulary) to
+the whole pipeline; every rank then computes the same logits and samples the same tokens (SPMD).
+Not for tensor splitting (tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -34,15 +35,20 @@ class PipelineStage(Transformer):
     def allocate_kv_cache(self, batch: int, max_len: int):
         return super().allocate_kv_cache(batch, max_len)  # config.num_layers is this stage's layer count
 
-    def forward(self, tokens, positions, kv_caches=None, cache_start=0, attn_mask=None, last_only=False):
+    def hidden_states(self, tokens, positions, kv_caches=None, cache_start=0, attn_mask=None):
+        """This stage's layers over the batch in micro-batches of rows: [B, S] -> the last stage's
+        final normed hidden states [B, S, D], broadcast to the whole pipeline (so every stage computes
+        the same logits and samples the same tokens). kv_caches: this stage's layers only, either
+        static (k, v) pairs [B, KV, T, hd] or paged views (the serving engine's)."""
         batch, seq = tokens.shape
         if attn_mask is None and seq > 1 and cache_start > 0:
             attn_mask = causal_mask(seq, cache_start, tokens.device)[None, None].expand(batch, -1, -1, -1)
         is_causal = attn_mask is None and seq > 1
-        micro = [(i, min(i + self._micro_rows(batch), batch)) for i in range(0, batch, self._micro_rows(batch))]
+        rows = self._micro_rows(batch)
         dtype, dim = self.dtype, self.config.hidden_size
         sends, outs = [], []
-        for r0, r1 in micro:
+        for r0 in range(0, batch, rows):
+            r1 = min(r0 + rows, batch)
             if self.first:
                 x = self.embed_tokens(tokens[r0:r1])
             else:
@@ -51,23 +57,27 @@ class PipelineStage(Transformer):
             cos, sin = self.rotary(positions[r0:r1], dtype)
             mask = None if attn_mask is None else attn_mask[r0:r1]
             for i, layer in enumerate(self.layers):
-                cache = None if kv_caches is None else (kv_caches[i][0][r0:r1], kv_caches[i][1][r0:r1])
+                cache = None if kv_caches is None else _rows(kv_caches[i], r0, r1)
                 x = layer(x, cos, sin, cache, cache_start, mask, is_causal)
             if self.last:
-                h = self.norm(x)
-                outs.append(self.logits(h[:, -1] if last_only else h))
+                outs.append(self.norm(x))
             else:  # hand this micro-batch on and start the next one while it travels
                 sends.append(dist.isend(x.contiguous(), dst=self.pp_ranks[self.stage + 1], group=self.pp_group))
         for s in sends:
             s.wait()
-        vocab = self.config.vocab_size
-        shape = (batch, vocab) if last_only else (batch, seq, vocab)
-        logits = torch.cat(outs) if self.last else torch.empty(shape, dtype=torch.float32, device=tokens.device)
-        dist.broadcast(logits, src=self.pp_ranks[-1], group=self.pp_group)
-        return logits
+        hidden = torch.cat(outs) if self.last else torch.empty(batch, seq, dim, dtype=dtype, device=tokens.device)
+        dist.broadcast(hidden, src=self.pp_ranks[-1], group=self.pp_group)
+        return hidden
 
     def _micro_rows(self, batch: int) -> int:
         return max(1, -(-batch // self.stages))  # as many micro-batches as stages (or rows)
+
+
+def _rows(cache, r0: int, r1: int):
+    """One micro-batch's rows of a layer's cache: a static (k, v) pair, or a paged view."""
+    if isinstance(cache, tuple):
+        return cache[0][r0:r1], cache[1][r0:r1]
+    return cache.rows(r0, r1)
 
 
 def make_pipeline_stage(model: Transformer, stages: int, stage: int, pp_ranks: list[int], group) -> Transformer:

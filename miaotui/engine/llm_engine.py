@@ -29,6 +29,9 @@ from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.llama import Transformer
 
+HEARTBEAT: tuple = ()  # an empty step: "still here", sent to distributed workers when idle
+HEARTBEAT_S = 2.0
+
 
 @dataclass(slots=True)
 class TokenLogprob:
@@ -135,6 +138,16 @@ class LLMEngine:
 
     def add_request(self, req: EngineRequest) -> None:
         """Validate (raises MiaotuiError with a user-facing message) and queue a request."""
+        self.validate(req)
+        p = req.params
+        req.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.tokenizer.eos_token_ids))
+        req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop)
+        with self._wake:
+            self._incoming.append(req)
+            self._wake.notify()
+
+    def validate(self, req: EngineRequest) -> None:
+        """Raise MiaotuiError (a user-facing message) for a request this engine could never run."""
         req.max_new_tokens = validate_prompt(req.prompt_ids, req.params, self.max_model_len)
         if len(req.prompt_ids) + req.max_new_tokens > self.capacity_tokens:
             raise MiaotuiError(f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.max_new_tokens}) "
@@ -142,12 +155,6 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise MiaotuiError(f"prompt token ids must be in [0, {vocab})")
-        p = req.params
-        req.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.tokenizer.eos_token_ids))
-        req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop)
-        with self._wake:
-            self._incoming.append(req)
-            self._wake.notify()
 
     def abort(self, request_id: str) -> None:
         with self._wake:
@@ -177,12 +184,19 @@ class LLMEngine:
 
     def _loop(self) -> None:
         while True:
+            idle = False
             with self._wake:
                 while not self._stop and not (self._incoming or self.waiting or self.running or self._aborts):
-                    self._wake.wait()
+                    # Distributed workers block in a collective with a timeout: an idle engine pings them.
+                    if not self._wake.wait(timeout=None if self.remote is None else HEARTBEAT_S):
+                        idle = True
+                        break
                 if self._stop:
                     return
             try:
+                if idle:
+                    self.remote(HEARTBEAT)
+                    continue
                 self.step()
             except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not hang them
                 message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

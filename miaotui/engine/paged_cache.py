@@ -52,3 +52,7 @@ class PagedLayerView:
         keys = k_flat[self.gather.reshape(-1)].view(b, t, kv, hd).transpose(1, 2)
         values = v_flat[self.gather.reshape(-1)].view(b, t, kv, hd).transpose(1, 2)
         return keys, values
+
+    def rows(self, r0: int, r1: int) -> PagedLayerView:
+        """The view of batch rows [r0, r1) (a pipeline micro-batch): same pools, fewer rows."""
+        return PagedLayerView(self.k_pool, self.v_pool, self.slots[r0:r1], self.gather[r0:r1])

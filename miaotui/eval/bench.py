@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from miaotui.api import LLM
 from miaotui.engine.sampling_params import SamplingParams
+from miaotui.errors import MiaotuiError
 from miaotui.runtime import dtype_name
 
 
@@ -42,6 +43,9 @@ def run_once(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> dict[str, A
 
 def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: int = 1, repeat: int = 5,
               warmup: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """`batch` rows in all: with data parallelism each replica runs batch / dp of them at once."""
+    if llm.parallel is not None and llm.parallel.config.dp > 1:
+        return _run_bench_data_parallel(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress)
     generator = torch.Generator().manual_seed(seed)
     vocab = llm.config.vocab_size
     prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(batch)]
@@ -70,3 +74,33 @@ def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: 
         "weight_bytes": llm.model.weight_bytes(),
         "params": llm.model.num_parameters(),
     }
+
+
+def _run_bench_data_parallel(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, repeat: int, warmup: int,
+                             seed: int, progress: bool) -> dict[str, Any]:
+    """Every replica times its share of the batch at the same time (they start together); the
+    throughputs add up, the latencies are the slowest replica's."""
+    import torch.distributed as dist
+
+    ctx = llm.parallel
+    dp = ctx.config.dp
+    if batch % dp:
+        raise MiaotuiError(f"--batch {batch} must be a multiple of --dp {dp} (each replica runs batch / dp rows)")
+    saved, llm.parallel = llm.parallel, None
+    try:
+        dist.barrier()
+        mine = run_bench(llm, prompt_tokens, gen_tokens, batch // dp, repeat, warmup, seed + ctx.dp_rank,
+                         progress and ctx.is_driver)
+    finally:
+        llm.parallel = saved
+    replicas: list[dict[str, Any] | None] = [None] * dp
+    dist.all_gather_object(replicas, mine, group=ctx.dp_group)
+    result = dict(mine)
+    result.update(batch=batch, data_parallel_size=dp,
+                  prefill_tok_s=sum(r["prefill_tok_s"] for r in replicas),
+                  decode_tok_s=None if gen_tokens <= 1 else sum(r["decode_tok_s"] for r in replicas),
+                  ttft_ms=max(r["ttft_ms"] for r in replicas),
+                  itl_p50_ms=None if gen_tokens <= 1 else max(r["itl_p50_ms"] for r in replicas),
+                  itl_p99_ms=None if gen_tokens <= 1 else max(r["itl_p99_ms"] for r in replicas),
+                  replica_decode_tok_s=[r["decode_tok_s"] for r in replicas])
+    return result

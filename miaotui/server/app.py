@@ -45,10 +45,26 @@ class ServerConfig:
     device: str = "cpu"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+
+def load_llm(c: ServerConfig):
+    """The model as this rank holds it (its shard or stage under tensor or pipeline parallelism)."""
+    from miaotui.api import LLM
+
+    return LLM(c.model, dtype=c.dtype, device=c.device, max_model_len=c.max_model_len,
+               decode_weight_dtype=c.decode_weight_dtype, tensor_parallel_size=c.tensor_parallel_size,
+               pipeline_parallel_size=c.pipeline_parallel_size, data_parallel_size=c.data_parallel_size)
+
+
+def build_engine(llm, c: ServerConfig) -> LLMEngine:
+    return LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size, c.max_num_seqs,
+                     c.max_num_batched_tokens)
 
 
 class ServerState:
@@ -63,19 +79,16 @@ class ServerState:
         self.created = int(time.time())
 
     def load(self) -> None:
-        from miaotui.api import LLM
-
         try:
             c = self.config
-            llm = LLM(c.model, dtype=c.dtype, device=c.device, max_model_len=c.max_model_len,
-                      decode_weight_dtype=c.decode_weight_dtype, tensor_parallel_size=c.tensor_parallel_size)
-            engine = LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size,
-                               c.max_num_seqs, c.max_num_batched_tokens)
-            if c.tensor_parallel_size > 1:
-                from miaotui.distributed.serve_worker import broadcaster, cache_shape_from_driver
+            llm = load_llm(c)
+            engine = build_engine(llm, c)
+            if llm.parallel is not None:
+                from miaotui.distributed.serve_worker import DataParallelEngine, connect_replica
 
-                cache_shape_from_driver(engine.blocks.num_blocks, c.block_size)
-                engine.remote = broadcaster()
+                connect_replica(engine, llm.parallel)
+                if c.data_parallel_size > 1:
+                    engine = DataParallelEngine(engine, llm.parallel)
             engine.start()
             self.metrics.bind_engine(engine)
             self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
