@@ -31,6 +31,7 @@ def link() -> dict[str, float]:
     out = {}
     for name, numel in (("small", 2), ("large", 1 << 20)):
         x = torch.zeros(numel)
+
         def pingpong(x=x):
             for _ in range(20):
                 if dist.get_rank() == 0:
@@ -41,6 +42,35 @@ def link() -> dict[str, float]:
                     dist.send(x, 0)
         out[name] = timed(pingpong) / 40  # one-way
     return {"latency_s": out["small"], "bandwidth_Bps": (4 << 20) / max(out["large"] - out["small"], 1e-9)}
+
+
+def collectives(hidden: int, vocab: int) -> dict[str, float]:
+    """Seconds per call of the collectives the modes use, at decode (1 and 8 rows) and prefill
+    (64 and 512 rows) sizes: all-reduce of rows x D (TP), all-gather of rows x V/2 (TP's
+    vocabulary-parallel head), broadcast of rows x D (PP's hidden states)."""
+    world = dist.get_world_size()
+    out = {}
+    for rows in (1, 8, 64, 512):
+        x = torch.zeros(rows * hidden)
+        out[f"all_reduce_{rows}"] = timed(lambda x=x: [dist.all_reduce(x) for _ in range(20)]) / 20
+        out[f"broadcast_{rows}"] = timed(lambda x=x: [dist.broadcast(x, 0) for _ in range(20)]) / 20
+        part = torch.zeros(rows * vocab // world)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        out[f"all_gather_{rows}"] = timed(lambda p=part, ps=parts: [dist.all_gather(ps, p) for _ in range(5)]) / 5
+    return out
+
+
+def matmul_share(llm: LLM, prompt: list[int], gen: int) -> float:
+    """Share of a batch-1 generation's CPU time spent in matrix multiplies (what TP divides)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate([prompt], params)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return mm / total
 
 
 def main() -> None:
@@ -54,13 +84,17 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
     base = min(1000, llm.config.vocab_size - 80)
     prompt = list(range(base, base + 64))
-    one = timed(lambda: llm.generate([prompt], params))
     batch = [list(range(base + i, base + 64 + i)) for i in range(8)]
+    one = timed(lambda: llm.generate([prompt], params))
     eight = timed(lambda: llm.generate(batch, params))
-    result = {"tp": int(tp), "pp": int(pp), "dp": int(dp), "batch1_s": one, "batch1_tok_s": gen / one,
-              "batch8_s": eight, "batch8_tok_s": 8 * gen / eight}
+    result = {"tp": int(tp), "pp": int(pp), "dp": int(dp), "threads": int(threads), "batch1_s": one,
+              "batch1_tok_s": gen / one, "batch8_s": eight, "batch8_tok_s": 8 * gen / eight}
     if dist.get_world_size() > 1:
         result["link"] = link()
+        result["collectives"] = collectives(llm.config.hidden_size, llm.config.vocab_size)
+    elif int(threads) == 1:  # the calibration run: one core, as each of two processes gets
+        result["batch4_s"] = timed(lambda: llm.generate(batch[:4], params))
+        result["matmul_share"] = matmul_share(llm, prompt, gen)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)

@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL)
-    p.add_argument("--text-file", default=None, help="text for the perplexity step")
+    p.add_argument("--text-file", default=None,
+                   help="WikiText-2 test text (calibration, distillation, perplexity); found in ../shared by default")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached compressed variants")
     return parser
 
 
@@ -672,7 +674,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from miaotui.demo import run_demo
 
-    run_demo(args.model, args.text_file)
+    run_demo(args.model, args.text_file, args.rebuild)
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,

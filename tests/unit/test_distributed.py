@@ -151,3 +151,23 @@ def _single_process_text(model, prompt: str, max_tokens: int) -> str:
     llm = LLM(str(model))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return llm.generate(prompt, params)[0].outputs[0].text
+
+
+@pytest.mark.parametrize("parallel", [["--tp", "2"], ["--pp", "2"], ["--dp", "2"]], ids=lambda p: "".join(p))
+def test_parallel_bench(tiny_hf_dir, parallel):
+    args = [sys.executable, "-m", "miaotui.cli", "bench", "-m", str(tiny_hf_dir), "--prompt-tokens", "16",
+            "--gen-tokens", "4", "--batch", "2", "--repeat", "1", "--threads", "1", "--json", *parallel]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["batch"] == 2 and result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0
+    if "--dp" in parallel:  # two replicas of one row each, timed together
+        assert result["data_parallel_size"] == 2 and len(result["replica_decode_tok_s"]) == 2
+        assert result["decode_tok_s"] == pytest.approx(sum(result["replica_decode_tok_s"]))
+
+
+def test_data_parallel_bench_needs_a_batch_the_replicas_share_evenly(tiny_hf_dir):
+    done = subprocess.run([sys.executable, "-m", "miaotui.cli", "bench", "-m", str(tiny_hf_dir), "--batch", "3",
+                           "--dp", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "--batch 3 must be a multiple of --dp 2" in done.stderr
+    assert "Traceback" not in done.stderr
