@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per engine step (decode rows + prefill chunks)")
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body (413 above)")
+    p.add_argument("--speculate", default=None, choices=["ngram"],
+                   help="speculative decoding by prompt lookup for greedy requests (lossless)")
+    p.add_argument("--num-speculative-tokens", type=_positive_int, default=4, help="drafted tokens per step")
 
     p = sub.add_parser("bench-serve", help="load-test a running server (throughput, TTFT, TPOT)")
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
@@ -622,7 +625,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                           dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype, device=args.device,
                           max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
-                          pipeline_parallel_size=args.pp, data_parallel_size=args.dp)
+                          pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
+                          num_speculative_tokens=args.num_speculative_tokens if args.speculate else 0)
     if os.environ.get("RANK", "0") != "0":  # a worker: no HTTP; a replica's steps, or a replica's requests
         from miaotui.distributed.serve_worker import connect_replica, serve_replica_leader, serve_replica_worker
         from miaotui.server.app import build_engine, load_llm

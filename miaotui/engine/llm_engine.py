@@ -25,6 +25,7 @@ from miaotui.engine.generator import append_token_text, validate_prompt
 from miaotui.engine.paged_cache import PagedKVCache, kv_bytes_per_token
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.sampling_params import SamplingParams
+from miaotui.engine.speculative import NgramDraft
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.llama import Transformer
@@ -75,6 +76,7 @@ class EngineRequest:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list)  # this step's speculative tokens (prompt lookup)
 
     @property
     def tokens(self) -> list[int]:
@@ -88,11 +90,15 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     finished: int = 0
+    spec_passes: int = 0  # decode rows that verified drafted tokens
+    spec_drafted: int = 0
+    spec_accepted: int = 0
 
 
 def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One engine forward: -> (logits at each row's last new token [B, V], all logits [B, S, V] when
-    prompt tokens are scored, else None). Also what tensor-parallel workers run."""
+    """One engine forward: -> (logits at each row's last new token [B, V] — or at the positions
+    `last` [B, m] names, [B, m, V], when drafted tokens are verified — and all logits [B, S, V] when
+    prompt tokens are scored, else None). Also what the other ranks of a model replica run."""
     tokens, positions, slots, gather, mask, last, score = step
     device = model.device
     views = cache.step_views(slots.to(device), gather.to(device))
@@ -100,15 +106,22 @@ def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[
     rows = torch.arange(tokens.shape[0], device=device)
     if score:
         all_logits = model.logits(hidden)
-        return all_logits[rows, last.to(device)], all_logits
+        return all_logits[rows, last.to(device)] if last.dim() == 1 else all_logits[rows[:, None], last], all_logits
+    if last.dim() == 2:
+        return model.logits(hidden[rows[:, None], last.to(device)]), None
     return model.logits(hidden[rows, last.to(device)]), None
 
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int, kv_cache_mb: float = 256,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True, num_blocks: int | None = None) -> None:
+                 enable_prefix_caching: bool = True, num_blocks: int | None = None,
+                 num_speculative_tokens: int = 0) -> None:
+        """num_speculative_tokens > 0: greedy requests draft that many tokens by prompt lookup each
+        decode step and verify them in the same forward (lossless: the output is unchanged)."""
         self.model, self.tokenizer = model, tokenizer
+        self.num_speculative_tokens = num_speculative_tokens
+        self.ngram = NgramDraft() if num_speculative_tokens > 0 else None
         self.remote: Callable[[tuple], None] | None = None  # sends each step to tensor-parallel workers
         self.fatal: str | None = None  # set when the engine cannot go on (e.g. a worker died)
         self.max_model_len = max_model_len
@@ -269,9 +282,12 @@ class LLMEngine:
                 if self._preempt_newest() is req:
                     break
             if req in self.running:
-                self.blocks.grow(req.table, len(req.tokens))
-                rows.append((req, req.computed, 1))
-                budget -= 1
+                req.draft = self._draft(req)
+                if req.draft and not self.blocks.can_grow(req.table, len(req.tokens) + len(req.draft)):
+                    req.draft = []  # no room to verify drafts: plain decoding this step
+                self.blocks.grow(req.table, len(req.tokens) + len(req.draft))
+                rows.append((req, req.computed, 1 + len(req.draft)))
+                budget -= 1 + len(req.draft)
         # 2. Prefill chunks: unfinished prompts of running requests, then new requests (FCFS).
         scheduled = {id(r) for r, _, _ in rows}
         candidates = [r for r in self.running if id(r) not in scheduled and r.computed < len(r.tokens) - 1]
@@ -298,6 +314,14 @@ class LLMEngine:
             budget -= chunk
         return rows
 
+    def _draft(self, req: EngineRequest) -> list[int]:
+        """Prompt-lookup drafts for a greedy request (sampled ones, log-probs and penalties decode plainly)."""
+        p = req.params
+        if self.ngram is None or not p.greedy or req.logprobs is not None or p.repetition_penalty != 1.0:
+            return []
+        k = min(self.num_speculative_tokens, req.max_new_tokens - len(req.output_ids) - 1)
+        return self.ngram.propose(req.tokens, k, p, None)[0] if k > 0 else []
+
     def _run(self, rows: list[tuple[EngineRequest, int, int]]) -> None:
         model, bs = self.model, self.blocks.block_size
         b, s = len(rows), max(n for _, _, n in rows)
@@ -308,7 +332,8 @@ class LLMEngine:
         gather = torch.zeros(b, t, dtype=torch.long)
         mask = torch.zeros(b, 1, s, t, dtype=torch.bool)
         for row, (req, start, n) in enumerate(rows):
-            tokens[row, :n] = torch.tensor(req.tokens[start:start + n])
+            seq = req.tokens + req.draft if req.draft else req.tokens
+            tokens[row, :n] = torch.tensor(seq[start:start + n])
             pos = torch.arange(start, start + n)
             positions[row, :n] = pos
             table = torch.tensor(req.table, dtype=torch.long)
@@ -318,12 +343,25 @@ class LLMEngine:
             mask[row, 0, :n, :start + n] = ctx[None, :] <= pos[:, None]
             mask[row, 0, n:, 0] = True  # padding queries see one key: no fully masked row (NaN-free)
         last = torch.tensor([n - 1 for _, _, n in rows])
+        drafting = [row for row, (req, _, _) in enumerate(rows) if req.draft]
+        if drafting:  # logits at every drafted position of those rows: last becomes [B, m]
+            m = max(rows[row][2] for row in drafting)
+            last = last[:, None].repeat(1, m)
+            for row in drafting:
+                n = rows[row][2]
+                last[row, :n] = torch.arange(n)
         score = any(req.prompt_logprobs is not None and start < len(req.prompt_ids) for req, start, _ in rows)
         step = (tokens, positions, slots, gather, mask, last, score)
         if self.remote is not None:
             self.remote(step)  # tensor-parallel workers run the same forward on their shards
         logits, all_logits = forward_step(model, self.cache, step)
+        for row in drafting:
+            self._verify(rows[row][0], rows[row][1], logits[row])
+        if drafting:
+            logits = logits[:, 0]
         for row, (req, start, n) in enumerate(rows):
+            if row in drafting:
+                continue
             if req.prompt_logprobs is not None and start < len(req.prompt_ids):
                 self._score_prompt(req, start, n, all_logits[row, :n])
             req.computed = start + n
@@ -344,6 +382,26 @@ class LLMEngine:
         logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
         for i, req in enumerate(reqs):
             self._append(req, int(next_tokens[i]), None if logprobs is None else logprobs[i])
+
+    def _verify(self, req: EngineRequest, start: int, logits: torch.Tensor) -> None:
+        """Greedy verification of a drafted row. logits: [m, V] at [pending token, d1, ..., dk].
+        Accept the drafts the target itself would have picked, then the target's next token."""
+        draft, req.draft = req.draft, []
+        picks = logits[:len(draft) + 1].argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and picks[accepted] == draft[accepted]:
+            accepted += 1
+        self.stats.spec_passes += 1
+        self.stats.spec_drafted += len(draft)
+        self.stats.spec_accepted += accepted
+        # Keys/values of the pending token and the accepted drafts are right; later slots are
+        # overwritten when those positions are decoded again.
+        req.computed = start + 1 + accepted
+        for token in draft[:accepted] + [picks[accepted]]:
+            self._append(req, token, None)
+            if req not in self.running:  # finished (stop, length)
+                return
+        self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
 
     def _score_prompt(self, req: EngineRequest, start: int, n: int, logits: torch.Tensor) -> None:
         """Log-probs of each prompt token given the ones before it (the first has none)."""

@@ -47,6 +47,7 @@ class ServerConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    num_speculative_tokens: int = 0  # > 0: prompt-lookup speculation for greedy requests
 
     @property
     def name(self) -> str:
@@ -64,7 +65,7 @@ def load_llm(c: ServerConfig):
 
 def build_engine(llm, c: ServerConfig) -> LLMEngine:
     return LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size, c.max_num_seqs,
-                     c.max_num_batched_tokens)
+                     c.max_num_batched_tokens, num_speculative_tokens=c.num_speculative_tokens)
 
 
 class ServerState:

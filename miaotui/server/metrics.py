@@ -29,6 +29,10 @@ class ServerMetrics:
         self.prefix_hits = Gauge("miaotui_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                  registry=r)
         self.preemptions = Gauge("miaotui_preemptions", "Requests preempted (recomputed) so far", registry=r)
+        self.spec_drafted = Gauge("miaotui_spec_decode_draft_tokens", "Tokens drafted by speculation so far",
+                                  registry=r)
+        self.spec_accepted = Gauge("miaotui_spec_decode_accepted_tokens", "Drafted tokens the target accepted",
+                                   registry=r)
 
     def bind_engine(self, engine) -> None:
         self.waiting.set_function(lambda: engine.num_waiting)
@@ -36,3 +40,5 @@ class ServerMetrics:
         self.kv_usage.set_function(lambda: engine.blocks.usage)
         self.prefix_hits.set_function(lambda: engine.blocks.prefix_hits)
         self.preemptions.set_function(lambda: engine.stats.preemptions)
+        self.spec_drafted.set_function(lambda: engine.stats.spec_drafted)
+        self.spec_accepted.set_function(lambda: engine.stats.spec_accepted)

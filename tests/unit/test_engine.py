@@ -142,3 +142,24 @@ def test_stop_strings_seeds_logprobs_and_errors(tiny_llm):
     assert all(len(o.logprobs) == 1 and len(o.logprobs[0].top) == 2 for o in out)
     with pytest.raises(MiaotuiError, match="maximum context length is 64"):
         engine.add_request(EngineRequest("e", ids, SamplingParams(max_tokens=100), lambda o: None))
+
+
+@pytest.mark.parametrize("k,kv_mb,stagger", [(2, 4, 0), (4, 4, 2), (8, 0.05, 0)])
+def test_prompt_lookup_speculation_keeps_greedy_outputs(tiny_llm, k, kv_mb, stagger):
+    """Drafted tokens verified in the batch: the same tokens as plain decoding, fewer steps.
+    kv_mb=0.05 leaves too few blocks for every request (drafts are dropped or requests preempted)."""
+    rng = random.Random(k)
+    motif = [rng.randrange(3, 400) for _ in range(6)]
+    prompts = [motif * 4 + [rng.randrange(3, 400) for _ in range(i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    runs = {}
+    for spec in (0, k):
+        engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=kv_mb, block_size=4,
+                           max_num_seqs=4, max_num_batched_tokens=64, num_speculative_tokens=spec)
+        runs[spec] = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)], stagger)
+        assert engine.blocks.usage == 0.0
+        if spec:
+            assert engine.stats.spec_accepted > 0 and engine.stats.spec_drafted >= engine.stats.spec_accepted
+    for i, p in enumerate(prompts):
+        assert runs[k][f"r{i}"]["ids"] == runs[0][f"r{i}"]["ids"] == reference(tiny_llm, p, 30), i
+        assert runs[k][f"r{i}"]["finish"] == "length"

@@ -244,3 +244,28 @@ def test_serves_compressed_checkpoints(tiny_hf_dir, tmp_path):
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                            temperature=0, extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 5
+
+
+def test_server_with_prompt_lookup_speculation(tiny_hf_dir, client):
+    """`serve --speculate ngram`: concurrent greedy requests give the plain server's texts, and the
+    drafted / accepted token counts show on /metrics."""
+    import concurrent.futures
+
+    prompts = [f"{w} {w} {w} {w} {w} {w} and" for w in ("red blue", "one two three", "a b", "x y z w")]
+    with running_server(tiny_hf_dir, "--served-model-name", MODEL, "--speculate", "ngram",
+                        "--num-speculative-tokens", "4") as (url, _proc):
+        spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def both(prompt):
+            kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                      "extra_body": {"ignore_eos": True}}
+            fast = spec.completions.create(**kwargs).choices[0].text
+            return fast, client.completions.create(**kwargs).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for fast, plain in pool.map(both, prompts):
+                assert fast == plain
+        metrics = httpx.get(f"{url}/metrics").text
+        accepted = next(float(line.split()[1]) for line in metrics.splitlines()
+                        if line.startswith("miaotui_spec_decode_accepted_tokens "))
+        assert accepted > 0
