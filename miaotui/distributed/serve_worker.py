@@ -177,7 +177,7 @@ class DataParallelEngine:
                     payload = {r: (self._outbox.pop(r, []), self._aborts.pop(r, [])) for r in range(1, self.dp)}
                 dist.broadcast_object_list([payload], src=0, group=group)
                 gathered: list = [None] * self.dp
-                dist.gather_object(([], 0, 0), gathered, dst=0, group=group)
+                dist.gather_object(([], 0, 0, None), gathered, dst=0, group=group)
                 self._deliver(gathered)
         except Exception as exc:  # noqa: BLE001 - a replica died or hung: fail its requests, turn unhealthy
             message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -185,7 +185,9 @@ class DataParallelEngine:
 
     def _deliver(self, gathered: list) -> None:
         for replica in range(1, self.dp):
-            outputs, unfinished, waiting = gathered[replica]
+            outputs, _unfinished, waiting, fatal = gathered[replica]
+            if fatal and not self._fatal:  # a rank inside that replica died: the server turns unhealthy
+                self._fatal = f"replica {replica}: {fatal}"
             with self._lock:
                 self._replica_waiting[replica] = waiting
             for out in outputs:
@@ -223,13 +225,17 @@ def serve_replica_leader(engine: LLMEngine, ctx) -> None:
                 return
             new, aborts = box[0][ctx.dp_rank]
             for sub in new:
+                if engine.fatal:  # this replica can no longer run anything: answer at once
+                    sink(EngineOutput(sub.request_id, finished=True, finish_reason="error", error=engine.fatal))
+                    continue
                 engine.add_request(EngineRequest(sub.request_id, sub.prompt_ids, sub.params, sink,
                                                  logprobs=sub.logprobs, prompt_logprobs=sub.prompt_logprobs))
             for request_id in aborts:
                 engine.abort(request_id)
             with lock:
                 ready, outbox[:] = list(outbox), []
-            dist.gather_object((ready, engine.num_unfinished, engine.num_waiting), None, dst=0, group=ctx.dp_group)
+            dist.gather_object((ready, engine.num_unfinished, engine.num_waiting, engine.fatal), None, dst=0,
+                               group=ctx.dp_group)
     finally:
         engine.stop()
         if engine.remote is not None and engine.fatal is None:

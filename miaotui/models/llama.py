@@ -128,7 +128,12 @@ class Transformer(nn.Module):
         ]
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Logical weights: a quantized matrix counts its out x in entries, not its packed bytes."""
+        from miaotui.layers.quantized_linear import QuantLinear
+
+        quantized = [m for m in self.modules() if isinstance(m, QuantLinear)]
+        return sum(p.numel() for p in self.parameters()) + sum(
+            m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in quantized)
 
     def weight_bytes(self) -> int:
         """Bytes of all weights held, decode copies included."""
