@@ -80,7 +80,7 @@ def _build(model: str, variant: Variant, home: Path) -> Path:
     from miaotui.compress.recipe import parse_recipe, run_recipe
 
     out = home / variant.name
-    if (out / "config.json").is_file():
+    if (out / "miaotui_model.json").is_file():
         return out
     print(f"building {variant.name} ({variant.what}); cached for later runs", flush=True)
     building = home / f".building-{variant.name}-{os.getpid()}"
@@ -95,6 +95,8 @@ def _build(model: str, variant: Variant, home: Path) -> Path:
 
 def _measure(label: str, llm: LLM, ids: list[int] | None, cache: dict[str, Any], key: str) -> dict[str, Any]:
     path = Path(llm.path)
+    stamp = (path / "miaotui_model.json") if path.is_dir() else path
+    key = f"{key}:{stamp.stat().st_mtime_ns}"  # a rebuilt checkpoint is measured again
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     if ids is not None and key not in cache:
         cache[key] = perplexity(llm.model, ids, ctx=512, progress=False).ppl
@@ -188,7 +190,7 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     ids = None if text is None else original.tokenizer.encode(text.read_text(encoding="utf-8"),
                                                               add_special_tokens=False)[:EVAL_TOKENS]
     text_key = "" if text is None else f"{text.resolve()}:{EVAL_TOKENS}"
-    rows = [_measure("original (float32)", original, ids, ppl_cache, f"original:{text_key}")]
+    rows = [_measure("original (Q4_1 GGUF, run as float32)", original, ids, ppl_cache, f"original:{text_key}")]
     del original
     for variant in _variants(None):
         if variant.name in built:
