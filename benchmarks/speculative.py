@@ -37,7 +37,7 @@ def timed(llm: LLM, ids: list[list[int]], tokens: int, repeat: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=tokens)
     stats = llm.speculation_stats
     before = (0, 0) if stats is None else (stats.steps, stats.generated)
-    runs, texts = [], []
+    runs: list[float] = []
     for _ in range(repeat):
         produced, seconds = 0, 0.0
         texts = []

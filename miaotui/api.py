@@ -6,6 +6,7 @@ Not for the decoding loop (engine/generator.py) or argument parsing (cli.py).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,9 +167,15 @@ class LLM:
         return [gathered[i % dp][i // dp] for i in range(len(prompts))]
 
     def generate_local(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
-        saved, self.parallel = self.parallel, None  # this replica alone
-        try:
+        with self.this_replica_only():
             return self.generate(prompts, params)
+
+    @contextmanager
+    def this_replica_only(self) -> Iterator[None]:
+        """Within: generate on this data-parallel replica alone (no sharding of prompts, no gather)."""
+        saved, self.parallel = self.parallel, None
+        try:
+            yield
         finally:
             self.parallel = saved
 

@@ -411,7 +411,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from miaotui.eval.bench import run_bench
 
-    if args.batch % args.dp:
+    if args.batch % args.dp:  # before loading anything (run_bench checks again for API callers)
         raise MiaotuiError(f"--batch {args.batch} must be a multiple of --dp {args.dp} (each replica runs "
                            f"batch / dp rows)")
     llm = _load(args)

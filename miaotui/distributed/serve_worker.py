@@ -177,7 +177,7 @@ class DataParallelEngine:
                     payload = {r: (self._outbox.pop(r, []), self._aborts.pop(r, [])) for r in range(1, self.dp)}
                 dist.broadcast_object_list([payload], src=0, group=group)
                 gathered: list = [None] * self.dp
-                dist.gather_object(([], 0, 0, None), gathered, dst=0, group=group)
+                dist.gather_object(([], 0, None), gathered, dst=0, group=group)
                 self._deliver(gathered)
         except Exception as exc:  # noqa: BLE001 - a replica died or hung: fail its requests, turn unhealthy
             message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -185,7 +185,7 @@ class DataParallelEngine:
 
     def _deliver(self, gathered: list) -> None:
         for replica in range(1, self.dp):
-            outputs, _unfinished, waiting, fatal = gathered[replica]
+            outputs, waiting, fatal = gathered[replica]
             if fatal and not self._fatal:  # a rank inside that replica died: the server turns unhealthy
                 self._fatal = f"replica {replica}: {fatal}"
             with self._lock:
@@ -234,8 +234,7 @@ def serve_replica_leader(engine: LLMEngine, ctx) -> None:
                 engine.abort(request_id)
             with lock:
                 ready, outbox[:] = list(outbox), []
-            dist.gather_object((ready, engine.num_unfinished, engine.num_waiting, engine.fatal), None, dst=0,
-                               group=ctx.dp_group)
+            dist.gather_object((ready, engine.num_waiting, engine.fatal), None, dst=0, group=ctx.dp_group)
     finally:
         engine.stop()
         if engine.remote is not None and engine.fatal is None:

@@ -104,12 +104,13 @@ def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[
     views = cache.step_views(slots.to(device), gather.to(device))
     hidden = model.hidden_states(tokens.to(device), positions.to(device), views, 0, mask.to(device))
     rows = torch.arange(tokens.shape[0], device=device)
+    last = last.to(device)
+    if last.dim() == 2:  # several positions per row: [B, m]
+        rows = rows[:, None]
     if score:
         all_logits = model.logits(hidden)
-        return all_logits[rows, last.to(device)] if last.dim() == 1 else all_logits[rows[:, None], last], all_logits
-    if last.dim() == 2:
-        return model.logits(hidden[rows[:, None], last.to(device)]), None
-    return model.logits(hidden[rows, last.to(device)]), None
+        return all_logits[rows, last], all_logits
+    return model.logits(hidden[rows, last]), None
 
 
 class LLMEngine:
@@ -343,7 +344,7 @@ class LLMEngine:
             mask[row, 0, :n, :start + n] = ctx[None, :] <= pos[:, None]
             mask[row, 0, n:, 0] = True  # padding queries see one key: no fully masked row (NaN-free)
         last = torch.tensor([n - 1 for _, _, n in rows])
-        drafting = [row for row, (req, _, _) in enumerate(rows) if req.draft]
+        drafting = {row for row, (req, _, _) in enumerate(rows) if req.draft}
         if drafting:  # logits at every drafted position of those rows: last becomes [B, m]
             m = max(rows[row][2] for row in drafting)
             last = last[:, None].repeat(1, m)

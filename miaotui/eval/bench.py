@@ -86,13 +86,10 @@ def _run_bench_data_parallel(llm: LLM, prompt_tokens: int, gen_tokens: int, batc
     dp = ctx.config.dp
     if batch % dp:
         raise MiaotuiError(f"--batch {batch} must be a multiple of --dp {dp} (each replica runs batch / dp rows)")
-    saved, llm.parallel = llm.parallel, None
-    try:
+    with llm.this_replica_only():
         dist.barrier()
         mine = run_bench(llm, prompt_tokens, gen_tokens, batch // dp, repeat, warmup, seed + ctx.dp_rank,
                          progress and ctx.is_driver)
-    finally:
-        llm.parallel = saved
     replicas: list[dict[str, Any] | None] = [None] * dp
     dist.all_gather_object(replicas, mine, group=ctx.dp_group)
     result = dict(mine)
