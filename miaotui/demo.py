@@ -190,7 +190,8 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     ids = None if text is None else original.tokenizer.encode(text.read_text(encoding="utf-8"),
                                                               add_special_tokens=False)[:EVAL_TOKENS]
     text_key = "" if text is None else f"{text.resolve()}:{EVAL_TOKENS}"
-    rows = [_measure("original (Q4_1 GGUF, run as float32)", original, ids, ppl_cache, f"original:{text_key}")]
+    dtype = str(original.dtype).removeprefix("torch.")  # the device default: bf16 or float32
+    rows = [_measure(f"original (Q4_1 GGUF, run as {dtype})", original, ids, ppl_cache, f"original:{text_key}")]
     del original
     for variant in _variants(None):
         if variant.name in built:

@@ -22,7 +22,7 @@ import torch
 from miaotui.engine.block_manager import BlockManager
 from miaotui.engine.detokenizer import IncrementalDetokenizer
 from miaotui.engine.generator import append_token_text, validate_prompt
-from miaotui.engine.paged_cache import PagedKVCache, kv_bytes_per_token
+from miaotui.engine.paged_cache import AttentionGroup, PagedKVCache, kv_bytes_per_token
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.engine.speculative import NgramDraft
@@ -96,21 +96,19 @@ class EngineStats:
 
 
 def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One engine forward: -> (logits at each row's last new token [B, V] — or at the positions
-    `last` [B, m] names, [B, m, V], when drafted tokens are verified — and all logits [B, S, V] when
-    prompt tokens are scored, else None). Also what the other ranks of a model replica run."""
-    tokens, positions, slots, gather, mask, last, score = step
+    """One engine forward over packed rows: -> (logits at the packed positions `last` names [L, V],
+    and all logits [N, V] when prompt tokens are scored, else None). Also what the other ranks of a
+    model replica run. step: tokens, positions [1, N]; slots [N]; groups, a list of AttentionGroup
+    fields (token_index [G, n], gather [G, T], mask [G, 1, n, T]); last [L]; score (bool)."""
+    tokens, positions, slots, groups, last, score = step
     device = model.device
-    views = cache.step_views(slots.to(device), gather.to(device))
-    hidden = model.hidden_states(tokens.to(device), positions.to(device), views, 0, mask.to(device))
-    rows = torch.arange(tokens.shape[0], device=device)
+    views = cache.step_views(slots.to(device), [AttentionGroup(*(t.to(device) for t in g)) for g in groups])
+    hidden = model.hidden_states(tokens.to(device), positions.to(device), views)[0]  # [N, D]
     last = last.to(device)
-    if last.dim() == 2:  # several positions per row: [B, m]
-        rows = rows[:, None]
     if score:
         all_logits = model.logits(hidden)
-        return all_logits[rows, last], all_logits
-    return model.logits(hidden[rows, last]), None
+        return all_logits[last], all_logits
+    return model.logits(hidden[last]), None
 
 
 class LLMEngine:
@@ -324,47 +322,17 @@ class LLMEngine:
         return self.ngram.propose(req.tokens, k, p, None)[0] if k > 0 else []
 
     def _run(self, rows: list[tuple[EngineRequest, int, int]]) -> None:
-        model, bs = self.model, self.blocks.block_size
-        b, s = len(rows), max(n for _, _, n in rows)
-        t = max(start + n for _, start, n in rows)
-        tokens = torch.zeros(b, s, dtype=torch.long)
-        positions = torch.zeros(b, s, dtype=torch.long)
-        slots = torch.zeros(b, s, dtype=torch.long)  # padding writes go to scratch block 0
-        gather = torch.zeros(b, t, dtype=torch.long)
-        mask = torch.zeros(b, 1, s, t, dtype=torch.bool)
-        for row, (req, start, n) in enumerate(rows):
-            seq = req.tokens + req.draft if req.draft else req.tokens
-            tokens[row, :n] = torch.tensor(seq[start:start + n])
-            pos = torch.arange(start, start + n)
-            positions[row, :n] = pos
-            table = torch.tensor(req.table, dtype=torch.long)
-            slots[row, :n] = table[pos // bs] * bs + pos % bs
-            ctx = torch.arange(start + n)
-            gather[row, :start + n] = table[ctx // bs] * bs + ctx % bs
-            mask[row, 0, :n, :start + n] = ctx[None, :] <= pos[:, None]
-            mask[row, 0, n:, 0] = True  # padding queries see one key: no fully masked row (NaN-free)
-        last = torch.tensor([n - 1 for _, _, n in rows])
-        drafting = {row for row, (req, _, _) in enumerate(rows) if req.draft}
-        if drafting:  # logits at every drafted position of those rows: last becomes [B, m]
-            m = max(rows[row][2] for row in drafting)
-            last = last[:, None].repeat(1, m)
-            for row in drafting:
-                n = rows[row][2]
-                last[row, :n] = torch.arange(n)
-        score = any(req.prompt_logprobs is not None and start < len(req.prompt_ids) for req, start, _ in rows)
-        step = (tokens, positions, slots, gather, mask, last, score)
+        model = self.model
+        step, offsets, row_logits = self._pack(rows)
         if self.remote is not None:
             self.remote(step)  # tensor-parallel workers run the same forward on their shards
         logits, all_logits = forward_step(model, self.cache, step)
-        for row in drafting:
-            self._verify(rows[row][0], rows[row][1], logits[row])
-        if drafting:
-            logits = logits[:, 0]
         for row, (req, start, n) in enumerate(rows):
-            if row in drafting:
+            if req.draft:
+                self._verify(req, start, logits[row_logits[row]])
                 continue
             if req.prompt_logprobs is not None and start < len(req.prompt_ids):
-                self._score_prompt(req, start, n, all_logits[row, :n])
+                self._score_prompt(req, start, n, all_logits[offsets[row]:offsets[row] + n])
             req.computed = start + n
             self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
             if start < len(req.prompt_ids):
@@ -378,11 +346,53 @@ class LLMEngine:
             seen = torch.zeros(len(reqs), model.config.vocab_size, dtype=torch.bool)
             for i, r in enumerate(reqs):
                 seen[i, r.tokens] = True
-        picked = logits[sampling]
+        picked = logits[[row_logits[row].start for row in sampling]]
         next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen)
         logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
         for i, req in enumerate(reqs):
             self._append(req, int(next_tokens[i]), None if logprobs is None else logprobs[i])
+
+    def _pack(self, rows: list[tuple[EngineRequest, int, int]]) -> tuple[tuple, list[int], list[slice]]:
+        """Rows (request, first position, n new tokens) -> (the step forward_step runs, each row's
+        offset on the packed token axis, each row's slice of the logits forward_step returns)."""
+        bs = self.blocks.block_size
+        tokens, positions, slots, offsets, tables = [], [], [], [], []
+        total = 0
+        for req, start, n in rows:
+            seq = req.tokens + req.draft if req.draft else req.tokens
+            table = torch.tensor(req.table, dtype=torch.long)
+            pos = torch.arange(start, start + n)
+            offsets.append(total)
+            total += n
+            tokens.append(torch.tensor(seq[start:start + n]))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table)
+        by_length: dict[int, list[int]] = {}
+        for row, (_, _, n) in enumerate(rows):
+            by_length.setdefault(n, []).append(row)
+        groups = []
+        for n, members in by_length.items():
+            t = max(rows[r][1] + n for r in members)
+            gather = torch.zeros(len(members), t, dtype=torch.long)  # unused positions read slot 0, masked
+            mask = torch.zeros(len(members), 1, n, t, dtype=torch.bool)
+            for i, r in enumerate(members):
+                start = rows[r][1]
+                ctx = torch.arange(start + n)
+                gather[i, :start + n] = tables[r][ctx // bs] * bs + ctx % bs
+                mask[i, 0, :, :start + n] = ctx[None, :] <= positions[r][:, None]
+            index = torch.tensor([offsets[r] for r in members])[:, None] + torch.arange(n)[None, :]
+            groups.append((index, gather, mask))
+        # Logits at each row's last new token, or at every position of a row with drafts to verify.
+        last, row_logits = [], []
+        for row, (req, _, n) in enumerate(rows):
+            first = len(last)
+            last += range(offsets[row], offsets[row] + n) if req.draft else [offsets[row] + n - 1]
+            row_logits.append(slice(first, len(last)))
+        score = any(req.prompt_logprobs is not None and start < len(req.prompt_ids) for req, start, _ in rows)
+        step = (torch.cat(tokens)[None], torch.cat(positions)[None], torch.cat(slots), groups,
+                torch.tensor(last), score)
+        return step, offsets, row_logits
 
     def _verify(self, req: EngineRequest, start: int, logits: torch.Tensor) -> None:
         """Greedy verification of a drafted row. logits: [m, V] at [pending token, d1, ..., dk].

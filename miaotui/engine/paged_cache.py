@@ -1,14 +1,17 @@
-"""The paged KV cache's tensors, and the per-step view attention layers read and write through.
+"""The paged KV cache's tensors, and the per-step views attention layers read and write through.
 
 Pool layout per layer: K and V [num_blocks, block_size, kv_heads, head_dim], so a token's slot
-is block * block_size + offset in the flattened [slots, kv_heads, head_dim] view. For a step,
-each row of the batch has a block table; keys are gathered into [B, kv_heads, T, head_dim]
-(T = the longest context in the step) for SDPA, with a mask that hides other rows' slots and
-future positions. Not for block bookkeeping (block_manager.py).
+is block * block_size + offset in the flattened [slots, kv_heads, head_dim] view. A step's new
+tokens come packed on one axis [1, N] (no padding: a decode row costs one token even when a
+512-token prefill chunk shares the step). Rows with the same number of new tokens attend as one
+group: their keys are gathered into [G, kv_heads, T, head_dim] (T = the group's longest
+context) with a mask that hides other rows' slots and future positions.
+Not for block bookkeeping (block_manager.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,31 +31,59 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
-    def step_views(self, slots: torch.Tensor, gather: torch.Tensor) -> list[PagedLayerView]:
-        """slots: [B, S] flat slot of each new token (scratch slots for padding);
-        gather: [B, T] flat slot of each key position each row attends over."""
-        return [PagedLayerView(k, v, slots, gather) for k, v in zip(self.keys, self.values, strict=True)]
+    def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
+        """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""
+        return [PackedLayerView(k, v, slots, groups) for k, v in zip(self.keys, self.values, strict=True)]
 
 
 @dataclass(slots=True)
-class PagedLayerView:
+class AttentionGroup:
+    """Rows of a packed step with the same number n of new tokens, attended as one batch."""
+
+    token_index: torch.Tensor  # [G, n] where each row's new tokens sit on the packed axis
+    gather: torch.Tensor  # [G, T] flat slot of each key position a row attends over (0 = unused)
+    mask: torch.Tensor  # [G, 1, n, T] bool, True = may attend
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(slots=True)
+class PackedLayerView:
     k_pool: torch.Tensor  # [blocks, block_size, KV, hd]
     v_pool: torch.Tensor
-    slots: torch.Tensor  # [B, S]
-    gather: torch.Tensor  # [B, T]
+    slots: torch.Tensor  # [N]
+    groups: list[AttentionGroup]
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [B, KV, S, hd] new entries -> all keys/values of each row: [B, KV, T, hd]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
+        """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].
+        attention(q [G, H, n, hd], keys [G, KV, T, hd], values, mask [G, 1, n, T]) runs each group."""
         kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
         k_flat, v_flat = self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd)
-        idx = self.slots.reshape(-1)
-        k_flat[idx] = k.transpose(1, 2).reshape(-1, kv, hd).to(k_flat.dtype)
-        v_flat[idx] = v.transpose(1, 2).reshape(-1, kv, hd).to(v_flat.dtype)
-        b, t = self.gather.shape
-        keys = k_flat[self.gather.reshape(-1)].view(b, t, kv, hd).transpose(1, 2)
-        values = v_flat[self.gather.reshape(-1)].view(b, t, kv, hd).transpose(1, 2)
-        return keys, values
+        # index_copy_/index_select, not tensor[index]: 8x faster here (advanced indexing's generic kernel).
+        k_flat.index_copy_(0, self.slots, k[0].transpose(0, 1).to(k_flat.dtype))  # [N, KV, hd]
+        v_flat.index_copy_(0, self.slots, v[0].transpose(0, 1).to(v_flat.dtype))
+        if len(self.groups) == 1:  # the rows in order, all of the same length: no reordering
+            return self._attend_group(q[0], k_flat, v_flat, self.groups[0], attention).reshape(q.shape)
+        out = torch.empty_like(q)
+        for g in self.groups:
+            index = g.token_index.reshape(-1)
+            out[0].index_copy_(1, index, self._attend_group(q[0].index_select(1, index), k_flat, v_flat, g, attention))
+        return out
 
-    def rows(self, r0: int, r1: int) -> PagedLayerView:
-        """The view of batch rows [r0, r1) (a pipeline micro-batch): same pools, fewer rows."""
-        return PagedLayerView(self.k_pool, self.v_pool, self.slots[r0:r1], self.gather[r0:r1])
+    @staticmethod
+    def _attend_group(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: AttentionGroup,
+                      attention: Attend) -> torch.Tensor:
+        """q: [H, G * n, hd] the group's queries, rows in order -> [H, G * n, hd]."""
+        (rows, t), n = g.gather.shape, g.token_index.shape[1]
+        kv, hd = k_flat.shape[1], k_flat.shape[2]
+        keys = k_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
+        values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
+        out = attention(q.view(-1, rows, n, hd).transpose(0, 1), keys, values, g.mask)  # [G, H, n, hd]
+        return out.transpose(0, 1).reshape(-1, rows * n, hd)
+
+    def rows(self, r0: int, r1: int) -> PackedLayerView:
+        """A pipeline micro-batch of rows: a packed step is one row, so it is one micro-batch."""
+        if (r0, r1) != (0, 1):
+            raise ValueError("a packed step has a single row")
+        return self

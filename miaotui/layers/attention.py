@@ -15,11 +15,13 @@ from miaotui.layers.linear import make_linear
 from miaotui.layers.rope import apply_rope
 from miaotui.models.config import ModelConfig
 
+PER_QUERY_MAX_ROWS = 16  # up to this many new tokens after a cache attend query by query (speculation)
+
 
 class KVView(Protocol):
-    """A cache the engine manages (e.g. paged): takes this step's k/v, returns all keys/values."""
+    """A cache the engine manages (paged, packed rows): stores this step's k/v, runs the attention."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor: ...
 
 
 class Attention(nn.Module):
@@ -44,7 +46,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
         is_causal: bool,
     ) -> torch.Tensor:
-        # x: [B, S, D]; kv_cache: ([B, KV, T_max, hd], [B, KV, T_max, hd]), a paged view, or None;
+        # x: [B, S, D]; kv_cache: ([B, KV, T_max, hd], [B, KV, T_max, hd]), a packed paged view, or None;
         # attn_mask: [B, 1, S, T] bool (True = may attend) or None.
         batch, seq, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -53,16 +55,47 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if kv_cache is not None and not isinstance(kv_cache, tuple):
-            # A paged view (engine/paged_cache.py): writes the new entries, returns each row's keys.
-            k, v = kv_cache.update(k, v)
+        if kv_cache is not None and hasattr(kv_cache, "attend"):
+            # Packed rows of a serving step (engine/paged_cache.py): it stores k/v and runs attention per group.
+            out = kv_cache.attend(q, k, v, self._attention)
         elif kv_cache is not None:
             k_cache, v_cache = kv_cache
             end = cache_start + seq
             k_cache[:, :, cache_start:end] = k
             v_cache[:, :, cache_start:end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+            if cache_start > 0 and 1 < seq <= PER_QUERY_MAX_ROWS:
+                out = self._attention_per_query(q, k_cache, v_cache, cache_start, attn_mask)
+            else:
+                out = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask, is_causal)
+        else:
+            out = self._attention(q, k, v, attn_mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
+    def _attention_per_query(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_start: int,
+                             attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """A few new tokens after cached ones (verifying drafted tokens): each query attends over
+        exactly the keys a one-token decode step at its position would see, through the same call,
+        so speculation reproduces plain decoding bit for bit. With bf16 activations any other
+        arrangement of the same sums rounds differently and flips near-tied greedy picks.
+        q: [B, H, S, hd]; caches [B, KV, T_max, hd]; attn_mask [B, 1, S, T] or None -> [B, H, S, hd]."""
+        outs = []
+        for i in range(q.shape[2]):
+            end = cache_start + i + 1
+            mask = None if attn_mask is None else attn_mask[:, :, i:i + 1, :end]
+            if mask is not None and bool(mask.all()):
+                mask = None  # as a plain decode step without padding has none
+            outs.append(self._attention(q[:, :, i:i + 1], k_cache[:, :, :end], v_cache[:, :, :end], mask))
+        return torch.cat(outs, dim=2)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool = False) -> torch.Tensor:
+        """q: [B, H, S, hd], k, v: [B, KV, T, hd], mask: [B, 1, S, T] bool or None -> [B, H, S, hd]."""
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            # PyTorch's CPU flash attention is 4-15x slower in bf16 than in float32 on CPUs without
+            # AMX (docs/kernels.md), and float32 scores are exact for bf16 inputs: upcast.
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return out.to(dtype)

@@ -40,7 +40,14 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if bias is not None:
             y += bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        # One row goes down a matrix-vector path whose sums round differently from the same row
+        # inside a GEMM (measured: every GEMM of 2..64 rows agrees bit for bit, the 1-row path does
+        # not). A one-token decode step and a verification pass of drafted tokens must agree, or
+        # speculation flips near-tied greedy picks: run one row as two (no slower: docs/kernels.md).
+        return F.linear(x2.repeat(2, 1), weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Module):

@@ -25,13 +25,16 @@ def fast_int8_matmul(device: torch.device) -> bool:
 
 
 def packed_kernel_max_rows() -> int:
-    """Rows up to which the packed weight-only kernels beat dequantize + float GEMM.
+    """Rows up to which the packed weight-only kernels beat dequantize + float GEMM, for bf16/fp16
+    activations (float32 activations: see QuantLinear.kernel_for).
 
-    AVX-512 CPUs (PERF.md, Xeon, 3072x576): int4 1 row 54 us vs fp32 162; 16 rows 371 vs 466.
-    AVX2-only CPUs (docs/kernels.md, EPYC): the packed kernels fall back to slow code; int8pack
+    AVX-512 CPUs: the packed kernels are vectorized for bf16 activations and dequantizing a weight
+    per call costs 5-10 ms (3072x576), so packed wins far into prefill: measured on an AVX-512 EPYC
+    (Zen 5, docs/kernels.md), int4 g32 512 rows 5.7 ms vs 10.0 ms, int8 6.1 vs 6.7.
+    AVX2-only CPUs (docs/kernels.md, Zen 3): the packed kernels fall back to slow code; int8pack
     still wins at 1 row (1.3 ms vs 4.3 ms dequantize + GEMM) and loses from 4 rows.
     """
-    return 8 if "avx512f" in cpu_flags() else 1
+    return 1024 if "avx512f" in cpu_flags() else 1
 
 
 _INT4_INNER_K_TILES = 2
@@ -52,6 +55,7 @@ class QuantLinear(nn.Module):
         self._int8: torch.Tensor | None = None  # [N, K] int8 codes for int8pack / int_mm
         self._int4: torch.Tensor | None = None  # CPU int4pack layout
         self._int4_scales_zeros: torch.Tensor | None = None  # [groups, N, 2]
+        self._cast_cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # scales in the activations' dtype
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bias: torch.Tensor | None = None) -> None:
@@ -71,6 +75,7 @@ class QuantLinear(nn.Module):
         """Build the kernel-specific layouts from the stored codes (after loading or quantizing)."""
         fmt, cpu = self.fmt, self.packed.device.type == "cpu"
         self._int8 = self._int4 = self._int4_scales_zeros = None
+        self._cast_cache = {}
         if fmt.kind == "int" and fmt.bits == 8 and fmt.symmetric and fmt.group_size == -1:
             self._int8 = self.codes().to(torch.int8).contiguous()
         elif cpu and fmt.kind == "int" and fmt.bits == 4 and fmt.group_size in (32, 64, 128, 256) \
@@ -83,12 +88,21 @@ class QuantLinear(nn.Module):
             z = (8 - zero_u) * self.scale
             self._int4_scales_zeros = torch.stack([self.scale.t(), z.t()], dim=-1).contiguous()
 
-    def kernel_for(self, rows: int) -> str:
+    def _in_dtype(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t (the kernel input `name`) cast to the activations' dtype, once: a per-call cast copies."""
+        if (name, dtype) not in self._cast_cache:
+            self._cast_cache[name, dtype] = t.to(dtype).contiguous()
+        return self._cast_cache[name, dtype]
+
+    def kernel_for(self, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
         if self.act_quant and self._int8 is not None:
             # Same W8A8 arithmetic either way; without int8 dot-product units (VNNI/AMX) the
             # int8 x int8 kernel is ~30x slower than a float GEMM over the same integer values.
             return "int_mm" if fast_int8_matmul(self.packed.device) else "w8a8_float"
-        if rows <= self.packed_kernel_max_rows:
+        # With float32 activations the packed CPU kernels run scalar code even on AVX-512 (int4 g32,
+        # 3072x576: 1 row 1.3 ms vs 4.5 ms dequantize + GEMM, but 16 rows 20.5 ms vs 6.0 ms).
+        low_precision = dtype in (torch.bfloat16, torch.float16) or self.packed.device.type != "cpu"
+        if rows <= (self.packed_kernel_max_rows if low_precision else 1):
             if self._int8 is not None:
                 return "int8pack"
             if self._int4 is not None:
@@ -99,12 +113,14 @@ class QuantLinear(nn.Module):
         # x: [..., K] -> [..., N]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        kernel = self.kernel_for(x2.shape[0])
+        kernel = self.kernel_for(x2.shape[0], x.dtype)
         if kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x2.contiguous(), self._int8, self.scale[:, 0].to(x.dtype))
+            scale = self._in_dtype("scale", self.scale[:, 0], x.dtype)
+            y = torch._weight_int8pack_mm(x2.contiguous(), self._int8, scale)
         elif kernel == "int4pack":
+            scales_zeros = self._in_dtype("scales_zeros", self._int4_scales_zeros, x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._int4, self.fmt.group_size,
-                                                           self._int4_scales_zeros.to(x.dtype))
+                                                           scales_zeros)
         elif kernel == "int_mm":
             y = _w8a8_matmul(x2, self._int8, self.scale[:, 0])
         elif kernel == "w8a8_float":

@@ -13,10 +13,13 @@ from miaotui.errors import MiaotuiError
 from miaotui.layers.attention import Attention
 from miaotui.layers.linear import Linear, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
+from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+RESCORED_CANDIDATES = 8  # logits recomputed in float32 per position (Transformer.logits)
+INT8_HEAD_MAX_ROWS = 4  # up to here the int8 head copy beats the bf16 head (docs/kernels.md)
 
 
 class SwiGLU(nn.Module):
@@ -57,6 +60,7 @@ class Transformer(nn.Module):
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.lm_head_narrow: torch.Tensor | None = None  # decode copy of a tied head
+        self.head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [V, D], row scales [V])
 
     def materialize_rotary(self, device: str | torch.device) -> None:
         """The rope buffer is derived from the config, never stored: compute it after a meta-device build."""
@@ -64,12 +68,29 @@ class Transformer(nn.Module):
         self.rotary.inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
 
     def add_decode_weights(self, dtype: torch.dtype) -> None:
-        """Keep a narrow copy of every matmul weight for memory-bound few-row calls (linear.py)."""
+        """Keep a narrow copy of every matmul weight for memory-bound few-row calls (linear.py).
+        int8: a copy of the output head only (see logits): int8 body weights would change the model."""
+        if dtype == torch.int8:
+            self._add_int8_head()
+            return
         for module in self.modules():
             if isinstance(module, Linear):
                 module.add_narrow_weight(dtype)
         if self.lm_head is None:
             self.lm_head_narrow = self.embed_tokens.weight.detach().to(dtype)
+
+    def _add_int8_head(self) -> None:
+        head = self._dense_head()
+        if head is None:
+            return
+        fmt = QuantFormat(8, -1, True)  # per output row, symmetric: the int8pack kernel's format
+        scale, zero = compute_qparams(head.detach(), fmt)
+        self.head_int8 = quantize_codes(head.detach(), scale, zero, fmt), scale[:, 0].to(head.dtype).contiguous()
+
+    def _dense_head(self) -> torch.Tensor | None:
+        """The output head's weight [V, D], or None when it is quantized (its kernels decide)."""
+        head = self.embed_tokens.weight if self.lm_head is None else getattr(self.lm_head, "weight", None)
+        return head if isinstance(head, torch.Tensor) else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -107,11 +128,33 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
-        if self.lm_head is None:
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.head_int8 is not None and rows <= INT8_HEAD_MAX_ROWS and hidden.dtype != torch.float32:
+            # Memory-bound few-row calls read the int8 copy (1 row: 0.66 vs 1.79 ms for the bf16
+            # head, docs/kernels.md); the best candidates are then recomputed exactly below, so
+            # greedy picks are those of the real head.
+            codes, scale = self.head_int8
+            out = torch._weight_int8pack_mm(hidden.reshape(rows, -1).contiguous(), codes, scale)
+            out = out.view(*hidden.shape[:-1], -1)
+        elif self.lm_head is None:
             out = mixed_linear(hidden, self.embed_tokens.weight, None, self.lm_head_narrow)
         else:
             out = self.lm_head(hidden)
+        if out.dtype in (torch.bfloat16, torch.float16):
+            return self._rescore_top(hidden, out.float())
         return out.float()
+
+    def _rescore_top(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """A bf16 GEMM rounds its output: logits near 16 land on a 0.125 grid, so close candidates
+        tie and greedy picks would follow rounding (and flip between batch shapes). Recompute the
+        top candidates exactly in float32 from the same weights: argmax is then exact, for the
+        price of RESCORED_CANDIDATES dot products per position. hidden: [..., D], logits: [..., V]."""
+        head = self._dense_head()
+        if head is None or head.dtype not in (torch.bfloat16, torch.float16):
+            return logits  # a quantized head: its own kernels decide the precision
+        top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices  # [..., C]
+        exact = (head[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)  # [..., C, D] @ [..., D, 1]
+        return logits.scatter_(-1, top, exact)
 
     def forward(self, tokens, positions, kv_caches=None, cache_start=0, attn_mask=None, last_only=False):
         """Logits [B, S, V], or [B, V] for the last position only (generation skips the rest)."""
@@ -141,6 +184,8 @@ class Transformer(nn.Module):
         tensors += [m.narrow_weight for m in self.modules() if isinstance(m, Linear) and m.narrow_weight is not None]
         if self.lm_head_narrow is not None:
             tensors.append(self.lm_head_narrow)
+        if self.head_int8 is not None:
+            tensors += list(self.head_int8)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

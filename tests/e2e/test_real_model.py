@@ -109,15 +109,24 @@ def test_chat_answers_sensibly(real_llm):
 
 
 def test_default_dtype_batch_equals_single(real_model_path):
+    """Batching may change low-order bits (a different kernel for a batch, bf16 rounding), so a
+    greedy pick may flip only where the two best tokens are nearly tied: the batched text must
+    equal the single one up to the first near-tie of the single run."""
     from miaotui import LLM
 
-    llm = LLM(str(real_model_path))  # the device default (decode copy included where chosen)
+    llm = LLM(str(real_model_path))  # the device default (dtype and decode copy)
+    tie = 0.25 if llm.dtype in (torch.bfloat16, torch.float16) else 0.02  # logits, a few roundings
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     batched = llm.generate(PROMPTS, params)
     for prompt, result in zip(PROMPTS, batched, strict=True):
-        single = llm.generate(prompt, params)[0].outputs[0].text
-        # Batch rows run the wide kernel, single rows the narrow one: allow late divergence only.
-        assert result.outputs[0].text[:40] == single[:40]
+        single = llm.generate(prompt, params)[0].outputs[0].token_ids
+        ids = llm.tokenizer.encode(prompt) + single
+        with torch.inference_mode():
+            logits = llm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -len(single) - 1:-1]
+        top2 = logits.topk(2, dim=-1).values
+        near_ties = (top2[:, 0] - top2[:, 1] < tie).nonzero()
+        agree_until = int(near_ties[0]) + 1 if len(near_ties) else len(single)
+        assert result.outputs[0].token_ids[:agree_until] == single[:agree_until], agree_until
 
 
 def test_cli_generate_stream_with_default_model():

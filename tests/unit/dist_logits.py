@@ -15,4 +15,5 @@ with torch.inference_mode():
     logits = llm.model(ids, positions)
 if torch.distributed.get_rank() == 0:
     torch.save(logits, out)
+torch.distributed.barrier()  # rank 0 saves first: no rank tears gloo down under the other
 torch.distributed.destroy_process_group()

@@ -72,7 +72,7 @@ def test_parallel_logits_match_under_torchrun(tiny_hf_dir, tmp_path, tp, pp):
 
 def test_killed_worker_fails_fast_with_a_clear_error(tiny_hf_dir):
     args = [sys.executable, "-m", "miaotui.cli", "generate", "-m", str(tiny_hf_dir), "--dtype", "float32",
-            "--max-tokens", "240", "--ignore-eos", "--threads", "1", "--tp", "2", "-p", "x"]
+            "--max-tokens", "240", "--ignore-eos", "--threads", "1", "--tp", "2", "--stream", "-p", "x"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60
     child = None
@@ -81,7 +81,7 @@ def test_killed_worker_fails_fast_with_a_clear_error(tiny_hf_dir):
         child = int(found[0]) if found else None
         time.sleep(0.2)
     assert child is not None
-    time.sleep(3)  # both ranks loaded and generating
+    assert proc.stdout.read(1)  # the first streamed text: both ranks loaded and generating
     subprocess.run(["kill", "-9", str(child)])
     killed_at = time.monotonic()
     _, err = proc.communicate(timeout=60)

@@ -47,3 +47,23 @@ def test_decode_copy_is_counted_in_weight_bytes(tiny_hf_dir):
     plain = load_model(tiny_hf_dir, torch.float32)
     with_copy = load_model(tiny_hf_dir, torch.float32, decode_weight_dtype=torch.float16)
     assert with_copy.model.weight_bytes() > plain.model.weight_bytes()
+
+
+def test_int8_head_copy_keeps_the_best_logits_exact(tiny_hf_dir):
+    """The int8 head copy serves few-row calls; its best candidates are recomputed from the real
+    head, so greedy picks and the top logits equal the bf16 model's own."""
+    from miaotui.loaders.load import load_model
+    from miaotui.models.llama import INT8_HEAD_MAX_ROWS
+
+    plain = load_model(tiny_hf_dir, torch.bfloat16).model
+    with_copy = load_model(tiny_hf_dir, torch.bfloat16, decode_weight_dtype=torch.int8).model
+    assert with_copy.head_int8 is not None and with_copy.weight_bytes() > plain.weight_bytes()
+    torch.manual_seed(0)
+    hidden = torch.randn(INT8_HEAD_MAX_ROWS, plain.config.hidden_size).bfloat16()
+    exact, approx = plain.logits(hidden), with_copy.logits(hidden)
+    assert not torch.equal(exact, approx)  # it really read the int8 copy
+    assert torch.equal(approx.argmax(-1), exact.argmax(-1))
+    assert torch.equal(approx.max(-1).values, exact.max(-1).values)  # recomputed exactly, both ways
+    full = hidden.float() @ plain.embed_tokens.weight.float().t()  # float32 logits of the real head
+    torch.testing.assert_close(approx.max(-1).values, full.max(-1).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05)
