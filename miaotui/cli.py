@@ -640,9 +640,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
         connect_replica(engine, ctx)
         serve_replica_leader(engine, ctx)
         return
+    # Bind before the app starts any worker: a worker's gloo sockets take ephemeral ports, and one of them
+    # could otherwise land on --port between our check and uvicorn's bind. A taken port fails here, in a second.
+    sock = _listening_socket(args.host, args.port)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the timeout), then exits.
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=120)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="info", timeout_graceful_shutdown=120))
+    server.run(sockets=[sock])
+
+
+def _listening_socket(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise MiaotuiError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise MiaotuiError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -151,3 +151,14 @@ def test_unwritable_output_path_is_a_one_line_error(capsys, tiny_gguf, tmp_path)
     code, _, err = run_cli(capsys, "export-gguf", "-m", str(tiny_gguf), "--type", "f32",
                            "-o", str(blocker / "sub" / "m.gguf"))
     assert_one_line_error(code, err, "sub")
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(capsys, tiny_gguf):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", "-m", str(tiny_gguf), "--port", str(port))
+    assert_one_line_error(code, err, f"127.0.0.1:{port}")
