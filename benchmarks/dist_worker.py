@@ -73,6 +73,37 @@ def matmul_share(llm: LLM, prompt: list[int], gen: int) -> float:
     return mm / total
 
 
+def in_run_comm_s(llm: LLM, prompt: list[int], gen: int) -> float:
+    """Seconds a batch-1 generation spends inside collectives, on this rank: the isolated timings of
+    collectives() plus whatever the real pattern adds (waiting for a peer still computing)."""
+    spent = [0.0]
+    names = ("all_reduce", "all_gather", "broadcast", "send", "recv")
+    originals = {name: getattr(dist, name) for name in names}
+
+    def timer(fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, timer(fn))
+    try:
+        runs = []
+        for _ in range(3):
+            spent[0] = 0.0
+            dist.barrier()
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True))
+            runs.append(spent[0])
+        return statistics.median(runs)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 def main() -> None:
     model, out, tp, pp, dp, threads, tokens = sys.argv[1:8]
     torch.set_num_threads(int(threads))
@@ -92,6 +123,7 @@ def main() -> None:
     if dist.get_world_size() > 1:
         result["link"] = link()
         result["collectives"] = collectives(llm.config.hidden_size, llm.config.vocab_size)
+        result["batch1_comm_s"] = in_run_comm_s(llm, prompt, gen)
     elif int(threads) == 1:  # the calibration run: one core, as each of two processes gets
         result["batch4_s"] = timed(lambda: llm.generate(batch[:4], params))
         result["matmul_share"] = matmul_share(llm, prompt, gen)

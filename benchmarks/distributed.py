@@ -61,8 +61,8 @@ def predict(calib: dict, r: dict, coll: dict, cfg: dict) -> dict:
             # Matmuls split p ways; norms, rope, attention bookkeeping and Python run whole on every rank.
             # 2 all-reduces per layer + 1 for the vocabulary-parallel embedding; the head's logits
             # (last position only) are all-gathered every step.
-            t = compute * (f / p + 1 - f) + steps("all_reduce", batch, 2 * layers + 1) \
-                + GEN * per_call("all_gather", batch)
+            comm = steps("all_reduce", batch, 2 * layers + 1) + GEN * per_call("all_gather", batch)
+            t = compute * (f / p + 1 - f) + comm
         elif r["pp"] > 1:
             # Batch 1: the stages run one after the other (compute as one process), and each step the
             # hidden state crosses p - 1 links and is broadcast back from the last stage.
@@ -72,9 +72,10 @@ def predict(calib: dict, r: dict, coll: dict, cfg: dict) -> dict:
         else:
             # Replicas share nothing until the final gather: 1 prompt keeps one replica (one core)
             # busy, 8 prompts run as 4 + 4.
-            t = compute if batch == 1 else calib["batch4_s"]
+            t, comm = (compute if batch == 1 else calib["batch4_s"]), 0.0
         out[f"batch{batch}_tok_s"] = batch * GEN / t
         out[f"batch{batch}_s"] = t
+        out[f"batch{batch}_comm_s"] = comm
     return out
 
 
@@ -100,8 +101,9 @@ def main() -> None:
              f"bandwidth {link['bandwidth_Bps'] / 1e9:.2f} GB/s.", "",
              f"Matmul share of one-core compute (what TP divides): {calib['matmul_share']:.0%}.", "",
              "| mode | world | threads / process | 1 prompt: tok/s (predicted) | 1 prompt: ms / token "
-             "(predicted) | 8 prompts: tok/s (predicted) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "(predicted) | 1 prompt: ms / token in collectives, in-run (predicted) | "
+             "8 prompts: tok/s (predicted) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mode = "single" if r["tp"] == r["pp"] == r["dp"] == 1 else \
             "TP" if r["tp"] > 1 else "PP" if r["pp"] > 1 else "DP"
@@ -109,8 +111,10 @@ def main() -> None:
         p1 = f" ({pred['batch1_tok_s']:.1f})" if pred else ""
         l1 = f" ({pred['batch1_s'] / GEN * 1000:.0f})" if pred else ""
         p8 = f" ({pred['batch8_tok_s']:.1f})" if pred else ""
+        comm = "–" if "batch1_comm_s" not in r else \
+            f"{r['batch1_comm_s'] / GEN * 1000:.1f} ({pred['batch1_comm_s'] / GEN * 1000:.1f})"
         lines.append(f"| {mode} | {r['tp'] * r['pp'] * r['dp']} | {r['threads']} | {r['batch1_tok_s']:.1f}{p1} | "
-                     f"{r['batch1_s'] / GEN * 1000:.0f}{l1} | {r['batch8_tok_s']:.1f}{p8} |")
+                     f"{r['batch1_s'] / GEN * 1000:.0f}{l1} | {comm} | {r['batch8_tok_s']:.1f}{p8} |")
     (RESULTS / "distributed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

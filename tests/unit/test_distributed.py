@@ -53,6 +53,27 @@ def test_tensor_parallel_int8_weights(tiny_hf_dir, tmp_path):
     assert generate(q, "--tp", "2") == generate(q)
 
 
+def test_two_node_launch_over_a_rendezvous_endpoint(tiny_hf_dir, single):
+    """The multi-node path on one host: two torchrun agents (one per "node", one process each) meet at a
+    c10d rendezvous endpoint, exactly as two machines would; their TP=2 generation equals one process."""
+    from miaotui.distributed.launch import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+            "-m", "miaotui.cli", "generate", "-m", str(tiny_hf_dir), "--dtype", "float32", "--max-tokens", "12",
+            "--json", "--threads", "1", "--tp", "2"]
+    for p in PROMPTS:
+        args += ["-p", p]
+    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    printed = [out for out, _ in outputs if out.strip()]  # only global rank 0 prints
+    assert len(printed) == 1
+    assert [o["token_ids"] for o in json.loads(printed[0])] == single
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parallel_logits_match_under_torchrun(tiny_hf_dir, tmp_path, tp, pp):
     from miaotui import LLM
