@@ -62,11 +62,15 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
     layer = QuantLinear(256, 96, True, fmt, act_quant)
     scale, zero = compute_qparams(w, fmt)
     layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero, torch.randn(96))
+    assert torch.allclose(layer._dense_weight(torch.float32), layer.dequantized_weight(), rtol=0, atol=1e-6)
     for rows in (1, 3, 40, layer.packed_kernel_max_rows + 1):
         x = torch.randn(rows, 256)
         ref = x @ layer.dequantized_weight().t() + layer.bias
         tolerance = 2e-2 if act_quant else 1e-5  # W8A8 also rounds the activations
         assert float((layer(x) - ref).abs().max() / ref.abs().max()) < tolerance, layer.kernel_for(rows)
+        # bf16 activations take the packed kernels, then (many rows) the fast dequantize + bf16 GEMM
+        got = layer(x.bfloat16()).float()
+        assert float((got - ref).abs().max() / ref.abs().max()) < 3e-2, layer.kernel_for(rows, torch.bfloat16)
     if fmt.bits == 8 and not act_quant:
         many = layer.packed_kernel_max_rows + 1  # from here dequantize + GEMM wins (CPU-dependent)
         assert layer.kernel_for(1) == "int8pack" and layer.kernel_for(many) == "dense"
