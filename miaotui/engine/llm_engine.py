@@ -99,7 +99,7 @@ def forward_step(model: Transformer, cache: PagedKVCache, step: tuple) -> tuple[
     """One engine forward over packed rows: -> (logits at the packed positions `last` names [L, V],
     and all logits [N, V] when prompt tokens are scored, else None). Also what the other ranks of a
     model replica run. step: tokens, positions [1, N]; slots [N]; groups, a list of AttentionGroup
-    fields (token_index [G, n], gather [G, T], mask [G, 1, n, T]); last [L]; score (bool)."""
+    fields (token_index [G, n], gather [G, T], mask [G, 1, n, T], lengths [G, n]); last [L]; score (bool)."""
     tokens, positions, slots, groups, last, score = step
     device = model.device
     views = cache.step_views(slots.to(device), [AttentionGroup(*(t.to(device) for t in g)) for g in groups])
@@ -382,7 +382,8 @@ class LLMEngine:
                 gather[i, :start + n] = tables[r][ctx // bs] * bs + ctx % bs
                 mask[i, 0, :, :start + n] = ctx[None, :] <= positions[r][:, None]
             index = torch.tensor([offsets[r] for r in members])[:, None] + torch.arange(n)[None, :]
-            groups.append((index, gather, mask))
+            lengths = torch.stack([positions[r] + 1 for r in members])  # [G, n]
+            groups.append((index, gather, mask, lengths))
         # Logits at each row's last new token, or at every position of a row with drafts to verify.
         last, row_logits = [], []
         for row, (req, _, n) in enumerate(rows):

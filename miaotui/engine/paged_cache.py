@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from miaotui.kernels import paged_attention
 from miaotui.models.config import ModelConfig
+
+NATIVE_MAX_NEW_TOKENS = 16  # groups of rows with up to this many new tokens (decode, verification) run natively
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -30,10 +33,12 @@ class PagedKVCache:
         self.block_size = block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # Few-token rows read the pool in place (kernels/paged_attention.cpp): built here, at start-up.
+        self.native = paged_attention() if torch.device(device).type == "cpu" else None
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
         """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""
-        return [PackedLayerView(k, v, slots, groups) for k, v in zip(self.keys, self.values, strict=True)]
+        return [PackedLayerView(k, v, slots, groups, self.native) for k, v in zip(self.keys, self.values, strict=True)]
 
 
 @dataclass(slots=True)
@@ -43,6 +48,7 @@ class AttentionGroup:
     token_index: torch.Tensor  # [G, n] where each row's new tokens sit on the packed axis
     gather: torch.Tensor  # [G, T] flat slot of each key position a row attends over (0 = unused)
     mask: torch.Tensor  # [G, 1, n, T] bool, True = may attend
+    lengths: torch.Tensor  # [G, n] keys each new token sees: gather[g, :lengths[g, i]] (its position + 1)
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +60,7 @@ class PackedLayerView:
     v_pool: torch.Tensor
     slots: torch.Tensor  # [N]
     groups: list[AttentionGroup]
+    native: Callable | None = None  # torch.ops.miaotui.paged_attention, or None: PyTorch ops only
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].
@@ -71,12 +78,20 @@ class PackedLayerView:
             out[0].index_copy_(1, index, self._attend_group(q[0].index_select(1, index), k_flat, v_flat, g, attention))
         return out
 
-    @staticmethod
-    def _attend_group(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: AttentionGroup,
+    def _native_fits(self, q: torch.Tensor, k_flat: torch.Tensor, g: AttentionGroup) -> bool:
+        return (self.native is not None and g.token_index.shape[1] <= NATIVE_MAX_NEW_TOKENS
+                and q.shape[0] % k_flat.shape[1] == 0)
+
+    def _attend_group(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: AttentionGroup,
                       attention: Attend) -> torch.Tensor:
         """q: [H, G * n, hd] the group's queries, rows in order -> [H, G * n, hd]."""
         (rows, t), n = g.gather.shape, g.token_index.shape[1]
         kv, hd = k_flat.shape[1], k_flat.shape[2]
+        if self._native_fits(q, k_flat, g):
+            # float32 queries [G, n, H, hd]; each one attends over its own prefix of the row's slots
+            qn = q.transpose(0, 1).float().contiguous().view(rows, n, q.shape[0], hd)
+            out = self.native(qn, k_flat, v_flat, g.gather, g.lengths, hd ** -0.5)
+            return out.view(rows * n, q.shape[0], hd).transpose(0, 1).to(q.dtype)
         keys = k_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         out = attention(q.view(-1, rows, n, hd).transpose(0, 1), keys, values, g.mask)  # [G, H, n, hd]

@@ -1,0 +1,60 @@
+"""Native CPU kernels, compiled on first use for this machine (torch.utils.cpp_extension + ninja + a
+C++ compiler) and cached under ~/.cache/miaotui/kernels. Where they cannot be built the callers
+fall back to plain PyTorch ops, with one warning: never an error.
+
+Not for kernels PyTorch already has (quantized matmuls: layers/quantized_linear.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from miaotui.runtime import cpu_flags
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build_dir() -> Path:
+    """One build per source, PyTorch version and CPU features (it is compiled with -march=native)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MIAOTUI_KERNEL_CACHE", Path.home() / ".cache" / "miaotui" / "kernels"))
+    path = root / f"paged_attention-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def paged_attention() -> Callable | None:
+    """torch.ops.miaotui.paged_attention, built if needed; None where it cannot be (no compiler,
+    MIAOTUI_NATIVE_KERNELS=0)."""
+    with _lock:
+        if "op" not in _state:
+            _state["op"] = _load()
+        return _state["op"]  # type: ignore[return-value]
+
+
+def _load() -> Callable | None:
+    if os.environ.get("MIAOTUI_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="miaotui_paged_attention", sources=[str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                           extra_ldflags=["-fopenmp", "-lmvec", "-lm"],
+                           build_directory=str(_build_dir()), is_python_module=False, verbose=False)
+        return torch.ops.miaotui.paged_attention
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("miaotui: native paged attention unavailable (%s); using PyTorch ops", first[:200])
+        return None

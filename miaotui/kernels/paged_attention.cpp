@@ -1,0 +1,156 @@
+// Paged attention for few-token rows (decode steps, speculative verification) on CPU.
+//
+// Reads keys and values straight from the paged pool by slot (no gathered copy, no float32 copy
+// of the cache), one task per (query token, kv head) so the query heads of a group share each key
+// read. Every query is computed on its own, over exactly the keys at or before its position, in
+// the same order: a token's output does not depend on which other rows share the step, and a
+// verified draft token gets the bits a one-token decode step would give it.
+//
+// q:        [G, n, H, hd] float32   the queries of G rows with n new tokens each
+// k_pool:   [S, KV, hd]   bf16/fp16/fp32   flat slots of the paged pool (v_pool alike)
+// gather:   [G, T] int64            slot of each key position of a row (position order)
+// lengths:  [G, n] int64            keys query i of row g sees: gather[g, :lengths[g, i]]
+// returns   [G, n, H, hd] float32
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// Copies a row's keys (or values) of one kv head into a dense float32 buffer [len, hd]. A tight loop
+// of independent loads: the core keeps many cache misses in flight (the pool is far bigger than the
+// caches), where computing on each key as it arrives would wait for one miss at a time.
+template <typename T>
+void gather_head(const T* pool, const int64_t* slots, int64_t len, int64_t slot_stride, int64_t offset, int64_t hd,
+                 float* dst) {
+  constexpr int64_t ahead = 8;
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + ahead < len) {
+      const char* next = reinterpret_cast<const char*>(pool + slots[t + ahead] * slot_stride + offset);
+      for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+    }
+    const T* src = pool + slots[t] * slot_stride + offset;
+    float* out = dst + t * hd;
+#pragma omp simd
+    for (int64_t d = 0; d < hd; ++d) out[d] = to_float(src[d]);
+  }
+}
+
+template <typename T>
+void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gather, const int64_t* lengths,
+            float* out, int64_t rows, int64_t n, int64_t heads, int64_t kv_heads, int64_t hd, int64_t t_max,
+            float scale) {
+  const int64_t group = heads / kv_heads;  // query heads per kv head
+  const int64_t slot_stride = kv_heads * hd;
+  at::parallel_for(0, rows * n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, dense, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kv = task % kv_heads, token = task / kv_heads;  // token = g * n + i
+      const int64_t g = token / n;
+      const int64_t len = lengths[token];
+      const int64_t* slots = gather + g * t_max;
+      const float* qk = q + (token * heads + kv * group) * hd;  // group query heads, contiguous
+      dense.resize(len * hd);
+      scores.assign(group * len, 0.f);
+      gather_head(k_pool, slots, len, slot_stride, kv * hd, hd, dense.data());
+      for (int64_t t = 0; t < len; ++t) {
+        const float* key = dense.data() + t * hd;
+        for (int64_t r = 0; r < group; ++r) {
+          const float* qr = qk + r * hd;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < hd; ++d) dot += qr[d] * key[d];
+          scores[r * len + t] = dot * scale;
+        }
+      }
+      for (int64_t r = 0; r < group; ++r) {
+        float* s = scores.data() + r * len;
+        float top = std::numeric_limits<float>::lowest();  // built with -ffast-math: no infinities
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = expf(s[t] - top);  // glibc's vector expf (libmvec) under -ffast-math
+          total += s[t];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      gather_head(v_pool, slots, len, slot_stride, kv * hd, hd, dense.data());
+      acc.assign(group * hd, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const float* value = dense.data() + t * hd;
+        for (int64_t r = 0; r < group; ++r) {
+          const float p = scores[r * len + t];
+          float* a = acc.data() + r * hd;
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) a[d] += p * value[d];
+        }
+      }
+      std::memcpy(out + (token * heads + kv * group) * hd, acc.data(), group * hd * sizeof(float));
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& gather, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.is_contiguous(),
+              "q: contiguous float32 [G, n, H, hd] on CPU");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == v_pool.scalar_type(),
+              "pools: contiguous [S, KV, hd], same shape and dtype");
+  TORCH_CHECK(gather.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && gather.is_contiguous() &&
+                  lengths.is_contiguous(), "gather and lengths: contiguous int64");
+  const int64_t rows = q.size(0), n = q.size(1), heads = q.size(2), hd = q.size(3);
+  const int64_t kv_heads = k_pool.size(1);
+  TORCH_CHECK(k_pool.size(2) == hd && heads % kv_heads == 0, "head sizes do not match");
+  TORCH_CHECK(gather.dim() == 2 && gather.size(0) == rows && lengths.numel() == rows * n, "gather/lengths shape");
+  TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
+  auto out = at::empty_like(q);
+  const auto args = std::make_tuple(gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                                    out.data_ptr<float>());
+  switch (k_pool.scalar_type()) {
+    case at::kFloat:
+      attend(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), std::get<0>(args),
+             std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd, gather.size(1), scale);
+      break;
+    case at::kBFloat16:
+      attend(q.data_ptr<float>(), k_pool.data_ptr<c10::BFloat16>(), v_pool.data_ptr<c10::BFloat16>(),
+             std::get<0>(args), std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd,
+             gather.size(1), scale);
+      break;
+    case at::kHalf:
+      attend(q.data_ptr<float>(), k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>(), std::get<0>(args),
+             std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd, gather.size(1), scale);
+      break;
+    default:
+      TORCH_CHECK(false, "pools must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(miaotui, m) {
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) { m.impl("paged_attention", &paged_attention); }
