@@ -19,7 +19,7 @@ import torch
 from miaotui.runtime import cpu_flags
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -29,18 +29,23 @@ def _build_dir() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_KERNEL_CACHE", Path.home() / ".cache" / "miaotui" / "kernels"))
-    path = root / f"paged_attention-{key}"
+    path = root / f"cpu_kernels-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def paged_attention() -> Callable | None:
-    """torch.ops.miaotui.paged_attention, built if needed; None where it cannot be (no compiler,
-    MIAOTUI_NATIVE_KERNELS=0)."""
+def native_ops():
+    """torch.ops.miaotui (paged_attention, dequantize_4bit), built if needed; None where it cannot be
+    (no compiler, MIAOTUI_NATIVE_KERNELS=0)."""
     with _lock:
-        if "op" not in _state:
-            _state["op"] = _load()
-        return _state["op"]  # type: ignore[return-value]
+        if "ops" not in _state:
+            _state["ops"] = _load()
+        return _state["ops"]
+
+
+def paged_attention() -> Callable | None:
+    ops = native_ops()
+    return None if ops is None else ops.paged_attention
 
 
 def _load() -> Callable | None:
@@ -49,12 +54,12 @@ def _load() -> Callable | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="miaotui_paged_attention", sources=[str(SOURCE)],
+        cpp_extension.load(name="miaotui_cpu_kernels", sources=[str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                            extra_ldflags=["-fopenmp", "-lmvec", "-lm"],
                            build_directory=str(_build_dir()), is_python_module=False, verbose=False)
-        return torch.ops.miaotui.paged_attention
+        return torch.ops.miaotui
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("miaotui: native paged attention unavailable (%s); using PyTorch ops", first[:200])
+        log.warning("miaotui: native CPU kernels unavailable (%s); using PyTorch ops", first[:200])
         return None

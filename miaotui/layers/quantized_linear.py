@@ -12,10 +12,13 @@ Not for producing codes (compress/quantize/).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.kernels import native_ops
 from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
 from miaotui.runtime import cpu_flags
 
@@ -31,14 +34,17 @@ def packed_kernel_max_rows(bits: int) -> int:
     AVX-512 CPUs: the packed kernels are vectorized for bf16 activations, but their cost grows
     with every row (int4 g32 3072x576: 16 rows 0.18 ms, 512 rows 5.6 ms) while a bf16 GEMM is
     compute-bound from ~64 rows (512 rows 2.0 ms) and the fast dequantize (_dense_weight) costs
-    0.7 ms (4-bit) or 0.2 ms (int8): dequantize + GEMM wins from ~160 rows for int4 (512 rows:
-    3.3 vs 5.7 ms) and ~48 for int8 (512 rows: 2.7 vs 6.3 ms), i.e. in prefill (docs/kernels.md).
+    0.2 ms (4-bit with the native kernel, int8) or 0.7 ms (4-bit with PyTorch ops): dequantize +
+    GEMM wins from ~40 rows (~160 without the native kernel), i.e. in prefill and wide
+    speculative verification (docs/kernels.md).
     AVX2-only CPUs (docs/kernels.md, Zen 3): the packed kernels fall back to slow code; int8pack
     still wins at 1 row (1.3 ms vs 4.3 ms dequantize + GEMM) and loses from 4 rows.
     """
     if "avx512f" not in cpu_flags():
         return 1
-    return 48 if bits == 8 else 160
+    if bits == 4 and native_ops() is None:  # dequantize with PyTorch ops: 0.7 ms instead of 0.2
+        return 160
+    return 40
 
 
 _INT4_INNER_K_TILES = 2
@@ -151,6 +157,11 @@ class QuantLinear(nn.Module):
             return self.dequantized_weight(dtype)
         scale, offset = self._nibble_affine  # [N, G, 1] each
         n, groups = scale.shape[0], scale.shape[1]
+        ops = native_ops() if self.packed.device.type == "cpu" else None
+        if ops is not None:  # one pass, several times faster than the ops below (kernels/cpu_kernels.cpp)
+            out = _scratch(n * self.in_features, dtype).view(n, self.in_features)
+            ops.dequantize_4bit(self.packed, scale.view(n, groups), offset.view(n, groups), out)
+            return out
         nibbles = torch.empty(n, self.packed.shape[1], 2, dtype=torch.uint8, device=self.packed.device)
         torch.bitwise_and(self.packed, 15, out=nibbles[..., 0])  # low nibble first (pack_codes)
         torch.bitwise_right_shift(self.packed, 4, out=nibbles[..., 1])
@@ -163,6 +174,21 @@ class QuantLinear(nn.Module):
         f = self.fmt
         return (f"in={self.in_features}, out={self.out_features}, {f.kind}{f.bits if f.kind == 'int' else ''}, "
                 f"group={f.group_size}, {'sym' if f.symmetric else 'asym'}{', W8A8' if self.act_quant else ''}")
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer for a weight rebuilt for one GEMM and dropped right after: a fresh 3.5 MB
+    allocation per call costs ~0.17 ms in page faults, as much as the dequantize itself."""
+    buffers = getattr(_scratch_buffers, "by_dtype", None)
+    if buffers is None:
+        buffers = _scratch_buffers.by_dtype = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def quantize_activations_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,7 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
     scale, zero = compute_qparams(w, fmt)
     layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero, torch.randn(96))
     assert torch.allclose(layer._dense_weight(torch.float32), layer.dequantized_weight(), rtol=0, atol=1e-6)
+    assert torch.allclose(layer._dense_weight(torch.bfloat16).float(), layer.dequantized_weight(), rtol=8e-3, atol=1e-6)
     for rows in (1, 3, 40, layer.packed_kernel_max_rows + 1):
         x = torch.randn(rows, 256)
         ref = x @ layer.dequantized_weight().t() + layer.bias

@@ -1,4 +1,6 @@
-// Paged attention for few-token rows (decode steps, speculative verification) on CPU.
+// Native CPU kernels (built on first use by miaotui/kernels/__init__.py).
+//
+// paged_attention: attention for few-token rows (decode steps, speculative verification).
 //
 // Reads keys and values straight from the paged pool by slot (no gathered copy, no float32 copy
 // of the cache), one task per (query token, kv head) so the query heads of a group share each key
@@ -11,6 +13,10 @@
 // gather:   [G, T] int64            slot of each key position of a row (position order)
 // lengths:  [G, n] int64            keys query i of row g sees: gather[g, :lengths[g, i]]
 // returns   [G, n, H, hd] float32
+//
+// dequantize_4bit: a 4-bit layer's weight for one GEMM (prefill), written into `out` [N, K]:
+// w = nibble * scale + offset per group in float32, rounded once to out's dtype; low nibble first
+// (layers/quant_formats.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,14 +42,21 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 // Copies a row's keys (or values) of one kv head into a dense float32 buffer [len, hd]. A tight loop
 // of independent loads: the core keeps many cache misses in flight (the pool is far bigger than the
 // caches), where computing on each key as it arrives would wait for one miss at a time.
+// `also` (the values, while the keys are gathered) is prefetched too, for the pass that follows.
 template <typename T>
 void gather_head(const T* pool, const int64_t* slots, int64_t len, int64_t slot_stride, int64_t offset, int64_t hd,
-                 float* dst) {
-  constexpr int64_t ahead = 8;
+                 float* dst, const T* also = nullptr) {
+  constexpr int64_t ahead = 16;
+  const int64_t bytes = hd * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < len; ++t) {
     if (t + ahead < len) {
-      const char* next = reinterpret_cast<const char*>(pool + slots[t + ahead] * slot_stride + offset);
-      for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      const int64_t at = slots[t + ahead] * slot_stride + offset;
+      const char* next = reinterpret_cast<const char*>(pool + at);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+      if (also != nullptr) {
+        const char* other = reinterpret_cast<const char*>(also + at);
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(other + b);
+      }
     }
     const T* src = pool + slots[t] * slot_stride + offset;
     float* out = dst + t * hd;
@@ -67,7 +81,7 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
       const float* qk = q + (token * heads + kv * group) * hd;  // group query heads, contiguous
       dense.resize(len * hd);
       scores.assign(group * len, 0.f);
-      gather_head(k_pool, slots, len, slot_stride, kv * hd, hd, dense.data());
+      gather_head(k_pool, slots, len, slot_stride, kv * hd, hd, dense.data(), v_pool);
       for (int64_t t = 0; t < len; ++t) {
         const float* key = dense.data() + t * hd;
         for (int64_t r = 0; r < group; ++r) {
@@ -146,11 +160,93 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   return out;
 }
 
+// float -> output element, vectorizable (c10's conversions check for NaN one value at a time;
+// weights are finite): bf16 rounds to nearest even, as c10 does.
+inline void store(float x, float* dst) { *dst = x; }
+inline void store(float x, c10::Half* dst) { *dst = static_cast<c10::Half>(x); }
+inline uint32_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// One group of `Half` byte pairs -> bf16, the pair (low, high nibble) as one 32-bit store: no interleaving
+// shuffle, a fixed trip count and no aliasing, so it compiles to a few vector instructions.
+template <int64_t Half>
+inline void dequantize_group_bf16(const uint8_t* __restrict bytes, float s, float o, uint32_t* __restrict pairs) {
+#pragma omp simd
+  for (int64_t j = 0; j < Half; ++j) {
+    pairs[j] = bf16_bits(static_cast<float>(bytes[j] & 15) * s + o) |
+               (bf16_bits(static_cast<float>(bytes[j] >> 4) * s + o) << 16);
+  }
+}
+
+template <typename T>
+void dequantize_rows(const uint8_t* packed, const float* scale, const float* offset, T* out, int64_t n, int64_t k,
+                     int64_t groups) {
+  const int64_t width = k / groups;  // weights per group (even)
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint8_t* src = packed + row * (k / 2);
+      T* dst = out + row * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scale[row * groups + g], o = offset[row * groups + g];
+        const uint8_t* bytes = src + g * width / 2;
+        T* w = dst + g * width;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          uint32_t* pairs = reinterpret_cast<uint32_t*>(w);
+          if (width % 32 == 0) {
+            for (int64_t b = 0; b < width / 2; b += 16) dequantize_group_bf16<16>(bytes + b, s, o, pairs + b);
+          } else {
+            for (int64_t b = 0; b < width / 2; ++b) dequantize_group_bf16<1>(bytes + b, s, o, pairs + b);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < width / 2; ++j) {
+            store(static_cast<float>(bytes[j] & 15) * s + o, w + 2 * j);
+            store(static_cast<float>(bytes[j] >> 4) * s + o, w + 2 * j + 1);
+          }
+        }
+      }
+    }
+  });
+}
+
+void dequantize_4bit(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset, at::Tensor& out) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.is_contiguous(), "packed: contiguous uint8 [N, K/2] on CPU");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  offset.is_contiguous() && scale.sizes() == offset.sizes() && scale.dim() == 2 &&
+                  scale.size(0) == packed.size(0), "scale, offset: contiguous float32 [N, groups]");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 2 == 0, "groups must split K evenly");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == k, "out: contiguous [N, K]");
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      dequantize_rows(p, scale.data_ptr<float>(), offset.data_ptr<float>(), out.data_ptr<float>(), n, k, groups);
+      break;
+    case at::kBFloat16:
+      dequantize_rows(p, scale.data_ptr<float>(), offset.data_ptr<float>(), out.data_ptr<c10::BFloat16>(), n, k,
+                      groups);
+      break;
+    case at::kHalf:
+      dequantize_rows(p, scale.data_ptr<float>(), offset.data_ptr<float>(), out.data_ptr<c10::Half>(), n, k, groups);
+      break;
+    default:
+      TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(miaotui, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "
         "-> Tensor");
+  m.def("dequantize_4bit(Tensor packed, Tensor scale, Tensor offset, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(miaotui, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("dequantize_4bit", &dequantize_4bit);
+}
