@@ -39,7 +39,8 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// Copies a row's keys (or values) of one kv head into a dense float32 buffer [len, hd]. A tight loop
+// Copies a row's keys (or values) of some kv heads (`hd` values from `offset` in each slot) into a dense
+// float32 buffer [len, hd]. A tight loop
 // of independent loads: the core keeps many cache misses in flight (the pool is far bigger than the
 // caches), where computing on each key as it arrives would wait for one miss at a time.
 // `also` (the values, while the keys are gathered) is prefetched too, for the pass that follows.
@@ -71,54 +72,65 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
             float scale) {
   const int64_t group = heads / kv_heads;  // query heads per kv head
   const int64_t slot_stride = kv_heads * hd;
-  at::parallel_for(0, rows * n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, dense, acc;
+  // A task gathers a slot's keys for all its kv heads at once (one contiguous run per slot, easier
+  // on the prefetchers) when there are enough tokens to keep every thread busy; else one kv head.
+  const int64_t span = rows * n >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t width = span * hd;
+  at::parallel_for(0, rows * n * (kv_heads / span), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, dense, values, acc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kv = task % kv_heads, token = task / kv_heads;  // token = g * n + i
+      const int64_t kv0 = (task % (kv_heads / span)) * span, token = task / (kv_heads / span);  // token = g * n + i
       const int64_t g = token / n;
       const int64_t len = lengths[token];
       const int64_t* slots = gather + g * t_max;
-      const float* qk = q + (token * heads + kv * group) * hd;  // group query heads, contiguous
-      dense.resize(len * hd);
-      scores.assign(group * len, 0.f);
-      gather_head(k_pool, slots, len, slot_stride, kv * hd, hd, dense.data(), v_pool);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* key = dense.data() + t * hd;
-        for (int64_t r = 0; r < group; ++r) {
-          const float* qr = qk + r * hd;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < hd; ++d) dot += qr[d] * key[d];
-          scores[r * len + t] = dot * scale;
-        }
-      }
-      for (int64_t r = 0; r < group; ++r) {
-        float* s = scores.data() + r * len;
-        float top = std::numeric_limits<float>::lowest();  // built with -ffast-math: no infinities
-#pragma omp simd reduction(max : top)
-        for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
+      dense.resize(len * width);
+      scores.resize(group * len);
+      acc.resize(group * hd);
+      gather_head(k_pool, slots, len, slot_stride, kv0 * hd, width, dense.data(), v_pool);
+      for (int64_t kv = kv0; kv < kv0 + span; ++kv) {
+        const float* qk = q + (token * heads + kv * group) * hd;  // group query heads, contiguous
+        const int64_t at = (kv - kv0) * hd;
         for (int64_t t = 0; t < len; ++t) {
-          s[t] = expf(s[t] - top);  // glibc's vector expf (libmvec) under -ffast-math
-          total += s[t];
+          const float* key = dense.data() + t * width + at;
+          for (int64_t r = 0; r < group; ++r) {
+            const float* qr = qk + r * hd;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < hd; ++d) dot += qr[d] * key[d];
+            scores[r * len + t] = dot * scale;
+          }
         }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
-      gather_head(v_pool, slots, len, slot_stride, kv * hd, hd, dense.data());
-      acc.assign(group * hd, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* value = dense.data() + t * hd;
         for (int64_t r = 0; r < group; ++r) {
-          const float p = scores[r * len + t];
-          float* a = acc.data() + r * hd;
+          float* s = scores.data() + r * len;
+          float top = std::numeric_limits<float>::lowest();  // built with -ffast-math: no infinities
+#pragma omp simd reduction(max : top)
+          for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
+          float total = 0.f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t t = 0; t < len; ++t) {
+            s[t] = expf(s[t] - top);  // glibc's vector expf (libmvec) under -ffast-math
+            total += s[t];
+          }
+          const float inv = 1.f / total;
 #pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) a[d] += p * value[d];
+          for (int64_t t = 0; t < len; ++t) s[t] *= inv;
         }
+        if (kv == kv0) {
+          values.resize(len * width);
+          gather_head(v_pool, slots, len, slot_stride, kv0 * hd, width, values.data());
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < len; ++t) {
+          const float* value = values.data() + t * width + at;
+          for (int64_t r = 0; r < group; ++r) {
+            const float p = scores[r * len + t];
+            float* a = acc.data() + r * hd;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) a[d] += p * value[d];
+          }
+        }
+        std::memcpy(out + (token * heads + kv * group) * hd, acc.data(), group * hd * sizeof(float));
       }
-      std::memcpy(out + (token * heads + kv * group) * hd, acc.data(), group * hd * sizeof(float));
     }
   });
 }
