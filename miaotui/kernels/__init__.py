@@ -35,7 +35,7 @@ def _build_dir() -> Path:
 
 
 def native_ops():
-    """torch.ops.miaotui (paged_attention, dequantize_4bit), built if needed; None where it cannot be
+    """torch.ops.miaotui (see cpu_kernels.cpp), built if needed; None where it cannot be
     (no compiler, MIAOTUI_NATIVE_KERNELS=0)."""
     with _lock:
         if "ops" not in _state:
@@ -43,9 +43,22 @@ def native_ops():
         return _state["ops"]
 
 
+def native_op(name: str) -> Callable | None:
+    """One native op (paged_attention, dequantize_4bit, rms_norm_bf16, rope_bf16_) or None. Cached:
+    layers ask on every call."""
+    op = _ops_by_name.get(name, _MISSING)
+    if op is _MISSING:
+        ops = native_ops()
+        op = _ops_by_name[name] = None if ops is None else getattr(ops, name)
+    return op  # type: ignore[return-value]
+
+
+_MISSING = object()
+_ops_by_name: dict[str, object] = {}
+
+
 def paged_attention() -> Callable | None:
-    ops = native_ops()
-    return None if ops is None else ops.paged_attention
+    return native_op("paged_attention")
 
 
 def _load() -> Callable | None:

@@ -250,15 +250,90 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& scale, const at
   }
 }
 
+// bf16 <-> float32 as bits, vectorizable; rounding to nearest even as PyTorch's bf16 ops do.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline uint16_t float_to_bf16(float x) { return static_cast<uint16_t>(bf16_bits(x)); }
+inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+// rms_norm_bf16: x [R, D] bf16 -> bf16(bf16(x / rms(x)) * w), the same two roundings as the PyTorch
+// path (normalize in float32, cast, scale in bf16: layers/norm.py); one op instead of six.
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
+                  x.stride(1) == 1 && weight.is_contiguous() && weight.numel() == x.size(1),
+              "x: bf16 [R, D] with unit inner stride; weight: bf16 [D]");
+  const int64_t rows = x.size(0), d = x.size(1), stride = x.stride(0);
+  auto out = at::empty({rows, d}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* xr = src + r * stride;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < d; ++i) squares += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+      uint16_t* o = dst + r * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] = float_to_bf16(round_bf16(bf16_to_float(xr[i]) * inv) * bf16_to_float(w[i]));
+    }
+  });
+  return out;
+}
+
+// rope_bf16_: rotate-half rotary embedding in place on x [T, heads, hd] (bf16; any token and head
+// strides), cos/sin [T, hd] bf16: x*cos + rotate_half(x)*sin with PyTorch's bf16 roundings (each
+// product, then the sum), so it gives the bits of layers/rope.py's apply_rope, in one op.
+void rope_bf16_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
+                  sin.sizes() == cos.sizes() && x.size(2) % 2 == 0,
+              "x: bf16 [T, heads, hd] with unit inner stride; cos, sin: contiguous bf16 [T, hd]");
+  const int64_t tokens = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+  const int64_t ts = x.stride(0), hs = x.stride(1);
+  auto* base = reinterpret_cast<uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* c = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
+  const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(hd);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t t = job / heads, h = job % heads;
+      uint16_t* xr = base + t * ts + h * hs;
+      const uint16_t* ct = c + t * hd;
+      const uint16_t* st = sn + t * hd;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) v[i] = bf16_to_float(xr[i]);
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {  // first half: x*cos - x2*sin; rotated = -x2 (negation is exact)
+        xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(-v[i + half] * bf16_to_float(st[i])));
+      }
+#pragma omp simd
+      for (int64_t i = half; i < hd; ++i) {  // second half: x*cos + x1*sin
+        xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(v[i - half] * bf16_to_float(st[i])));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(miaotui, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "
         "-> Tensor");
   m.def("dequantize_4bit(Tensor packed, Tensor scale, Tensor offset, Tensor(a!) out) -> ()");
+  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_bf16_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("rms_norm_bf16", &rms_norm_bf16);
+  m.impl("rope_bf16_", &rope_bf16_);
 }

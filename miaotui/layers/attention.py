@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.kernels import native_op
 from miaotui.layers.linear import make_linear
 from miaotui.layers.rope import apply_rope
 from miaotui.models.config import ModelConfig
@@ -49,12 +50,22 @@ class Attention(nn.Module):
         # x: [B, S, D]; kv_cache: ([B, KV, T_max, hd], [B, KV, T_max, hd]), a packed paged view, or None;
         # attn_mask: [B, 1, S, T] bool (True = may attend) or None.
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
+        native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
+            and not torch.is_grad_enabled() else None  # inference only: the native op has no backward
+        if native is not None:
+            # q and k heads rotated together in one op, with apply_rope's bf16 roundings (same bits)
+            heads = qkv.view(batch * seq, -1, self.head_dim)[:, :self.num_heads + self.num_kv_heads]
+            rows = (batch, 1, seq, self.head_dim)  # cos/sin come as [B or 1, 1, S, hd]
+            native(heads, cos.expand(rows).reshape(batch * seq, -1).contiguous(),
+                   sin.expand(rows).reshape(batch * seq, -1).contiguous())
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        if native is None:
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         if kv_cache is not None and hasattr(kv_cache, "attend"):
             # Packed rows of a serving step (engine/paged_cache.py): it stores k/v and runs attention per group.
             out = kv_cache.attend(q, k, v, self._attention)

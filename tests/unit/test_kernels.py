@@ -55,3 +55,33 @@ def test_bad_shapes_are_clear_errors(op):
     pool = torch.randn(10, 2, 16)
     with pytest.raises(RuntimeError, match="lengths beyond gather"):
         op(q, pool, pool, torch.zeros(1, 3, dtype=torch.long), torch.tensor([[5]]), 0.25)
+
+
+def test_native_rope_gives_the_bits_of_apply_rope(op):
+    from miaotui.kernels import native_op
+    from miaotui.layers.rope import RotaryEmbedding, apply_rope
+
+    torch.manual_seed(2)
+    tokens, heads, hd = 37, 12, 64
+    qkv = (torch.randn(tokens, heads + 3, hd) * 3).bfloat16()  # rotate the first 12 heads, leave 3
+    cos, sin = RotaryEmbedding(hd, 10000.0, None)(torch.arange(tokens)[None], torch.bfloat16)  # [1, 1, T, hd]
+    ref = apply_rope(qkv[:, :heads].transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+    got = qkv.clone()
+    native_op("rope_bf16_")(got[:, :heads], cos[0, 0].contiguous(), sin[0, 0].contiguous())
+    assert torch.equal(got[:, :heads], ref) and torch.equal(got[:, heads:], qkv[:, heads:])
+
+
+def test_native_rms_norm_matches_the_pytorch_path(op):
+    from miaotui.layers.norm import RMSNorm
+
+    torch.manual_seed(3)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96)
+    norm = norm.bfloat16().requires_grad_(False)
+    x = (torch.randn(2, 7, 96) * 4).bfloat16()
+    with torch.inference_mode():
+        got = norm(x)  # native under inference
+    ref = F.rms_norm(x.float(), (96,), None, 1e-5).bfloat16() * norm.weight  # what layers/norm.py computes in grad mode
+    assert torch.equal(norm(x), ref)  # grad mode: the PyTorch path
+    assert float((got.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2
+    assert (got == ref).float().mean() > 0.98  # the sum of squares is the only other order
