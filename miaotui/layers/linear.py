@@ -46,7 +46,7 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         # inside a GEMM (measured: every GEMM of 2..64 rows agrees bit for bit, the 1-row path does
         # not). A one-token decode step and a verification pass of drafted tokens must agree, or
         # speculation flips near-tied greedy picks: run one row as two (no slower: docs/kernels.md).
-        return F.linear(x2.repeat(2, 1), weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
+        return F.linear(torch.cat([x2, x2]), weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
     return F.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
