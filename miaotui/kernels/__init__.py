@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -64,15 +65,20 @@ def paged_attention() -> Callable | None:
 def _load() -> Callable | None:
     if os.environ.get("MIAOTUI_NATIVE_KERNELS", "1") == "0":
         return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("miaotui: no C++ compiler (%s) to build the native CPU kernels; using PyTorch ops", compiler)
+        return None
+    verbose = os.environ.get("MIAOTUI_KERNEL_VERBOSE", "0") == "1"
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(name="miaotui_cpu_kernels", sources=[str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                            extra_ldflags=["-fopenmp", "-lmvec", "-lm"],
-                           build_directory=str(_build_dir()), is_python_module=False, verbose=False)
+                           build_directory=str(_build_dir()), is_python_module=False, verbose=verbose)
         return torch.ops.miaotui
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("miaotui: native CPU kernels unavailable (%s); using PyTorch ops", first[:200])
+        log.warning("miaotui: building the native CPU kernels failed (%s; MIAOTUI_KERNEL_VERBOSE=1 shows the "
+                    "compiler's output); using PyTorch ops", type(exc).__name__)
         return None
