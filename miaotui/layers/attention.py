@@ -52,7 +52,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
         native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
-            and not torch.is_grad_enabled() else None  # inference only: the native op has no backward
+            and qkv.is_contiguous() and not torch.is_grad_enabled() else None  # inference only: no backward
         if native is not None:
             # q and k heads rotated together in one op, with apply_rope's bf16 roundings (same bits)
             heads = qkv.view(batch * seq, -1, self.head_dim)[:, :self.num_heads + self.num_kv_heads]

@@ -159,7 +159,9 @@ class QuantLinear(nn.Module):
         n, groups = scale.shape[0], scale.shape[1]
         ops = native_ops() if self.packed.device.type == "cpu" else None
         if ops is not None:  # one pass, several times faster than the ops below (kernels/cpu_kernels.cpp)
-            out = _scratch(n * self.in_features, dtype).view(n, self.in_features)
+            # Inference reuses one buffer; with autograd the GEMM keeps its weight for the backward pass.
+            out = _scratch(n * self.in_features, dtype).view(n, self.in_features) if not torch.is_grad_enabled() \
+                else torch.empty(n, self.in_features, dtype=dtype, device=self.packed.device)
             ops.dequantize_4bit(self.packed, scale.view(n, groups), offset.view(n, groups), out)
             return out
         nibbles = torch.empty(n, self.packed.shape[1], 2, dtype=torch.uint8, device=self.packed.device)

@@ -242,3 +242,22 @@ def test_qat_lowers_the_quantized_loss_and_saves_packed(tiny_hf_dir, tmp_path, c
     out = save_model(loaded.model, loaded.tokenizer, tmp_path / "qat", record.to_dict())
     assert load_model(out, torch.float32).format == "miaotui"
     assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantLinear)
+
+
+def test_dense_path_keeps_its_weight_for_backward():
+    """Many rows dequantize per call; with autograd on, the weight must outlive the next layer's call."""
+    torch.manual_seed(0)
+    fmt = QuantFormat(4, 32, False)
+    w = torch.randn(64, 128) * 0.05
+    layers = []
+    for _ in range(2):
+        layer = QuantLinear(128, 64, False, fmt)
+        scale, zero = compute_qparams(w if not layers else -w, fmt)
+        layer.set_codes(quantize_codes(w if not layers else -w, scale, zero, fmt), scale, zero)
+        layers.append(layer)
+    x = torch.randn(layers[0].packed_kernel_max_rows + 1, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = layers[0](x)
+    layers[1](x.detach())  # another dense call before the backward pass
+    y.float().sum().backward()
+    expected = layers[0].dequantized_weight().sum(0).bfloat16().float()
+    assert torch.allclose(x.grad[0].float(), expected, rtol=2e-2, atol=2e-2)
