@@ -288,6 +288,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def model_info(llm) -> dict[str, Any]:
+    from miaotui.kernels import native_ops
     from miaotui.runtime import describe_device, resolve_dtypes
 
     c = llm.config
@@ -301,6 +302,7 @@ def model_info(llm) -> dict[str, Any]:
         "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
         "tied_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta,
         "chat_template": bool(llm.tokenizer.chat_template),
+        "native_cpu_kernels": llm.device.type == "cpu" and native_ops() is not None,
     }
 
 
@@ -319,7 +321,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"weights       {info['weight_bytes']:,} bytes ({info['weight_bytes'] / 2**20:.1f} MiB)",
         f"dtype         {info['dtype']}, batch-1 decode copy {info['decode_weight_dtype']} "
         f"(auto here: {info['auto_dtypes'][0]}, decode copy {info['auto_dtypes'][1]})",
-        f"device        {info['device']}",
+        f"device        {info['device']}; native CPU kernels {'on' if info['native_cpu_kernels'] else 'off'}",
         f"context       {info['context_length']:,} tokens; vocabulary {info['vocab_size']:,}",
     ]
     return "\n".join(lines)
