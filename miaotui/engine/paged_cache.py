@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miaotui.kernels import paged_attention
+from miaotui.kernels import native_op
 from miaotui.models.config import ModelConfig
 
 NATIVE_MAX_NEW_TOKENS = 16  # groups of rows with up to this many new tokens (decode, verification) run natively
@@ -34,7 +34,7 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         # Few-token rows read the pool in place (kernels/paged_attention.cpp): built here, at start-up.
-        self.native = paged_attention() if torch.device(device).type == "cpu" else None
+        self.native = native_op("paged_attention") if torch.device(device).type == "cpu" else None
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
         """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""

@@ -58,10 +58,6 @@ _MISSING = object()
 _ops_by_name: dict[str, object] = {}
 
 
-def paged_attention() -> Callable | None:
-    return native_op("paged_attention")
-
-
 def _load() -> Callable | None:
     if os.environ.get("MIAOTUI_NATIVE_KERNELS", "1") == "0":
         return None

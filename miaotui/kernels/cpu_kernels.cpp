@@ -3,8 +3,8 @@
 // paged_attention: attention for few-token rows (decode steps, speculative verification).
 //
 // Reads keys and values straight from the paged pool by slot (no gathered copy, no float32 copy
-// of the cache), one task per (query token, kv head) so the query heads of a group share each key
-// read. Every query is computed on its own, over exactly the keys at or before its position, in
+// of the cache), one task per query token (or per token and kv head when there are few tokens), so
+// the query heads of a group share each key read. Every query is computed on its own, over exactly the keys at or before its position, in
 // the same order: a token's output does not depend on which other rows share the step, and a
 // verified draft token gets the bits a one-token decode step would give it.
 //
@@ -30,19 +30,30 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+// bf16 <-> float32 as bits, vectorizable (c10's conversions check for NaN one value at a time);
+// rounding to nearest even, as PyTorch's bf16 ops do.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline uint32_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+inline uint16_t float_to_bf16(float x) { return static_cast<uint16_t>(bf16_bits(x)); }
+inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return bf16_to_float(x.x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// Copies a row's keys (or values) of some kv heads (`hd` values from `offset` in each slot) into a dense
-// float32 buffer [len, hd]. A tight loop
-// of independent loads: the core keeps many cache misses in flight (the pool is far bigger than the
-// caches), where computing on each key as it arrives would wait for one miss at a time.
+// Copies a row's keys (or values) of some kv heads (`hd` values from `offset` in each slot) into a
+// dense float32 buffer [len, hd]. A tight loop of independent loads: the core keeps many cache
+// misses in flight (the pool is far bigger than the caches), where computing on each key as it
+// arrives would wait for one miss at a time.
 // `also` (the values, while the keys are gathered) is prefetched too, for the pass that follows.
 template <typename T>
 void gather_head(const T* pool, const int64_t* slots, int64_t len, int64_t slot_stride, int64_t offset, int64_t hd,
@@ -150,21 +161,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   TORCH_CHECK(gather.dim() == 2 && gather.size(0) == rows && lengths.numel() == rows * n, "gather/lengths shape");
   TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
   auto out = at::empty_like(q);
-  const auto args = std::make_tuple(gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-                                    out.data_ptr<float>());
+  const auto run = [&](auto* k, auto* v) {
+    attend(q.data_ptr<float>(), k, v, gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(),
+           rows, n, heads, kv_heads, hd, gather.size(1), static_cast<float>(scale));
+  };
   switch (k_pool.scalar_type()) {
     case at::kFloat:
-      attend(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), std::get<0>(args),
-             std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd, gather.size(1), scale);
+      run(k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
       break;
     case at::kBFloat16:
-      attend(q.data_ptr<float>(), k_pool.data_ptr<c10::BFloat16>(), v_pool.data_ptr<c10::BFloat16>(),
-             std::get<0>(args), std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd,
-             gather.size(1), scale);
+      run(k_pool.data_ptr<c10::BFloat16>(), v_pool.data_ptr<c10::BFloat16>());
       break;
     case at::kHalf:
-      attend(q.data_ptr<float>(), k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>(), std::get<0>(args),
-             std::get<1>(args), std::get<2>(args), rows, n, heads, kv_heads, hd, gather.size(1), scale);
+      run(k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>());
       break;
     default:
       TORCH_CHECK(false, "pools must be float32, bfloat16 or float16");
@@ -172,15 +181,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   return out;
 }
 
-// float -> output element, vectorizable (c10's conversions check for NaN one value at a time;
-// weights are finite): bf16 rounds to nearest even, as c10 does.
+// float -> a float32 or fp16 output element (bf16 outputs go through bf16_bits, two at a time).
 inline void store(float x, float* dst) { *dst = x; }
 inline void store(float x, c10::Half* dst) { *dst = static_cast<c10::Half>(x); }
-inline uint32_t bf16_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-}
 
 // One group of `Half` byte pairs -> bf16, the pair (low, high nibble) as one 32-bit store: no interleaving
 // shuffle, a fixed trip count and no aliasing, so it compiles to a few vector instructions.
@@ -249,16 +252,6 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& scale, const at
       TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
   }
 }
-
-// bf16 <-> float32 as bits, vectorizable; rounding to nearest even as PyTorch's bf16 ops do.
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline uint16_t float_to_bf16(float x) { return static_cast<uint16_t>(bf16_bits(x)); }
-inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
 // rms_norm_bf16: x [R, D] bf16 -> bf16(bf16(x / rms(x)) * w), the same two roundings as the PyTorch
 // path (normalize in float32, cast, scale in bf16: layers/norm.py); one op instead of six.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miaotui.kernels import native_ops
+from miaotui.kernels import native_op
 from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
 from miaotui.runtime import cpu_flags
 
@@ -42,7 +42,7 @@ def packed_kernel_max_rows(bits: int) -> int:
     """
     if "avx512f" not in cpu_flags():
         return 1
-    if bits == 4 and native_ops() is None:  # dequantize with PyTorch ops: 0.7 ms instead of 0.2
+    if bits == 4 and native_op("dequantize_4bit") is None:  # dequantize with PyTorch ops: 0.7 ms instead of 0.2
         return 160
     return 40
 
@@ -157,12 +157,12 @@ class QuantLinear(nn.Module):
             return self.dequantized_weight(dtype)
         scale, offset = self._nibble_affine  # [N, G, 1] each
         n, groups = scale.shape[0], scale.shape[1]
-        ops = native_ops() if self.packed.device.type == "cpu" else None
-        if ops is not None:  # one pass, several times faster than the ops below (kernels/cpu_kernels.cpp)
+        native = native_op("dequantize_4bit") if self.packed.device.type == "cpu" else None
+        if native is not None:  # one pass, several times faster than the ops below (kernels/cpu_kernels.cpp)
             # Inference reuses one buffer; with autograd the GEMM keeps its weight for the backward pass.
             out = _scratch(n * self.in_features, dtype).view(n, self.in_features) if not torch.is_grad_enabled() \
                 else torch.empty(n, self.in_features, dtype=dtype, device=self.packed.device)
-            ops.dequantize_4bit(self.packed, scale.view(n, groups), offset.view(n, groups), out)
+            native(self.packed, scale.view(n, groups), offset.view(n, groups), out)
             return out
         nibbles = torch.empty(n, self.packed.shape[1], 2, dtype=torch.uint8, device=self.packed.device)
         torch.bitwise_and(self.packed, 15, out=nibbles[..., 0])  # low nibble first (pack_codes)

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miaotui.kernels import paged_attention
+from miaotui.kernels import native_op
 
 
 @pytest.fixture(scope="module")
 def op():
-    kernel = paged_attention()
+    kernel = native_op("paged_attention")
     if kernel is None:
         assert shutil.which("c++") is None, "a C++ compiler is here, but the kernel did not build"
         pytest.skip("no C++ compiler: the PyTorch path serves")
@@ -58,7 +58,6 @@ def test_bad_shapes_are_clear_errors(op):
 
 
 def test_native_rope_gives_the_bits_of_apply_rope(op):
-    from miaotui.kernels import native_op
     from miaotui.layers.rope import RotaryEmbedding, apply_rope
 
     torch.manual_seed(2)
