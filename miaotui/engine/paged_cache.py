@@ -18,8 +18,10 @@ import torch
 
 from miaotui.kernels import native_op
 from miaotui.models.config import ModelConfig
+from miaotui.runtime import cpu_flags
 
 NATIVE_MAX_NEW_TOKENS = 16  # groups of rows with up to this many new tokens (decode, verification) run natively
+_CPU_BF16_DOT = "avx512_bf16" in cpu_flags()  # the native kernel's bf16 path (VDPBF16PS)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -33,7 +35,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        # Few-token rows read the pool in place (kernels/paged_attention.cpp): built here, at start-up.
+        # Few-token rows read the pool in place (kernels/cpu_kernels.cpp): built here, at start-up.
         self.native = native_op("paged_attention") if torch.device(device).type == "cpu" else None
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
@@ -88,9 +90,11 @@ class PackedLayerView:
         (rows, t), n = g.gather.shape, g.token_index.shape[1]
         kv, hd = k_flat.shape[1], k_flat.shape[2]
         if self._native_fits(q, k_flat, g):
-            # float32 queries [G, n, H, hd]; each one attends over its own prefix of the row's slots
-            qn = q.transpose(0, 1).float().contiguous().view(rows, n, q.shape[0], hd)
-            out = self.native(qn, k_flat, v_flat, g.gather, g.lengths, hd ** -0.5)
+            # queries [G, n, H, hd]; each one attends over its own prefix of the row's slots. bf16
+            # queries and pool: bf16 dot products on the pool in place (AVX512-BF16); else float32.
+            bf16 = q.dtype == k_flat.dtype == torch.bfloat16 and hd % 32 == 0 and _CPU_BF16_DOT
+            qn = q.transpose(0, 1).to(torch.bfloat16 if bf16 else torch.float32).contiguous()
+            out = self.native(qn.view(rows, n, q.shape[0], hd), k_flat, v_flat, g.gather, g.lengths, hd ** -0.5)
             return out.view(rows * n, q.shape[0], hd).transpose(0, 1).to(q.dtype)
         keys = k_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)

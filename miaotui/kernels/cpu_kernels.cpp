@@ -8,11 +8,12 @@
 // the same order: a token's output does not depend on which other rows share the step, and a
 // verified draft token gets the bits a one-token decode step would give it.
 //
-// q:        [G, n, H, hd] float32   the queries of G rows with n new tokens each
+// q:        [G, n, H, hd] float32   the queries of G rows with n new tokens each (or bf16, with a bf16
+//                                   pool on AVX512-BF16 CPUs: attend_bf16; the output then is bf16)
 // k_pool:   [S, KV, hd]   bf16/fp16/fp32   flat slots of the paged pool (v_pool alike)
 // gather:   [G, T] int64            slot of each key position of a row (position order)
 // lengths:  [G, n] int64            keys query i of row g sees: gather[g, :lengths[g, i]]
-// returns   [G, n, H, hd] float32
+// returns   [G, n, H, hd] in q's dtype
 //
 // dequantize_4bit: a 4-bit layer's weight for one GEMM (prefill), written into `out` [N, K]:
 // w = nibble * scale + offset per group in float32, rounded once to out's dtype; low nibble first
@@ -28,7 +29,51 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define MIAOTUI_HAS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Linux hands out the AMX tile state only on request, once per process.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// One 32-wide K chunk of a 16-column block -> 16 tile rows of 32 bf16 (1 KB) at dst.
+inline void dequantize_chunk(const uint8_t* q, const float* meta, uint16_t* dst) {
+  const __m512 s = _mm512_loadu_ps(meta), o = _mm512_loadu_ps(meta + 16);
+  // Element e of a tile row is column e / 2: lanes 0..15 hold columns 0..7, lanes 16..31 columns 8..15.
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s), s_hi = _mm512_permutexvar_ps(hi_idx, s);
+  const __m512 o_lo = _mm512_permutexvar_ps(lo_idx, o), o_hi = _mm512_permutexvar_ps(hi_idx, o);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int r = 0; r < 16; ++r) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * 16)));
+    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), s_lo, o_lo);
+    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s_hi, o_hi);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(dst + r * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+#endif  // AMX
 
 // bf16 <-> float32 as bits, vectorizable (c10's conversions check for NaN one value at a time);
 // rounding to nearest even, as PyTorch's bf16 ops do.
@@ -146,10 +191,174 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
   });
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 case (bf16 queries and pool): keys are read in place as bf16 pairs, values widened in
+// registers; no gathered copy. One task per query token and kv head.
+// - Scores: on AMX, 16 keys of a pool block at a time (one tile row per key, the block's slots
+//   are consecutive) against the group's query heads (TDPBF16PS); else VDPBF16PS per key. Either
+//   way exact products and float32 sums.
+// - Values: all of the group's heads per key, so each value row is widened once.
+// q: [G, n, H, hd] bf16 -> out [G, n, H, hd] bf16; hd a multiple of 32, at most 256.
+
+// out[r] = sum_t p[r][t] * v[t] for GROUP heads at once; LANES = hd / 16.
+template <int GROUP, int LANES>
+void weigh_values(const float* p, int64_t len, const uint16_t* v_pool, const int64_t* slots, int64_t slot_stride,
+                  int64_t offset, uint16_t* const* dst) {
+  __m512 o[GROUP][LANES];
+  for (int r = 0; r < GROUP; ++r)
+    for (int j = 0; j < LANES; ++j) o[r][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const uint16_t* value = v_pool + slots[t] * slot_stride + offset;
+    __m512 v[LANES];
+    for (int j = 0; j < LANES; ++j) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * j));
+      v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    for (int r = 0; r < GROUP; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * len + t]);
+      for (int j = 0; j < LANES; ++j) o[r][j] = _mm512_fmadd_ps(w, v[j], o[r][j]);
+    }
+  }
+  for (int r = 0; r < GROUP; ++r)
+    for (int j = 0; j < LANES; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[r] + 16 * j), (__m256i)_mm512_cvtneps_pbh(o[r][j]));
+}
+
+void weigh_values_any(const float* p, int64_t len, const uint16_t* v_pool, const int64_t* slots,
+                      int64_t slot_stride, int64_t offset, uint16_t* const* dst, int64_t group, int64_t lanes) {
+  for (int64_t r = 0; r < group; ++r) {
+    __m512 o[16];
+    for (int64_t j = 0; j < lanes; ++j) o[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const __m512 w = _mm512_set1_ps(p[r * len + t]);
+      const uint16_t* value = v_pool + slots[t] * slot_stride + offset;
+      for (int64_t j = 0; j < lanes; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * j));
+        o[j] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)), o[j]);
+      }
+    }
+    for (int64_t j = 0; j < lanes; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[r] + 16 * j), (__m256i)_mm512_cvtneps_pbh(o[j]));
+  }
+}
+
+void attend_bf16(const uint16_t* q, const uint16_t* k_pool, const uint16_t* v_pool, const int64_t* gather,
+                 const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads, int64_t kv_heads,
+                 int64_t hd, int64_t t_max, float scale) {
+  const int64_t group = heads / kv_heads, slot_stride = kv_heads * hd;
+  const int64_t pairs = hd / 32, lanes = hd / 16;  // bf16 vectors per key row; float32 vectors per value row
+#ifdef MIAOTUI_HAS_AMX
+  const bool amx = group <= 16 && amx_permitted();
+#else
+  const bool amx = false;
+#endif
+  at::parallel_for(0, rows * n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> scores;  // [group][len]
+#ifdef MIAOTUI_HAS_AMX
+    // Tiles: 0 = C (16 keys x group float32), 1 = A (16 keys x 32 bf16), 2 = B (16 pairs x group).
+    alignas(64) uint32_t q_pairs[8][16][16];  // per 32-wide chunk: [pair row][head], AMX's B layout
+    alignas(64) float block_scores[16 * 16];
+    if (amx) {
+      TileConfig cfg{};
+      cfg.palette_id = 1;
+      cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = 16;
+      cfg.colsb[0] = cfg.colsb[2] = static_cast<uint16_t>(group * 4);
+      cfg.colsb[1] = 64;
+      _tile_loadconfig(&cfg);
+    }
+#endif
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kv = task % kv_heads, token = task / kv_heads;  // token = g * n + i
+      const int64_t len = lengths[token];
+      const int64_t* slots = gather + (token / n) * t_max;
+      if (scores.size() < static_cast<size_t>(group * len)) scores.resize(group * len);
+      float* s = scores.data();
+      const uint16_t* qk = q + (token * heads + kv * group) * hd;  // the group's heads, contiguous
+#ifdef MIAOTUI_HAS_AMX
+      if (amx) {
+        for (int64_t j = 0; j < pairs; ++j)
+          for (int r = 0; r < 16; ++r)
+            for (int64_t h = 0; h < group; ++h)
+              std::memcpy(&q_pairs[j][r][h], qk + h * hd + 32 * j + 2 * r, 4);
+      }
+#endif
+      int64_t t = 0;
+      while (t < len) {
+        // The pool is far bigger than the caches: ask for the keys and values 16 positions ahead
+        // (for a whole block when a block is taken at once).
+        for (int64_t u = t + 16; u < std::min(len, t + (t % 16 == 0 ? 32 : 17)); ++u) {
+          const int64_t ahead = slots[u] * slot_stride + kv * hd;
+          for (int64_t b = 0; b < hd * 2; b += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(k_pool + ahead) + b);
+            __builtin_prefetch(reinterpret_cast<const char*>(v_pool + ahead) + b);
+          }
+        }
+#ifdef MIAOTUI_HAS_AMX
+        if (amx && t + 16 <= len && slots[t + 15] == slots[t] + 15) {  // 16 consecutive slots
+          _tile_zero(0);
+          for (int64_t j = 0; j < pairs; ++j) {
+            _tile_loadd(1, k_pool + slots[t] * slot_stride + kv * hd + 32 * j, slot_stride * 2);
+            _tile_loadd(2, &q_pairs[j][0][0], 64);
+            _tile_dpbf16ps(0, 1, 2);
+          }
+          _tile_stored(0, block_scores, group * 4);
+          for (int i = 0; i < 16; ++i)
+            for (int64_t r = 0; r < group; ++r) s[r * len + t + i] = block_scores[i * group + r] * scale;
+          t += 16;
+          continue;
+        }
+#endif
+        const uint16_t* key = k_pool + slots[t] * slot_stride + kv * hd;
+        for (int64_t r = 0; r < group; ++r) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t j = 0; j < pairs; ++j) {
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qk + r * hd + 32 * j),
+                                   (__m512bh)_mm512_loadu_si512(key + 32 * j));
+          }
+          s[r * len + t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+        ++t;
+      }
+      for (int64_t r = 0; r < group; ++r) {  // softmax per head
+        float* sr = s + r * len;
+        float top = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : top)
+        for (int64_t i = 0; i < len; ++i) top = std::max(top, sr[i]);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t i = 0; i < len; ++i) {
+          sr[i] = expf(sr[i] - top);
+          total += sr[i];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) sr[i] *= inv;
+      }
+      uint16_t* dst[16];
+      for (int64_t r = 0; r < group && r < 16; ++r) dst[r] = out + (token * heads + kv * group + r) * hd;
+      if (group == 3 && lanes == 4) {
+        weigh_values<3, 4>(s, len, v_pool, slots, slot_stride, kv * hd, dst);
+      } else if (group <= 16) {
+        weigh_values_any(s, len, v_pool, slots, slot_stride, kv * hd, dst, group, lanes);
+      } else {
+        for (int64_t r0 = 0; r0 < group; r0 += 16) {
+          const int64_t g = std::min<int64_t>(16, group - r0);
+          for (int64_t r = 0; r < g; ++r) dst[r] = out + (token * heads + kv * group + r0 + r) * hd;
+          weigh_values_any(s + r0 * len, len, v_pool, slots, slot_stride, kv * hd, dst, g, lanes);
+        }
+      }
+    }
+#ifdef MIAOTUI_HAS_AMX
+    if (amx) _tile_release();
+#endif
+  });
+}
+#endif
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                            const at::Tensor& gather, const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.is_contiguous(),
-              "q: contiguous float32 [G, n, H, hd] on CPU");
+  TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  q.dim() == 4 && q.is_contiguous(), "q: contiguous float32 or bf16 [G, n, H, hd] on CPU");
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
                   k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == v_pool.scalar_type(),
               "pools: contiguous [S, KV, hd], same shape and dtype");
@@ -161,6 +370,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   TORCH_CHECK(gather.dim() == 2 && gather.size(0) == rows && lengths.numel() == rows * n, "gather/lengths shape");
   TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
   auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__AVX512BF16__)
+    TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16 && hd % 32 == 0 && hd <= 256,
+                "bf16 queries need a bf16 pool and a head size that is a multiple of 32 (at most 256)");
+    const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); };
+    attend_bf16(bits(q), bits(k_pool), bits(v_pool), gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), rows, n, heads, kv_heads, hd,
+                gather.size(1), static_cast<float>(scale));
+    return out;
+#else
+    TORCH_CHECK(false, "bf16 queries need a CPU with AVX512-BF16");
+#endif
+  }
   const auto run = [&](auto* k, auto* v) {
     attend(q.data_ptr<float>(), k, v, gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(),
            rows, n, heads, kv_heads, hd, gather.size(1), static_cast<float>(scale));
@@ -253,6 +475,143 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& scale, const at
   }
 }
 
+// ---- 4-bit weights x bf16 activations on AMX ----------------------------------------------------
+// int4_amx_linear: y [M, N] bf16 = x [M, K] bf16 . W^T, W dequantized per 16-column block into a
+// bf16 tile buffer (w = nibble * scale + offset in float32, one rounding: the bits of dequantize_4bit)
+// and multiplied by AMX (TDPBF16PS, float32 accumulation over K in 32-wide steps). The weight is read
+// once per call at 4 bits whatever M is: decode-sized calls are bound by the dequantize, not by
+// memory (a plain bf16 GEMM reads 4x the bytes; PyTorch's int4 kernel computes every row apart).
+// Each output element sums its K products in the same order whatever M is: batching cannot change
+// a row's bits.
+//
+// Layout (layers/quantized_linear.py, pack_int4_amx): for each block of 16 output columns and each
+// 32-wide K chunk, 256 bytes: tile row r (K pair 2r, 2r+1) holds 32 nibbles in AMX's pair order
+// e = 2 * column + (k - 2r); byte i of the row = nibble e=i | nibble e=16+i << 4. meta: per block
+// and chunk, 16 scales then 16 offsets (float32).
+//   wq:   [N/16, K/32, 16, 16] uint8
+//   meta: [N/16, K/32, 2, 16]  float32
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+// Tiles: 0..3 = C (rows x 16 float32, one per column block of a panel), 4 = A (rows x 32 bf16),
+// 5..7 = B (16 pair rows x 16 columns), used in turn.
+constexpr int64_t kPanel = 4;  // column blocks computed together: four independent accumulation chains
+
+void configure_tiles(int rows) {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; ++t) cfg.rows[t] = static_cast<uint8_t>(rows);
+  for (int t = 5; t < 8; ++t) cfg.rows[t] = 16;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// rows x 16 float32 accumulators -> bf16 columns [col, col + 16) of y rows m0.. (row stride n).
+inline void store_tile_bf16(const float* acc, uint16_t* y, int rows, int64_t n) {
+  for (int i = 0; i < rows; ++i) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(acc + i * 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * n), (__m256i)v);
+  }
+}
+
+at::Tensor int4_amx_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& meta) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous bf16 [M, K] on CPU");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.dim() == 4 && wq.size(2) == 16 && wq.size(3) == 16 &&
+                  wq.is_contiguous(), "wq: contiguous uint8 [N/16, K/32, 16, 16]");
+  TORCH_CHECK(meta.scalar_type() == at::kFloat && meta.dim() == 4 && meta.size(0) == wq.size(0) &&
+                  meta.size(1) == wq.size(1) && meta.size(2) == 2 && meta.size(3) == 16 && meta.is_contiguous(),
+              "meta: contiguous float32 [N/16, K/32, 2, 16]");
+  const int64_t m = x.size(0), k = x.size(1), blocks = wq.size(0), chunks = wq.size(1);
+  TORCH_CHECK(k == chunks * 32, "x has ", k, " columns, the weight ", chunks * 32);
+  TORCH_CHECK(amx_permitted(), "the kernel did not grant this process the AMX tile state");
+  auto out = at::empty({m, blocks * 16}, x.options());
+  if (m == 0) return out;
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  auto* ys = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  const uint8_t* q = wq.data_ptr<uint8_t>();
+  const float* mt = meta.data_ptr<float>();
+  const int64_t n = blocks * 16, panels = (blocks + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    // A panel's dequantized weight, [block][chunk][16][32] bf16 (at most 4 x K/32 KB: in L2), reused
+    // by every 16-row slice of x.
+    static thread_local std::vector<__m512i> tiles;
+    if (tiles.size() < static_cast<size_t>(kPanel * chunks * 16)) tiles.resize(kPanel * chunks * 16);
+    auto* buf = reinterpret_cast<uint16_t*>(tiles.data());
+    alignas(64) float acc[16 * 16];
+    int configured = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = p * kPanel, width = std::min(kPanel, blocks - b0);
+      for (int64_t j = 0; j < width; ++j) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (b0 + j) * chunks + c;
+          dequantize_chunk(q + at * 256, mt + at * 32, buf + (j * chunks + c) * 512);
+        }
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, m - m0));
+        if (rows != configured) {
+          configure_tiles(rows);
+          configured = rows;
+        }
+        const uint16_t* a = xs + m0 * k;
+        uint16_t* y = ys + m0 * n + b0 * 16;
+        if (width == kPanel) {
+          const uint16_t *w0 = buf, *w1 = buf + chunks * 512, *w2 = buf + 2 * chunks * 512,
+                         *w3 = buf + 3 * chunks * 512;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t c = 0; c < chunks; ++c) {
+            _tile_loadd(4, a + c * 32, k * 2);
+            _tile_loadd(5, w0 + c * 512, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, w1 + c * 512, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, w2 + c * 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, w3 + c * 512, 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+          _tile_stored(0, acc, 64);
+          store_tile_bf16(acc, y, rows, n);
+          _tile_stored(1, acc, 64);
+          store_tile_bf16(acc, y + 16, rows, n);
+          _tile_stored(2, acc, 64);
+          store_tile_bf16(acc, y + 32, rows, n);
+          _tile_stored(3, acc, 64);
+          store_tile_bf16(acc, y + 48, rows, n);
+        } else {
+          for (int64_t j = 0; j < width; ++j) {  // the last, narrower panel: one chain per block
+            _tile_zero(0);
+            for (int64_t c = 0; c < chunks; ++c) {
+              _tile_loadd(4, a + c * 32, k * 2);
+              _tile_loadd(5, buf + (j * chunks + c) * 512, 64);
+              _tile_dpbf16ps(0, 4, 5);
+            }
+            _tile_stored(0, acc, 64);
+            store_tile_bf16(acc, y + j * 16, rows, n);
+          }
+        }
+      }
+    }
+    if (configured) _tile_release();
+  });
+  return out;
+}
+#else
+at::Tensor int4_amx_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "int4_amx_linear: built without AMX (this CPU has no AMX-BF16)");
+}
+#endif
+
+bool has_amx() {
+#ifdef MIAOTUI_HAS_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 // rms_norm_bf16: x [R, D] bf16 -> bf16(bf16(x / rms(x)) * w), the same two roundings as the PyTorch
 // path (normalize in float32, cast, scale in bf16: layers/norm.py); one op instead of six.
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -322,6 +681,8 @@ TORCH_LIBRARY(miaotui, m) {
   m.def("dequantize_4bit(Tensor packed, Tensor scale, Tensor offset, Tensor(a!) out) -> ()");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_bf16_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("int4_amx_linear(Tensor x, Tensor wq, Tensor meta) -> Tensor");
+  m.def("has_amx() -> bool", &has_amx);
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
@@ -329,4 +690,5 @@ TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("dequantize_4bit", &dequantize_4bit);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16_", &rope_bf16_);
+  m.impl("int4_amx_linear", &int4_amx_linear);
 }

@@ -6,6 +6,9 @@ decode, speculative verification) are still memory-bound: float32 as W @ x^T, wh
 big matrix once instead of repacking it as the B operand of a skinny GEMM. Many rows (prefill)
 are compute-bound: the ordinary GEMM. The narrow
 copy costs memory (+50% for float32 weights) and is an option (`decode_weight_dtype`).
+On CPUs with AMX, a bf16 weight is also kept in oneDNN's blocked layout (`pack_bf16_weight`):
+a plain bf16 matmul re-lays the weight out on every call, which made it twice as slow as the
+memory bound for decode-sized calls (docs/kernels.md). The packed matmul gives the same bits.
 Not for quantization algorithms: they produce weights; this module multiplies them.
 """
 
@@ -23,9 +26,34 @@ SKINNY_MATMUL_MAX_ROWS = 64  # up to here W @ x^T wins
 _FP16_SAFE = 60000.0  # activations beyond this would overflow float16: use the wide weight
 
 
+def cpu_packs_bf16(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """Whether bf16 weights on this device go to oneDNN's packed layout (CPUs with AMX-BF16)."""
+    from miaotui.runtime import cpu_flags
+
+    return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and "amx_bf16" in cpu_flags()
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] bf16 -> an opaque oneDNN tensor for packed_linear (a copy: inference only)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b with a weight from pack_bf16_weight. x: [..., in] bf16."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(x2 if x2.is_contiguous() else x2.contiguous(), packed, bias,
+                                           "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 narrow: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b in x's dtype. x: [..., in]; weight, narrow: [out, in]."""
+                 narrow: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b in x's dtype. x: [..., in]; weight, narrow: [out, in]; packed: the weight
+    from pack_bf16_weight (used for bf16 inputs when no gradient is wanted)."""
+    if packed is not None and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (
+            weight.requires_grad or x.requires_grad)):
+        return packed_linear(x, packed, bias)
     if narrow is not None and x.numel() // x.shape[-1] <= NARROW_MATMUL_MAX_ROWS \
             and (narrow.dtype != torch.float16 or x.abs().max() < _FP16_SAFE):
         b = None if bias is None else bias.to(narrow.dtype)
@@ -58,16 +86,22 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.narrow_weight: torch.Tensor | None = None  # optional decode copy, not saved
+        self.packed_weight: torch.Tensor | None = None  # optional oneDNN layout (AMX), not saved
 
     def add_narrow_weight(self, dtype: torch.dtype) -> None:
         self.narrow_weight = self.weight.detach().to(dtype)
 
+    def add_packed_weight(self) -> None:
+        if self.weight.dtype == torch.bfloat16:
+            self.packed_weight = pack_bf16_weight(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mixed_linear(x, self.weight, self.bias, self.narrow_weight)
+        return mixed_linear(x, self.weight, self.bias, self.narrow_weight, self.packed_weight)
 
     def extra_repr(self) -> str:
         narrow = f", decode copy {self.narrow_weight.dtype}" if self.narrow_weight is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{narrow}"
+        packed = ", packed (oneDNN)" if self.packed_weight is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{narrow}{packed}"
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:

@@ -84,3 +84,66 @@ def test_native_rms_norm_matches_the_pytorch_path(op):
     assert torch.equal(norm(x), ref)  # grad mode: the PyTorch path
     assert float((got.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2
     assert (got == ref).float().mean() > 0.98  # the sum of squares is the only other order
+
+
+def _has_amx() -> bool:
+    op = native_op("has_amx")
+    return op is not None and bool(op())
+
+
+def _bf16_dot() -> bool:
+    from miaotui.runtime import cpu_flags
+
+    return "avx512_bf16" in cpu_flags()
+
+
+@pytest.mark.skipif(not _bf16_dot(), reason="the bf16 attention path needs AVX512-BF16")
+@pytest.mark.parametrize("block_aligned", [True, False])
+def test_bf16_paged_attention_matches_sdpa_and_is_batch_independent(op, block_aligned):
+    """bf16 queries and pool (the bf16 model's decode): keys read in place, on AMX 16 pool slots at
+    a time when they are one block's consecutive slots, else key by key; same result either way."""
+    torch.manual_seed(4)
+    rows, n, heads, kv_heads, hd, slots, t = 4, 2, 9, 3, 64, 512, 70
+    k_pool = torch.randn(slots, kv_heads, hd).bfloat16()
+    v_pool = torch.randn(slots, kv_heads, hd).bfloat16()
+    if block_aligned:  # the engine's layout: blocks of 16 consecutive slots, in any order
+        blocks = torch.stack([torch.randperm(slots // 16)[: (t + 15) // 16] for _ in range(rows)])
+        gather = (blocks[:, :, None] * 16 + torch.arange(16)).view(rows, -1)[:, :t].contiguous()
+    else:
+        gather = torch.stack([torch.randperm(slots)[:t] for _ in range(rows)])
+    lengths = torch.tensor([[t - 1, t], [40, 41], [16, 17], [3, 4]])
+    q = torch.randn(rows, n, heads, hd).bfloat16()
+    got = op(q, k_pool, v_pool, gather, lengths, hd ** -0.5)
+    assert got.dtype == torch.bfloat16
+    keys = k_pool[gather].float().transpose(1, 2)
+    values = v_pool[gather].float().transpose(1, 2)
+    mask = torch.arange(t)[None, None, :] < lengths[:, :, None]
+    ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), keys, values, attn_mask=mask[:, None],
+                                         enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+    alone = op(q[2:3].contiguous(), k_pool, v_pool, gather[2:3].contiguous(), lengths[2:3].contiguous(), hd ** -0.5)
+    assert torch.equal(alone, got[2:3])
+
+
+@pytest.mark.skipif(not _has_amx(), reason="the AMX 4-bit kernel needs AMX-BF16")
+def test_amx_int4_linear_matches_dequantize_then_matmul():
+    """int4_amx_linear multiplies by the dequantized weight (the bits of dequantize_4bit), summing
+    in float32; a row's result does not depend on how many rows share the call."""
+    from miaotui.layers.quantized_linear import amx_int4_layout
+
+    torch.manual_seed(5)
+    n, k, groups = 96, 192, 6  # 6 column blocks: one full panel of 4 and a narrower one
+    nibbles = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale, offset = torch.rand(n, groups) * 0.05, torch.randn(n, groups) * 0.1
+    packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+    weight = torch.empty(n, k, dtype=torch.bfloat16)
+    native_op("dequantize_4bit")(packed, scale, offset, weight)
+    wq, meta = amx_int4_layout(nibbles, scale, offset)
+    x = torch.randn(37, k).bfloat16()
+    got = native_op("int4_amx_linear")(x, wq, meta)
+    ref = x.float() @ weight.float().t()
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=1e-2)
+    for rows in (1, 5, 16, 17):
+        assert torch.equal(native_op("int4_amx_linear")(x[:rows].contiguous(), wq, meta), got[:rows])
+    with pytest.raises(RuntimeError, match="columns"):
+        native_op("int4_amx_linear")(x[:, :160].contiguous(), wq, meta)

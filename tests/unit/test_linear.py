@@ -1,8 +1,9 @@
 """Kernel choice of dense linears: the float16 decode copy serves few-row calls, float32 the rest."""
 
+import pytest
 import torch
 
-from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS, Linear
+from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS, Linear, cpu_packs_bf16
 
 
 def _layer() -> Linear:
@@ -56,7 +57,8 @@ def test_int8_head_copy_keeps_the_best_logits_exact(tiny_hf_dir):
     from miaotui.models.llama import INT8_HEAD_MAX_ROWS
 
     plain = load_model(tiny_hf_dir, torch.bfloat16).model
-    with_copy = load_model(tiny_hf_dir, torch.bfloat16, decode_weight_dtype=torch.int8).model
+    with_copy = load_model(tiny_hf_dir, torch.bfloat16).model
+    with_copy.add_decode_weights(torch.int8)  # (load_model's decode copies pack the head instead on AMX CPUs)
     assert with_copy.head_int8 is not None and with_copy.weight_bytes() > plain.weight_bytes()
     torch.manual_seed(0)
     hidden = torch.randn(INT8_HEAD_MAX_ROWS, plain.config.hidden_size).bfloat16()
@@ -67,3 +69,25 @@ def test_int8_head_copy_keeps_the_best_logits_exact(tiny_hf_dir):
     full = hidden.float() @ plain.embed_tokens.weight.float().t()  # float32 logits of the real head
     torch.testing.assert_close(approx.max(-1).values, full.max(-1).values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not cpu_packs_bf16(torch.bfloat16, "cpu"), reason="oneDNN packing is for CPUs with AMX-BF16")
+def test_packed_bf16_weights_give_the_bits_of_the_plain_matmul(tiny_hf_dir):
+    """On AMX CPUs inference loads keep bf16 weights in oneDNN's layout too (2x faster decode-sized
+    calls): the logits are bit for bit the plain model's, for any number of rows."""
+    from miaotui.loaders.load import load_model
+
+    plain = load_model(tiny_hf_dir, torch.bfloat16).model
+    packed = load_model(tiny_hf_dir, torch.bfloat16, decode_weight_dtype=torch.int8).model
+    assert packed.lm_head_packed is not None and packed.head_int8 is None
+    assert packed.weight_bytes() > plain.weight_bytes()
+    torch.manual_seed(0)
+    for rows in (1, 2, 5, 16, 70):
+        tokens = torch.randint(0, plain.config.vocab_size, (1, rows))
+        positions = torch.arange(rows)[None]
+        with torch.no_grad():
+            assert torch.equal(packed(tokens, positions), plain(tokens, positions))
+    layer = packed.layers[0].mlp.down_proj  # with autograd the plain weight serves: gradients flow
+    layer.weight.requires_grad_(True)
+    layer(torch.randn(3, layer.in_features, dtype=torch.bfloat16)).sum().backward()
+    assert layer.weight.grad is not None

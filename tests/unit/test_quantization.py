@@ -77,6 +77,11 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
         assert layer.kernel_for(1) == "int8pack" and layer.kernel_for(many) == "dense"
     if fmt.bits == 4:
         assert layer.kernel_for(1) == "int4pack"
+        from miaotui.layers.quantized_linear import INT4_AMX_MIN_ROWS, _has_amx
+
+        if _has_amx():  # AMX CPUs: the native 4-bit AMX kernel from a few rows on (it ran above at 40 rows)
+            assert layer.kernel_for(INT4_AMX_MIN_ROWS, torch.bfloat16) == "amx4"
+            assert layer.kernel_for(INT4_AMX_MIN_ROWS - 1, torch.bfloat16) == "int4pack"
 
 
 def test_gptq_output_error_is_lower_than_rtn():
