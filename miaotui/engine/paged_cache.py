@@ -37,10 +37,14 @@ class PagedKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         # Few-token rows read the pool in place (kernels/cpu_kernels.cpp): built here, at start-up.
         self.native = native_op("paged_attention") if torch.device(device).type == "cpu" else None
+        # bf16 decode steps: rope + pool writes + attention from the qkv projection in one op
+        self.fused = native_op("paged_attention_qkv") if self.native is not None and dtype == torch.bfloat16 \
+            and _CPU_BF16_DOT and config.head_dim % 32 == 0 else None
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
         """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""
-        return [PackedLayerView(k, v, slots, groups, self.native) for k, v in zip(self.keys, self.values, strict=True)]
+        return [PackedLayerView(k, v, slots, groups, self.native, self.fused)
+                for k, v in zip(self.keys, self.values, strict=True)]
 
 
 @dataclass(slots=True)
@@ -63,6 +67,20 @@ class PackedLayerView:
     slots: torch.Tensor  # [N]
     groups: list[AttentionGroup]
     native: Callable | None = None  # torch.ops.miaotui.paged_attention, or None: PyTorch ops only
+    fused: Callable | None = None  # torch.ops.miaotui.paged_attention_qkv (bf16 pools), or None
+
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor | None:
+        """A step of few-token rows, all alike (one group), from the qkv projection in one native op:
+        rope, pool writes and attention, with the bits of the unfused native path. qkv: [N, (H + 2 KV)
+        hd] bf16 (rotated in place); cos, sin: [N, hd] -> [N, H hd], or None: use attend()."""
+        if self.fused is None or len(self.groups) != 1:
+            return None
+        g = self.groups[0]
+        if g.token_index.shape[1] > NATIVE_MAX_NEW_TOKENS or heads % self.k_pool.shape[2] != 0:
+            return None
+        kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
+        return self.fused(qkv, cos, sin, self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd), self.slots,
+                          g.gather, g.lengths, heads, hd ** -0.5)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from miaotui.engine.sampling_params import SamplingParams
+from miaotui.kernels import native_op
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -34,6 +35,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] float32 -> [B] argmax indices; natively on CPU (torch.argmax: ~0.8 ms for 16 rows of 49152)."""
+    native = native_op("row_argmax") if logits.device.type == "cpu" and logits.stride(-1) == 1 else None
+    return native(logits) if native is not None else logits.argmax(-1)
+
+
 class Sampler:
     """Holds one torch.Generator per seeded sequence so its draws do not depend on the batch."""
 
@@ -53,7 +60,7 @@ class Sampler:
         """logits: [B, V] float32; seen: [B, V] bool (prompt + output tokens) -> next tokens [B]."""
         logits = logits.float()
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-            return logits.argmax(-1)
+            return greedy_pick(logits)
         out = torch.empty(len(params), dtype=torch.long)
         for row, (seq_id, p) in enumerate(zip(seq_ids, params, strict=True)):
             row_logits = logits[row]

@@ -242,9 +242,9 @@ void weigh_values_any(const float* p, int64_t len, const uint16_t* v_pool, const
   }
 }
 
-void attend_bf16(const uint16_t* q, const uint16_t* k_pool, const uint16_t* v_pool, const int64_t* gather,
-                 const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads, int64_t kv_heads,
-                 int64_t hd, int64_t t_max, float scale) {
+void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, const uint16_t* v_pool,
+                 const int64_t* gather, const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads,
+                 int64_t kv_heads, int64_t hd, int64_t t_max, float scale) {
   const int64_t group = heads / kv_heads, slot_stride = kv_heads * hd;
   const int64_t pairs = hd / 32, lanes = hd / 16;  // bf16 vectors per key row; float32 vectors per value row
 #ifdef MIAOTUI_HAS_AMX
@@ -273,7 +273,7 @@ void attend_bf16(const uint16_t* q, const uint16_t* k_pool, const uint16_t* v_po
       const int64_t* slots = gather + (token / n) * t_max;
       if (scores.size() < static_cast<size_t>(group * len)) scores.resize(group * len);
       float* s = scores.data();
-      const uint16_t* qk = q + (token * heads + kv * group) * hd;  // the group's heads, contiguous
+      const uint16_t* qk = q + token * q_stride + kv * group * hd;  // the group's heads, contiguous
 #ifdef MIAOTUI_HAS_AMX
       if (amx) {
         for (int64_t j = 0; j < pairs; ++j)
@@ -375,7 +375,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
     TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16 && hd % 32 == 0 && hd <= 256,
                 "bf16 queries need a bf16 pool and a head size that is a multiple of 32 (at most 256)");
     const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); };
-    attend_bf16(bits(q), bits(k_pool), bits(v_pool), gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+    attend_bf16(bits(q), heads * hd, bits(k_pool), bits(v_pool), gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                 reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), rows, n, heads, kv_heads, hd,
                 gather.size(1), static_cast<float>(scale));
     return out;
@@ -612,6 +612,90 @@ bool has_amx() {
 #endif
 }
 
+// The largest of n floats: 16 running maxima side by side (a plain reduction loop is one serial
+// chain of max instructions here: GCC does not vectorize it).
+inline float max_of(const float* p, int64_t n) {
+  float lanes[16];
+  for (int j = 0; j < 16; ++j) lanes[j] = p[0];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < 16; ++j) lanes[j] = lanes[j] > p[i + j] ? lanes[j] : p[i + j];
+  }
+  float top = lanes[0];
+  for (int j = 1; j < 16; ++j) top = top > lanes[j] ? top : lanes[j];
+  for (; i < n; ++i) top = top > p[i] ? top : p[i];
+  return top;
+}
+
+// top_candidates: indices [R, k] int64 of the k largest values of each row of x [R, V] float32 (in
+// no particular order; ties broken by the lower index), for the exact rescoring of a bf16 head's
+// best logits (models/llama.py). One pass per row, rows in parallel: a block of 16 is looked at
+// only when its maximum beats the current k-th best.
+at::Tensor top_candidates(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "x: float32 [R, V] with unit inner stride");
+  const int64_t rows = x.size(0), v = x.size(1), stride = x.stride(0);
+  TORCH_CHECK(k > 0 && k <= v && k <= 64, "k must be in 1..min(V, 64)");
+  auto out = at::empty({rows, k}, x.options().dtype(at::kLong));
+  const float* src = x.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * stride;
+      float best[64];
+      int64_t index[64];
+      int64_t filled = 0;
+      int64_t worst = 0;  // slot of the smallest kept value
+      const auto offer = [&](int64_t i) {
+        const float value = row[i];
+        if (filled < k) {
+          best[filled] = value;
+          index[filled++] = i;
+          if (filled == k) {
+            for (int64_t j = 1; j < k; ++j) worst = best[j] < best[worst] ? j : worst;
+          }
+          return;
+        }
+        if (!(value > best[worst])) return;  // equal values: the earlier index stays
+        best[worst] = value;
+        index[worst] = i;
+        for (int64_t j = 0; j < k; ++j) worst = best[j] < best[worst] ? j : worst;
+      };
+      int64_t i = 0;
+      for (; i < std::min(v, k); ++i) offer(i);
+      for (; i + 16 <= v; i += 16) {
+        if (max_of(row + i, 16) > best[worst]) {
+          for (int64_t j = 0; j < 16; ++j) offer(i + j);
+        }
+      }
+      for (; i < v; ++i) offer(i);
+      std::copy(index, index + k, dst + r * k);
+    }
+  });
+  return out;
+}
+
+// row_argmax: [R] int64, the first index of each row's maximum of x [R, V] float32 (torch.argmax's
+// answer for finite values), rows in parallel: greedy sampling (engine/sampler.py).
+at::Tensor row_argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 &&
+                  x.size(1) > 0, "x: float32 [R, V > 0] with unit inner stride");
+  const int64_t rows = x.size(0), v = x.size(1), stride = x.stride(0);
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* src = x.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * stride;
+      const float top = max_of(row, v);
+      int64_t at = 0;
+      while (row[at] != top) ++at;
+      dst[r] = at;
+    }
+  });
+  return out;
+}
+
 // rms_norm_bf16: x [R, D] bf16 -> bf16(bf16(x / rms(x)) * w), the same two roundings as the PyTorch
 // path (normalize in float32, cast, scale in bf16: layers/norm.py); one op instead of six.
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -673,6 +757,54 @@ void rope_bf16_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
+// paged_attention_qkv: a decode step's attention straight from the fused qkv projection, one op
+// instead of ~20 small ones per layer: rotate q and k in place (rope_bf16_'s bits), store k and v
+// at their pool slots, attend (attend_bf16: the bits of paged_attention with bf16 queries) and
+// return [N, H * hd] bf16, the o projection's input. One group: G rows of n new tokens each,
+// packed in row order (N = G * n, token g * n + i).
+//   qkv [N, (H + 2 KV) * hd] bf16; cos, sin [N, hd] bf16; pools [S, KV, hd] bf16; slots [N] int64;
+//   gather [G, T], lengths [G, n] int64 (as paged_attention).
+at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
+                               at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
+                               const at::Tensor& lengths, int64_t heads, double scale) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == at::kBFloat16 &&
+                  v_pool.scalar_type() == at::kBFloat16, "pools: contiguous bf16 [S, KV, hd], same shape");
+  const int64_t kv_heads = k_pool.size(1), hd = k_pool.size(2), width = (heads + 2 * kv_heads) * hd;
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == width,
+              "qkv: contiguous bf16 [N, (H + 2 KV) * hd]");
+  TORCH_CHECK(heads % kv_heads == 0 && hd % 32 == 0 && hd <= 256, "head sizes do not fit");
+  const int64_t tokens = qkv.size(0);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == tokens, "slots: [N] int64");
+  TORCH_CHECK(gather.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && gather.is_contiguous() &&
+                  lengths.is_contiguous() && gather.dim() == 2 && lengths.dim() == 2 &&
+                  lengths.size(0) == gather.size(0) && lengths.numel() == tokens,
+              "gather [G, T], lengths [G, n] int64 with G * n = N");
+  TORCH_CHECK(tokens == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
+  auto rotated = qkv.view({tokens, heads + 2 * kv_heads, hd}).narrow(1, 0, heads + kv_heads);
+  rope_bf16_(rotated, cos, sin);
+  auto* rows = reinterpret_cast<uint16_t*>(qkv.data_ptr<c10::BFloat16>());
+  auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<c10::BFloat16>());
+  auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<c10::BFloat16>());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t entry = kv_heads * hd;  // one token's keys (or values) in a pool slot
+  const int64_t capacity = k_pool.size(0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot out of the pool");
+    std::memcpy(kp + slot[t] * entry, rows + t * width + heads * hd, entry * sizeof(uint16_t));
+    std::memcpy(vp + slot[t] * entry, rows + t * width + (heads + kv_heads) * hd, entry * sizeof(uint16_t));
+  }
+  auto out = at::empty({tokens, heads * hd}, qkv.options());
+  attend_bf16(rows, width, kp, vp, gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+              reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), lengths.size(0), lengths.size(1), heads,
+              kv_heads, hd, gather.size(1), static_cast<float>(scale));
+  return out;
+#else
+  TORCH_CHECK(false, "paged_attention_qkv needs a CPU with AVX512-BF16");
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(miaotui, m) {
@@ -682,6 +814,10 @@ TORCH_LIBRARY(miaotui, m) {
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_bf16_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("int4_amx_linear(Tensor x, Tensor wq, Tensor meta) -> Tensor");
+  m.def("top_candidates(Tensor x, int k) -> Tensor");
+  m.def("row_argmax(Tensor x) -> Tensor");
+  m.def("paged_attention_qkv(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_pool, Tensor(c!) v_pool, "
+        "Tensor slots, Tensor gather, Tensor lengths, int heads, float scale) -> Tensor");
   m.def("has_amx() -> bool", &has_amx);
 }
 
@@ -691,4 +827,7 @@ TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16_", &rope_bf16_);
   m.impl("int4_amx_linear", &int4_amx_linear);
+  m.impl("top_candidates", &top_candidates);
+  m.impl("row_argmax", &row_argmax);
+  m.impl("paged_attention_qkv", &paged_attention_qkv);
 }

@@ -53,6 +53,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
         native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
             and qkv.is_contiguous() and not torch.is_grad_enabled() else None  # inference only: no backward
+        if native is not None and batch == 1 and hasattr(kv_cache, "attend_qkv") and cos.is_contiguous():
+            # A serving decode step: rope, cache writes and attention in one native op (paged_cache.py)
+            out = kv_cache.attend_qkv(qkv.view(seq, -1), cos.view(seq, -1), sin.view(seq, -1), self.num_heads)
+            if out is not None:
+                return self.o_proj(out.view(batch, seq, self.q_size))
         if native is not None:
             # q and k heads rotated together in one op, with apply_rope's bf16 roundings (same bits)
             heads = qkv.view(batch * seq, -1, self.head_dim)[:, :self.num_heads + self.num_kv_heads]

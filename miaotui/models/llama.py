@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.errors import MiaotuiError
+from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention
 from miaotui.layers.linear import Linear, make_linear, mixed_linear, pack_bf16_weight
 from miaotui.layers.norm import RMSNorm
@@ -164,7 +165,11 @@ class Transformer(nn.Module):
         head = self._dense_head()
         if head is None or head.dtype not in (torch.bfloat16, torch.float16):
             return logits  # a quantized head: its own kernels decide the precision
-        top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices  # [..., C]
+        native = native_op("top_candidates") if logits.device.type == "cpu" else None
+        if native is not None:  # one parallel pass (torch.topk: ~1 ms for 16 rows of 49152 here)
+            top = native(logits.view(-1, logits.shape[-1]), RESCORED_CANDIDATES).view(*logits.shape[:-1], -1)
+        else:
+            top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices  # [..., C]
         exact = (head[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)  # [..., C, D] @ [..., D, 1]
         return logits.scatter_(-1, top, exact)
 

@@ -147,3 +147,48 @@ def test_amx_int4_linear_matches_dequantize_then_matmul():
         assert torch.equal(native_op("int4_amx_linear")(x[:rows].contiguous(), wq, meta), got[:rows])
     with pytest.raises(RuntimeError, match="columns"):
         native_op("int4_amx_linear")(x[:, :160].contiguous(), wq, meta)
+
+
+@pytest.mark.skipif(not _bf16_dot(), reason="the fused bf16 decode attention needs AVX512-BF16")
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
+    """paged_attention_qkv (rope + pool writes + attention in one op) against the layer's unfused
+    native path: the same output bits and the same pool contents."""
+    from miaotui.engine.paged_cache import AttentionGroup, PagedKVCache
+    from miaotui.layers.attention import Attention
+    from miaotui.layers.rope import RotaryEmbedding
+    from miaotui.models.config import ModelConfig
+
+    torch.manual_seed(6)
+    config = ModelConfig("llama", 100, 576, 1536, 1, 9, 3, 64)
+    attn = Attention(config)
+    for p in attn.parameters():
+        p.data = torch.randn_like(p) * 0.05
+    attn = attn.bfloat16()
+    block, rows = 16, 3
+    starts = [37, 16, 5]  # tokens each row has cached; its n new tokens follow
+    caches = [PagedKVCache(config, 20, block, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
+    for c in caches[1:]:
+        c.keys[0].copy_(caches[0].keys[0].normal_())
+        c.values[0].copy_(caches[0].values[0].normal_())
+    tables = [[3, 7, 1, 9], [2, 5, 11, 12], [4, 0, 6, 8]]
+    slot = [lambda p, t=t: t[p // block] * block + p % block for t in tables]
+    t_max = max(starts) + n
+    gather = torch.tensor([[slot[r](p) if p < starts[r] + n else 0 for p in range(t_max)] for r in range(rows)])
+    lengths = torch.tensor([[starts[r] + i + 1 for i in range(n)] for r in range(rows)])
+    mask = torch.arange(t_max)[None, None, None, :] < lengths[:, None, :, None]
+    group = AttentionGroup(torch.arange(rows * n).view(rows, n), gather, mask, lengths)
+    slots = torch.tensor([slot[r](starts[r] + i) for r in range(rows) for i in range(n)])
+    positions = torch.tensor([[starts[r] + i for r in range(rows) for i in range(n)]])
+    cos, sin = RotaryEmbedding(64, 10000.0, None)(positions, torch.bfloat16)
+    x = torch.randn(1, rows * n, 576).bfloat16()
+    outs = []
+    for fused, cache in zip((True, False), caches, strict=True):
+        if not fused:
+            cache.fused = None
+        view = cache.step_views(slots, [group])[0]
+        with torch.inference_mode():
+            outs.append(attn(x, cos, sin, view, 0, None, False))
+    assert caches[0].fused is not None
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
