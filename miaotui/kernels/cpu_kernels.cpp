@@ -540,6 +540,47 @@ at::Tensor int4_amx_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     int configured = 0;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b0 = p * kPanel, width = std::min(kPanel, blocks - b0);
+      if (m <= 16 && width == kPanel) {
+        // Decode-sized calls: dequantize chunk by chunk into two 4 KB buffers in turn, each used
+        // by the tiles at once while it is in L1 (a whole panel, 72-192 KB, would go through L2).
+        const int rows = static_cast<int>(m);
+        if (rows != configured) {
+          configure_tiles(rows);
+          configured = rows;
+        }
+        uint16_t* ring = buf;  // [2][4 blocks][512]
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < chunks; ++c) {
+          uint16_t* w = ring + (c & 1) * kPanel * 512;
+          for (int64_t j = 0; j < kPanel; ++j) {
+            const int64_t at = (b0 + j) * chunks + c;
+            dequantize_chunk(q + at * 256, mt + at * 32, w + j * 512);
+          }
+          _tile_loadd(4, xs + c * 32, k * 2);
+          _tile_loadd(5, w, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(6, w + 512, 64);
+          _tile_dpbf16ps(1, 4, 6);
+          _tile_loadd(7, w + 1024, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_loadd(5, w + 1536, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+        uint16_t* y = ys + b0 * 16;
+        for (int t = 0; t < 4; ++t) {
+          switch (t) {  // tile numbers are immediates
+            case 0: _tile_stored(0, acc, 64); break;
+            case 1: _tile_stored(1, acc, 64); break;
+            case 2: _tile_stored(2, acc, 64); break;
+            default: _tile_stored(3, acc, 64); break;
+          }
+          store_tile_bf16(acc, y + t * 16, rows, n);
+        }
+        continue;
+      }
       for (int64_t j = 0; j < width; ++j) {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t at = (b0 + j) * chunks + c;

@@ -15,7 +15,9 @@ from miaotui.kernels import native_op
 from miaotui.layers.linear import make_linear
 from miaotui.layers.rope import apply_rope
 from miaotui.models.config import ModelConfig
+from miaotui.runtime import cpu_flags
 
+_AMX_BF16 = "amx_bf16" in cpu_flags()  # bf16 flash attention beats the float32 upcast (_attention)
 PER_QUERY_MAX_ROWS = 16  # up to this many new tokens after a cache attend query by query (speculation)
 
 
@@ -107,9 +109,11 @@ class Attention(nn.Module):
                    is_causal: bool = False) -> torch.Tensor:
         """q: [B, H, S, hd], k, v: [B, KV, T, hd], mask: [B, 1, S, T] bool or None -> [B, H, S, hd]."""
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (
+                dtype == torch.bfloat16 and _AMX_BF16):
             # PyTorch's CPU flash attention is 4-15x slower in bf16 than in float32 on CPUs without
-            # AMX (docs/kernels.md), and float32 scores are exact for bf16 inputs: upcast.
+            # AMX (docs/kernels.md), and float32 scores are exact for bf16 inputs: upcast. With AMX
+            # it is ~2x faster than float32 (512-token causal prefill, 9 heads: 2.6 vs 4.5 ms).
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads

@@ -73,8 +73,7 @@ class Transformer(nn.Module):
         """Keep a narrow copy of every matmul weight for memory-bound few-row calls (linear.py).
         int8: a copy of the output head only (see logits): int8 body weights would change the model."""
         if dtype == torch.int8:
-            if self.lm_head_packed is None:  # the packed bf16 head is faster still (docs/kernels.md)
-                self._add_int8_head()
+            self._add_int8_head()
             return
         for module in self.modules():
             if isinstance(module, Linear):
