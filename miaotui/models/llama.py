@@ -32,7 +32,12 @@ class SwiGLU(nn.Module):
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [..., 2I]
+        if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and not torch.is_grad_enabled() \
+                and (native := native_op("silu_mul_bf16")) is not None:  # inference: one op, no backward
+            act = native(gate_up.view(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], self.intermediate_size)
+            return self.down_proj(act)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -192,3 +192,14 @@ def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
     assert caches[0].fused is not None
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
+
+
+def test_native_silu_mul_matches_the_pytorch_path(op):
+    torch.manual_seed(7)
+    x = (torch.randn(37, 2 * 300) * 4).bfloat16()
+    got = native_op("silu_mul_bf16")(x)
+    gate, up = x.split(300, dim=-1)
+    ref = F.silu(gate) * up  # layers' bf16 path: two roundings
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    assert (got == ref).float().mean() > 0.99  # exp's last float32 bit may differ (one bf16 step)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
