@@ -356,33 +356,31 @@ class LLMEngine:
         """Rows (request, first position, n new tokens) -> (the step forward_step runs, each row's
         offset on the packed token axis, each row's slice of the logits forward_step returns)."""
         bs = self.blocks.block_size
-        tokens, positions, slots, offsets, tables = [], [], [], [], []
-        total = 0
+        # Plain Python lists, one tensor each at the end: per-row tensor ops cost ~1 ms a step at 16 rows.
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        offsets: list[int] = []
         for req, start, n in rows:
-            seq = req.tokens + req.draft if req.draft else req.tokens
-            table = torch.tensor(req.table, dtype=torch.long)
-            pos = torch.arange(start, start + n)
-            offsets.append(total)
-            total += n
-            tokens.append(torch.tensor(seq[start:start + n]))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table)
+            offsets.append(len(tokens))
+            tokens += (req.tokens + req.draft)[start:start + n] if req.draft else req.tokens[start:start + n]
+            positions += range(start, start + n)
+            slots += [req.table[p // bs] * bs + p % bs for p in range(start, start + n)]
         by_length: dict[int, list[int]] = {}
         for row, (_, _, n) in enumerate(rows):
             by_length.setdefault(n, []).append(row)
         groups = []
         for n, members in by_length.items():
-            t = max(rows[r][1] + n for r in members)
-            gather = torch.zeros(len(members), t, dtype=torch.long)  # unused positions read slot 0, masked
-            mask = torch.zeros(len(members), 1, n, t, dtype=torch.bool)
-            for i, r in enumerate(members):
-                start = rows[r][1]
-                ctx = torch.arange(start + n)
-                gather[i, :start + n] = tables[r][ctx // bs] * bs + ctx % bs
-                mask[i, 0, :, :start + n] = ctx[None, :] <= positions[r][:, None]
+            ends = torch.tensor([rows[r][1] + n for r in members])  # [G] keys each row has after this step
+            t = int(ends.max())
+            width = (t + bs - 1) // bs
+            table = torch.tensor([rows[r][0].table[:width] + [0] * (width - len(rows[r][0].table[:width]))
+                                  for r in members])  # [G, blocks]
+            ctx = torch.arange(t)
+            gather = (table[:, ctx // bs] * bs + ctx % bs) * (ctx[None, :] < ends[:, None])  # unused -> slot 0, masked
+            lengths = (ends - n)[:, None] + torch.arange(1, n + 1)[None, :]  # [G, n] keys query i sees
+            mask = (ctx[None, None, :] < lengths[:, :, None])[:, None]  # [G, 1, n, T]: key <= the query's position
             index = torch.tensor([offsets[r] for r in members])[:, None] + torch.arange(n)[None, :]
-            lengths = torch.stack([positions[r] + 1 for r in members])  # [G, n]
             groups.append((index, gather, mask, lengths))
         # Logits at each row's last new token, or at every position of a row with drafts to verify.
         last, row_logits = [], []
@@ -391,7 +389,7 @@ class LLMEngine:
             last += range(offsets[row], offsets[row] + n) if req.draft else [offsets[row] + n - 1]
             row_logits.append(slice(first, len(last)))
         score = any(req.prompt_logprobs is not None and start < len(req.prompt_ids) for req, start, _ in rows)
-        step = (torch.cat(tokens)[None], torch.cat(positions)[None], torch.cat(slots), groups,
+        step = (torch.tensor(tokens)[None], torch.tensor(positions)[None], torch.tensor(slots), groups,
                 torch.tensor(last), score)
         return step, offsets, row_logits
 
