@@ -5,14 +5,20 @@
   default dtype, next to llama.cpp's `llama-server` figures of the same class recorded in PERF.md.
 - Prefix caching: TTFT of requests sharing a ~1,000-token system prompt, first vs later.
 - RSS of the server process over 1,000 requests in a row (sampled; flat after warm-up?).
+- With --llama-server PATH (llama.cpp's `llama-server` binary, built here from the llama.cpp sources
+  in PyPI's llama-cpp-python sdist): llama-server with 16 slots on the shipped Q4_1 GGUF (and on a
+  BF16 GGUF given with --llama-bf16-gguf), measured by the same client in the same run, so the
+  ratios do not depend on how busy the shared host is today.
 Writes benchmarks/results/serving.{json,md,png}. Run: `make bench-serve`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miaotui.eval.bench_serve import bench_serve  # noqa: E402
 from miaotui.loaders.model_store import pull  # noqa: E402
-from tests.unit.server_process import running_server  # noqa: E402
+from tests.unit.server_process import free_port, running_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_SERVER = {"Q4_1": {"c1": 82, "c16": 181}, "Q8_0": {"c16": 253}, "BF16": {"c16": 207}}  # PERF.md, tok/s
@@ -65,6 +71,56 @@ def median_run(url: str, concurrency: int, requests: int, repeat: int) -> dict:
     return runs[len(runs) // 2] | {"runs_output_tok_s": [r["output_tok_s"] for r in runs]}
 
 
+@contextlib.contextmanager
+def running_llama_server(binary: str, gguf: str, timeout: float = 300.0):
+    """llama.cpp's server as PERF.md ran it: 2 threads, 16 slots, 16k context (weight repacking off:
+    its AMX path crashes on these hosts)."""
+    port = free_port()
+    log = open(Path(tempfile.gettempdir()) / f"llama-server-{port}.log", "w")
+    proc = subprocess.Popen([binary, "-m", gguf, "-t", "2", "-np", "16", "-c", "16384", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-repack"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode} (log: {log.name})")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server not healthy after {timeout} s (log: {log.name})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def measure_llama_server(binary: str, ggufs: dict[str, str], requests: int, repeat: int) -> dict:
+    """{class: [c1 row, c16 row]} for llama-server on each GGUF, same client and settings as ours."""
+    out = {}
+    for name, gguf in ggufs.items():
+        with running_llama_server(binary, gguf) as url:
+            bench_serve(url, [1], 2, 16, 16)  # warm-up
+            out[name] = [median_run(url, 1, max(4, requests // 4), repeat), median_run(url, 16, requests, repeat)]
+        for r in out[name]:
+            print(f"llama-server {name}:", json.dumps(r), flush=True)
+    return out
+
+
+def export_bf16_gguf(source: str, out: Path) -> str:
+    """The default model as a BF16 GGUF (what PERF.md's BF16 row ran), written by miaotui's exporter."""
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "miaotui.cli", "export-gguf", "-m", source, "--type", "bf16", "-o",
+                        str(out)], check=True, capture_output=True)
+    return str(out)
+
+
 def quantize_4bit(source: str, out: Path) -> str:
     """The Q4_1-class checkpoint: RTN int4, asymmetric groups of 32 (the shipped model's own grid)."""
     if not (out / "miaotui_model.json").exists():
@@ -80,10 +136,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rss-requests", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per concurrency; the median is reported")
+    parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
+                        help="llama.cpp's llama-server binary: measure it in the same run")
+    parser.add_argument("--llama-bf16-gguf", default=os.environ.get("LLAMA_BF16_GGUF"),
+                        help="a BF16 GGUF of the model for llama-server's BF16 class (default: exported here "
+                             "with `miaotui export-gguf --type bf16`)")
     args = parser.parse_args()
     default = str(pull("smollm2-135m"))
     model = args.model or quantize_4bit(default, Path(tempfile.gettempdir()) / "miaotui-serving-int4")
     results: dict = {"model": model, "throughput": [], "bf16_throughput": []}
+    if args.llama_server:
+        bf16_gguf = args.llama_bf16_gguf or export_bf16_gguf(default, Path(tempfile.gettempdir()) / "miaotui-bf16.gguf")
+        ggufs = {"Q4_1": default, "BF16": bf16_gguf}
+        results["llama_server_measured"] = measure_llama_server(args.llama_server, ggufs, args.requests, args.repeat)
     server_args = ("--served-model-name", "m", "--threads", "2", "--kv-cache-mb", "1024", "--max-num-seqs", "64")
     # The default model in its default dtype (bf16 where the CPU has it): compared with BF16 llama-server.
     with running_server(default, *server_args) as (url, _):
@@ -119,13 +184,17 @@ def main() -> None:
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
     c1, c16 = results["throughput"]
     b1, b16 = results["bf16_throughput"]
-    lines = ["| model | concurrency | out tok/s | llama-server (recorded, same class) | ratio | target | "
-             "TTFT p50 ms | TPOT p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, row, peer, target in (("int4 g32 (Q4_1 class)", c1, 82, 1.0), ("int4 g32 (Q4_1 class)", c16, 181, 3.0),
-                                    ("default bf16 (BF16 class)", b1, 54, 1.0),
-                                    ("default bf16 (BF16 class)", b16, 207, 3.0)):
-        lines.append(f"| {name} | {row['concurrency']} | {row['output_tok_s']:.1f} | {peer} | "
+    measured = results.get("llama_server_measured", {})
+    lines = ["| model | concurrency | out tok/s | llama-server same run | ratio | llama-server recorded (PERF.md) | "
+             "ratio | target | TTFT p50 ms | TPOT p50 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, cls, i, row, peer, target in (("int4 g32 (Q4_1 class)", "Q4_1", 0, c1, 82, 1.0),
+                                            ("int4 g32 (Q4_1 class)", "Q4_1", 1, c16, 181, 3.0),
+                                            ("default bf16 (BF16 class)", "BF16", 0, b1, 54, 1.0),
+                                            ("default bf16 (BF16 class)", "BF16", 1, b16, 207, 3.0)):
+        same = measured[cls][i]["output_tok_s"] if cls in measured else None
+        same_cols = f"{same:.1f} | {row['output_tok_s'] / same:.2f}×" if same else "— | —"
+        lines.append(f"| {name} | {row['concurrency']} | {row['output_tok_s']:.1f} | {same_cols} | {peer} | "
                      f"{row['output_tok_s'] / peer:.2f}× | ≥ {target:.0f}× | {row['ttft_p50_ms']:.0f} | "
                      f"{row['tpot_p50_ms']:.1f} |")
     lines += ["",
@@ -142,11 +211,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    def peer(cls: str, i: int, recorded: float) -> float:
+        return measured[cls][i]["output_tok_s"] if cls in measured else recorded
+
     axes[0].bar(["int4 c1", "Q4_1 c1", "int4 c16", "Q4_1 c16", "bf16 c16", "BF16 c16"],
-                [c1["output_tok_s"], 82, c16["output_tok_s"], 181, b16["output_tok_s"], 207],
+                [c1["output_tok_s"], peer("Q4_1", 0, 82), c16["output_tok_s"], peer("Q4_1", 1, 181),
+                 b16["output_tok_s"], peer("BF16", 1, 207)],
                 color=["tab:blue", "gray", "tab:blue", "gray", "tab:orange", "gray"])
     axes[0].set_ylabel("output tok/s")
-    axes[0].set_title("serving throughput, 128 output tokens (llama-server: recorded)")
+    axes[0].set_title("128 output tokens; gray: llama-server (this run)")
     axes[1].plot([s[0] for s in samples], [s[1] for s in samples], marker=".")
     axes[1].set_xlabel("requests served")
     axes[1].set_ylabel("server RSS MB")

@@ -65,7 +65,9 @@ async def _level(url: str, model: str, concurrency: int, requests: int, input_le
         async with gate:
             return await _one(client, url, body, headers)
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request: servers that close kept-alive connections after a few requests
+    # (llama.cpp's, cpp-httplib) would otherwise race the client's reuse and drop a request.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*[run(b) for b in bodies])
