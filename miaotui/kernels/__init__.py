@@ -2,7 +2,8 @@
 C++ compiler) and cached under ~/.cache/miaotui/kernels. Where they cannot be built the callers
 fall back to plain PyTorch ops, with one warning: never an error.
 
-Not for kernels PyTorch already has (quantized matmuls: layers/quantized_linear.py).
+Not for kernels PyTorch already has at the speed we need (its int4/int8 matmuls stay in
+layers/quantized_linear.py; int4_amx_linear covers what they do slowly on AMX CPUs).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def native_ops():
 
 
 def native_op(name: str) -> Callable | None:
-    """One native op (paged_attention, dequantize_4bit, rms_norm_bf16, rope_bf16_) or None. Cached:
-    layers ask on every call."""
+    """One native op (cpu_kernels.cpp: paged_attention, int4_amx_linear, rms_norm_bf16, ...) or None.
+    Cached: layers ask on every call."""
     op = _ops_by_name.get(name, _MISSING)
     if op is _MISSING:
         ops = native_ops()

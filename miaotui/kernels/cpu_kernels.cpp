@@ -1,4 +1,7 @@
-// Native CPU kernels (built on first use by miaotui/kernels/__init__.py).
+// Native CPU kernels (built on first use by miaotui/kernels/__init__.py). Each op's comment below
+// gives its shapes: paged_attention and paged_attention_qkv (decode attention), dequantize_4bit and
+// int4_amx_linear (4-bit weights), rms_norm_bf16, rope_bf16_, silu_mul_bf16, top_candidates and
+// row_argmax (logits), has_amx.
 //
 // paged_attention: attention for few-token rows (decode steps, speculative verification).
 //
