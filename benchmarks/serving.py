@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miaotui.eval.bench_serve import bench_serve  # noqa: E402
 from miaotui.loaders.model_store import pull  # noqa: E402
-from tests.unit.server_process import free_port, running_server  # noqa: E402
+from tests.unit.server_process import free_port, running_http_process, running_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_SERVER = {"Q4_1": {"c1": 82, "c16": 181}, "Q8_0": {"c16": 253}, "BF16": {"c16": 207}}  # PERF.md, tok/s
@@ -76,29 +76,10 @@ def running_llama_server(binary: str, gguf: str, timeout: float = 300.0):
     """llama.cpp's server as PERF.md ran it: 2 threads, 16 slots, 16k context (weight repacking off:
     its AMX path crashes on these hosts)."""
     port = free_port()
-    log = open(Path(tempfile.gettempdir()) / f"llama-server-{port}.log", "w")
-    proc = subprocess.Popen([binary, "-m", gguf, "-t", "2", "-np", "16", "-c", "16384", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-repack"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode} (log: {log.name})")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not healthy after {timeout} s (log: {log.name})")
-            time.sleep(0.5)
+    command = [binary, "-m", gguf, "-t", "2", "-np", "16", "-c", "16384", "--host", "127.0.0.1", "--port", str(port),
+               "--no-repack"]
+    with running_http_process(command, port, "llama-server", timeout) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def measure_llama_server(binary: str, ggufs: dict[str, str], requests: int, repeat: int) -> dict:

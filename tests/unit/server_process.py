@@ -20,25 +20,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model: Path | str, *extra: str, timeout: float = 120.0):
-    port = free_port()
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"miaotui-serve-{port}.log"
+def running_http_process(command: list[str], port: int, name: str, timeout: float = 120.0):
+    """Start an HTTP server process (its output in a log file), wait until /health answers 200, yield
+    (url, process); terminate it on the way out. A process that dies or never gets healthy is an
+    error that quotes the end of its log."""
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}-{port}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "miaotui.cli", "serve", "-m", str(model), "--port", str(port),
-                                 "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{name} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
         yield url, proc
     finally:
@@ -48,3 +49,12 @@ def running_server(model: Path | str, *extra: str, timeout: float = 120.0):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextmanager
+def running_server(model: Path | str, *extra: str, timeout: float = 120.0):
+    port = free_port()
+    command = [sys.executable, "-m", "miaotui.cli", "serve", "-m", str(model), "--port", str(port), "--threads", "1",
+               *extra]
+    with running_http_process(command, port, "miaotui-serve", timeout) as (url, proc):
+        yield url, proc
