@@ -64,10 +64,11 @@ def main() -> None:
     short = tok.encode("Once upon a time, in a small village by the sea, there lived")
     batch_ids = [tok.encode(p) for p in BATCH_PROMPTS]
 
-    def ours_prefill():
-        with torch.inference_mode():
-            caches = ours.model.allocate_kv_cache(1, 512)
-            ours.model(prompt, torch.arange(512)[None], caches, 0, last_only=True)
+    fresh = torch.Generator().manual_seed(1)
+
+    def ours_prefill():  # through the engine, a new prompt each time (the prefix cache must not answer)
+        ids = torch.randint(0, ours.config.vocab_size, (512,), generator=fresh).tolist()
+        ours.generate([ids], SamplingParams(temperature=0.0, max_tokens=1))
 
     def ref_prefill():
         with torch.inference_mode():
@@ -92,21 +93,20 @@ def main() -> None:
     ref_sequential = time.perf_counter() - start
     rows["8_prompts_tok_s"] = (8 * gen / ours_batch, 8 * gen / ref_sequential)
 
-    targets = {"prefill_512_tok_s": 3.0, "decode_batch1_tok_s": 1.5, "8_prompts_tok_s": 4.0}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "device": describe_device("cpu"),
                     "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__},
         "miaotui": {"dtype": dtype_name(ours.dtype), "decode_weight_dtype":
                     None if ours.decode_weight_dtype is None else dtype_name(ours.decode_weight_dtype)},
         "transformers": {"dtype": "float32", "attention": ref.config._attn_implementation},
-        "rows": {name: {"miaotui": a, "transformers": b, "speedup": a / b, "target": targets[name]}
+        "rows": {name: {"miaotui": a, "transformers": b, "speedup": a / b}
                  for name, (a, b) in rows.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "core_vs_transformers.json").write_text(json.dumps(result, indent=2))
     for name, row in result["rows"].items():
         print(f"{name:<22} miaotui {row['miaotui']:8.1f}  transformers {row['transformers']:8.1f}  "
-              f"speedup {row['speedup']:.2f}x (target {row['target']}x)")
+              f"speedup {row['speedup']:.2f}x")
     plot(result)
 
 

@@ -49,8 +49,7 @@ def main() -> None:
             if algo == "smoothquant":
                 from miaotui.compress.calibration import load_calibration
 
-                text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-                calib = load_calibration(text, llm.tokenizer, 4, 512)
+                calib = load_calibration(None, llm.tokenizer, 4, 512)  # the bundled WikiText-2
             record = quantize_model(llm.model, algo, fmt, calib)
             out = save_model(llm.model, llm.tokenizer, Path(tmp) / label.replace(" ", "_"), record.to_dict())
             size = sum(f.stat().st_size for f in out.iterdir())

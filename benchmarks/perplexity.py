@@ -2,7 +2,9 @@
 
 - full-window (Hugging Face's): every token of each 512-token window after the first is scored.
 - llama.cpp's (`llama-perplexity -c 512`): only the second half of each window is scored.
-First 40 x 512 tokens of wiki.test.raw, as in ../shared/PERF.md. Writes benchmarks/results/perplexity.json.
+First 40 x 512 tokens of the bundled wiki.test.raw (llama-perplexity's -c 512 --chunks 40).
+With --llama-perplexity PATH, llama.cpp scores the same GGUF file in the same run.
+Writes benchmarks/results/perplexity.json.
 """
 
 from __future__ import annotations
@@ -14,13 +16,26 @@ from pathlib import Path
 import torch
 
 from miaotui import LLM
+from miaotui.data import WIKITEXT2_TEST
 from miaotui.eval.perplexity import perplexity
 from miaotui.loaders.model_store import pull
 from miaotui.runtime import dtype_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-LLAMA_CPP_F32 = 22.50  # ../shared/PERF.md, llama-perplexity -c 512 --chunks 40
+DEFAULT_TEXT = WIKITEXT2_TEST  # the WikiText-2 test split that ships with miaotui
+
+
+def llama_cpp_ppl(binary: str, gguf: Path, text: str, threads: int) -> float:
+    """llama-perplexity -c 512 --chunks 40 at its defaults otherwise: -> its final estimate."""
+    import re
+    import subprocess
+
+    done = subprocess.run([binary, "-m", str(gguf), "-f", text, "-c", "512", "--chunks", "40", "-t", str(threads)],
+                          capture_output=True, text=True, timeout=3600)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"llama-perplexity failed: {(done.stderr or done.stdout)[-500:]}")
+    return float(found[1])
 
 
 def main() -> None:
@@ -28,6 +43,7 @@ def main() -> None:
     parser.add_argument("--text-file", default=str(DEFAULT_TEXT))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,auto")
+    parser.add_argument("--llama-perplexity", default=None, help="llama.cpp's llama-perplexity, to score the file too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = pull("smollm2-135m")
@@ -41,9 +57,13 @@ def main() -> None:
             rows.append({"dtype": dtype_name(llm.dtype), "requested": dtype, "protocol": protocol,
                          "score_from": score_from, "ppl": r.ppl, "tokens": r.tokens, "seconds": r.seconds})
             print(f"{dtype:>8} {protocol:<42} ppl {r.ppl:.3f} ({r.tokens} tokens, {r.seconds:.0f} s)")
+    peer = None
+    if args.llama_perplexity:
+        peer = {"tool": "llama-perplexity", "file": path.name, "ppl": llama_cpp_ppl(args.llama_perplexity, path,
+                                                                                   args.text_file, args.threads)}
+        print(f"llama.cpp {path.name} ppl {peer['ppl']:.3f} (second half of each window)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "perplexity.json").write_text(json.dumps({"llama_cpp_f32_reference": LLAMA_CPP_F32, "rows": rows},
-                                                        indent=2))
+    (RESULTS / "perplexity.json").write_text(json.dumps({"rows": rows, "llama_cpp": peer}, indent=2))
 
 
 if __name__ == "__main__":

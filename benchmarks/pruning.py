@@ -31,13 +31,14 @@ from miaotui.compress.prune.gradual import GradualSchedule, train_gradual
 from miaotui.compress.prune.structured import prune_structured
 from miaotui.compress.prune.unstructured import prune_model
 from miaotui.compress.training import load_training_tokens
+from miaotui.data import WIKITEXT2_TEST
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
 from miaotui.loaders.miaotui_dir import save_model
 from miaotui.loaders.model_store import pull
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_TEXT = WIKITEXT2_TEST  # the WikiText-2 test split that ships with miaotui
 EVAL_TOKENS = 40 * 512
 
 ONESHOT = [  # (label, method, sparsity, pattern, owl)

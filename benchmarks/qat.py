@@ -18,12 +18,13 @@ from miaotui import LLM
 from miaotui.compress.quantize.apply import quantize_model
 from miaotui.compress.quantize.qat import pack_after_qat, train_qat
 from miaotui.compress.training import load_training_tokens
+from miaotui.data import WIKITEXT2_TEST
 from miaotui.eval.perplexity import perplexity
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.loaders.model_store import pull
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_TEXT = WIKITEXT2_TEST  # the WikiText-2 test split that ships with miaotui
 EVAL_TOKENS = 40 * 512
 
 

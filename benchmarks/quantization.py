@@ -17,13 +17,14 @@ import torch
 from miaotui import LLM
 from miaotui.compress.calibration import load_calibration
 from miaotui.compress.quantize.apply import quantize_model
+from miaotui.data import WIKITEXT2_TEST
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.loaders.model_store import pull
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_TEXT = WIKITEXT2_TEST  # the WikiText-2 test split that ships with miaotui
 EVAL_TOKENS = 40 * 512
 
 # (label, method, format or None for float32, counts toward targets?)

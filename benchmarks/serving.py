@@ -2,13 +2,15 @@
 
 - Throughput and latency at concurrency 1 and 16 (medians of 3 runs; 128 input and 128 output tokens per request,
   2 threads) of a 4-bit checkpoint (RTN int4 g32, the Q4_1 class) and of the default model in its
-  default dtype, next to llama.cpp's `llama-server` figures of the same class recorded in PERF.md.
+  default dtype.
+- The same checkpoints through the Python API in-process (`miaotui bench`, LLM.generate on the same
+  engine), batch 1: its decode rate next to the server's one-request decode rate (1 / TPOT).
 - Prefix caching: TTFT of requests sharing a ~1,000-token system prompt, first vs later.
 - RSS of the server process over 1,000 requests in a row (sampled; flat after warm-up?).
-- With --llama-server PATH (llama.cpp's `llama-server` binary, built here from the llama.cpp sources
-  in PyPI's llama-cpp-python sdist): llama-server with 16 slots on the shipped Q4_1 GGUF (and on a
-  BF16 GGUF given with --llama-bf16-gguf), measured by the same client in the same run, so the
-  ratios do not depend on how busy the shared host is today.
+- With --llama-server PATH (llama.cpp's `llama-server` binary, built from the llama.cpp sources in
+  PyPI's llama-cpp-python sdist): llama-server at its defaults (weight repacking on; off only if the
+  default crashes, which the results then say) with 2 threads and 16 slots, on the shipped Q4_1 GGUF
+  and on a BF16 GGUF, measured by the same client in the same run.
 Writes benchmarks/results/serving.{json,md,png}. Run: `make bench-serve`.
 """
 
@@ -35,7 +37,6 @@ from miaotui.loaders.model_store import pull  # noqa: E402
 from tests.unit.server_process import free_port, running_http_process, running_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LLAMA_SERVER = {"Q4_1": {"c1": 82, "c16": 181}, "Q8_0": {"c16": 253}, "BF16": {"c16": 207}}  # PERF.md, tok/s
 
 
 def rss_mb(pid: int) -> float:
@@ -72,26 +73,39 @@ def median_run(url: str, concurrency: int, requests: int, repeat: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_llama_server(binary: str, gguf: str, timeout: float = 300.0):
-    """llama.cpp's server as PERF.md ran it: 2 threads, 16 slots, 16k context (weight repacking off:
-    its AMX path crashes on these hosts)."""
+def running_llama_server(binary: str, gguf: str, repack: bool, timeout: float = 300.0):
+    """llama.cpp's server at its defaults, with 2 threads, 16 slots and a 16k context."""
     port = free_port()
-    command = [binary, "-m", gguf, "-t", "2", "-np", "16", "-c", "16384", "--host", "127.0.0.1", "--port", str(port),
-               "--no-repack"]
-    with running_http_process(command, port, "llama-server", timeout) as (url, _):
+    command = [binary, "-m", gguf, "-t", "2", "-np", "16", "-c", "16384", "--host", "127.0.0.1", "--port", str(port)]
+    with running_http_process(command + ([] if repack else ["--no-repack"]), port, "llama-server", timeout) as (url, _):
         yield url
 
 
 def measure_llama_server(binary: str, ggufs: dict[str, str], requests: int, repeat: int) -> dict:
-    """{class: [c1 row, c16 row]} for llama-server on each GGUF, same client and settings as ours."""
+    """{class: {"rows": [c1 row, c16 row], "repack": bool}} for llama-server on each GGUF, same client
+    and settings as ours. Weight repacking (its default) is turned off only if the default crashes."""
     out = {}
     for name, gguf in ggufs.items():
-        with running_llama_server(binary, gguf) as url:
-            bench_serve(url, [1], 2, 16, 16)  # warm-up
-            out[name] = [median_run(url, 1, max(4, requests // 4), repeat), median_run(url, 16, requests, repeat)]
-        for r in out[name]:
-            print(f"llama-server {name}:", json.dumps(r), flush=True)
+        for repack in (True, False):
+            try:
+                with running_llama_server(binary, gguf, repack) as url:
+                    bench_serve(url, [1], 2, 16, 16)  # warm-up
+                    rows = [median_run(url, 1, max(4, requests // 4), repeat), median_run(url, 16, requests, repeat)]
+                out[name] = {"rows": rows, "repack": repack}
+                break
+            except (RuntimeError, httpx.HTTPError, KeyError) as exc:
+                print(f"llama-server {name} with repack={repack} failed: {str(exc)[:300]}", flush=True)
+        for r in out.get(name, {}).get("rows", []):
+            print(f"llama-server {name} (repack {out[name]['repack']}):", json.dumps(r), flush=True)
     return out
+
+
+def in_process_decode(model: str, repeat: int) -> dict:
+    """`miaotui bench` (LLM.generate through the engine), batch 1, 128 in / 128 out, in its own process."""
+    done = subprocess.run([sys.executable, "-m", "miaotui.cli", "bench", "-m", model, "--prompt-tokens", "128",
+                           "--gen-tokens", "128", "--batch", "1", "--repeat", str(repeat), "--threads", "2",
+                           "--json"], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
 
 
 def export_bf16_gguf(source: str, out: Path) -> str:
@@ -129,7 +143,9 @@ def main() -> None:
     if args.llama_server:
         bf16_gguf = args.llama_bf16_gguf or export_bf16_gguf(default, Path(tempfile.gettempdir()) / "miaotui-bf16.gguf")
         ggufs = {"Q4_1": default, "BF16": bf16_gguf}
-        results["llama_server_measured"] = measure_llama_server(args.llama_server, ggufs, args.requests, args.repeat)
+        results["llama_server"] = measure_llama_server(args.llama_server, ggufs, args.requests, args.repeat)
+    results["in_process"] = {"int4": in_process_decode(model, args.repeat),
+                             "bf16": in_process_decode(default, args.repeat)}
     server_args = ("--served-model-name", "m", "--threads", "2", "--kv-cache-mb", "1024", "--max-num-seqs", "64")
     # The default model in its default dtype (bf16 where the CPU has it): compared with BF16 llama-server.
     with running_server(default, *server_args) as (url, _):
@@ -160,24 +176,27 @@ def main() -> None:
         results["rss"] = {"samples": samples, "after_warmup_mb": warm, "last_mb": samples[-1][1],
                           "growth_pct": (samples[-1][1] / warm - 1) * 100}
         print(json.dumps(results["rss"]), flush=True)
-    results["llama_server_recorded"] = LLAMA_SERVER
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
     c1, c16 = results["throughput"]
     b1, b16 = results["bf16_throughput"]
-    measured = results.get("llama_server_measured", {})
-    lines = ["| model | concurrency | out tok/s | llama-server same run | ratio | llama-server recorded (PERF.md) | "
-             "ratio | target | TTFT p50 ms | TPOT p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, cls, i, row, peer, target in (("int4 g32 (Q4_1 class)", "Q4_1", 0, c1, 82, 1.0),
-                                            ("int4 g32 (Q4_1 class)", "Q4_1", 1, c16, 181, 3.0),
-                                            ("default bf16 (BF16 class)", "BF16", 0, b1, 54, 1.0),
-                                            ("default bf16 (BF16 class)", "BF16", 1, b16, 207, 3.0)):
+    measured = {k: v["rows"] for k, v in results.get("llama_server", {}).items()}
+    lines = ["| model | concurrency | out tok/s | llama-server, same run | ratio | TTFT p50 ms | TPOT p50 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    int4, bf16 = "int4 g32 (Q4_1 class)", "default bf16 (BF16 class)"
+    for name, cls, i, row in ((int4, "Q4_1", 0, c1), (int4, "Q4_1", 1, c16), (bf16, "BF16", 0, b1),
+                              (bf16, "BF16", 1, b16)):
         same = measured[cls][i]["output_tok_s"] if cls in measured else None
-        same_cols = f"{same:.1f} | {row['output_tok_s'] / same:.2f}×" if same else "— | —"
-        lines.append(f"| {name} | {row['concurrency']} | {row['output_tok_s']:.1f} | {same_cols} | {peer} | "
-                     f"{row['output_tok_s'] / peer:.2f}× | ≥ {target:.0f}× | {row['ttft_p50_ms']:.0f} | "
-                     f"{row['tpot_p50_ms']:.1f} |")
+        crashed = cls in measured and not results["llama_server"][cls]["repack"]
+        repack = " (repack off: default crashed)" if crashed else ""
+        same_cols = f"{same:.1f}{repack} | {row['output_tok_s'] / same:.2f}×" if same else "— | —"
+        lines.append(f"| {name} | {row['concurrency']} | {row['output_tok_s']:.1f} | {same_cols} | "
+                     f"{row['ttft_p50_ms']:.0f} | {row['tpot_p50_ms']:.1f} |")
+    lines += ["", "| model | LLM.generate batch-1 decode tok/s | server one-request decode tok/s (1 / TPOT) | ratio |",
+              "|---|---:|---:|---:|"]
+    for name, key, row in (("int4 g32", "int4", c1), ("default bf16", "bf16", b1)):
+        api, served = results["in_process"][key]["decode_tok_s"], 1000 / row["tpot_p50_ms"]
+        lines.append(f"| {name} | {api:.1f} | {served:.1f} | {api / served:.2f}× |")
     lines += ["",
               f"Prefix caching (1,000-token shared system prompt): TTFT first {ttft[0] * 1e3:.0f} ms, later "
               f"{results['prefix_cache']['ttft_later_median_s'] * 1e3:.0f} ms (median): "
@@ -192,13 +211,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    def peer(cls: str, i: int, recorded: float) -> float:
-        return measured[cls][i]["output_tok_s"] if cls in measured else recorded
+    def peer(cls: str, i: int) -> float:
+        return measured[cls][i]["output_tok_s"] if cls in measured else 0.0
 
-    axes[0].bar(["int4 c1", "Q4_1 c1", "int4 c16", "Q4_1 c16", "bf16 c16", "BF16 c16"],
-                [c1["output_tok_s"], peer("Q4_1", 0, 82), c16["output_tok_s"], peer("Q4_1", 1, 181),
-                 b16["output_tok_s"], peer("BF16", 1, 207)],
-                color=["tab:blue", "gray", "tab:blue", "gray", "tab:orange", "gray"])
+    axes[0].bar(["int4 c1", "Q4_1 c1", "int4 c16", "Q4_1 c16", "bf16 c1", "BF16 c1", "bf16 c16", "BF16 c16"],
+                [c1["output_tok_s"], peer("Q4_1", 0), c16["output_tok_s"], peer("Q4_1", 1),
+                 b1["output_tok_s"], peer("BF16", 0), b16["output_tok_s"], peer("BF16", 1)],
+                color=["tab:blue", "gray"] * 2 + ["tab:orange", "gray"] * 2)
     axes[0].set_ylabel("output tok/s")
     axes[0].set_title("128 output tokens; gray: llama-server (this run)")
     axes[1].plot([s[0] for s in samples], [s[1] for s in samples], marker=".")

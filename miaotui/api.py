@@ -1,18 +1,23 @@
 """The Python entry point: LLM and its generate / chat / stream methods, close to vLLM's API.
+Every method runs on the one engine (engine/llm_engine.py) the server uses too.
 
-Not for the decoding loop (engine/generator.py) or argument parsing (cli.py).
+Not for the decoding loop (engine/) or argument parsing (cli.py).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-from miaotui.engine.generator import BatchGenerator, StreamEvent
+from miaotui.engine.config import EngineConfig
+from miaotui.engine.llm_engine import LLMEngine
+from miaotui.engine.paged_cache import blocks_for_memory
+from miaotui.engine.request import EngineOutput, EngineRequest
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.load import load_model
@@ -20,6 +25,7 @@ from miaotui.runtime import resolve_dtypes
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
+_ENGINE_OPTIONS = {f.name for f in fields(EngineConfig)}
 
 
 @dataclass(slots=True)
@@ -37,14 +43,38 @@ class RequestOutput:
     outputs: list[CompletionOutput]
 
 
+@dataclass(slots=True)
+class StreamEvent:
+    """One token's news for one sequence: the token and the text it made safe to show."""
+
+    request_index: int  # which prompt
+    sample_index: int  # which of its n samples
+    token_id: int | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length"
+    step: int = 0  # the engine step that produced it (events of one step share it)
+
+
 class LLM:
-    """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`."""
+    """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`.
+
+    Engine options (EngineConfig's fields: max_model_len, kv_cache_mb, block_size, max_num_seqs,
+    max_num_batched_tokens, enable_prefix_caching, speculate, num_speculative_tokens) may be
+    given as keywords or as `engine_config`; `speculative_model` names a draft model."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, decode_weight_dtype: str | torch.dtype | None = "auto",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
-                 speculative_model: str | None = None, speculate: str | None = None,
-                 num_speculative_tokens: int = 4) -> None:
+                 decode_weight_dtype: str | torch.dtype | None = "auto", tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, data_parallel_size: int = 1, speculative_model: str | None = None,
+                 engine_config: EngineConfig | None = None, **engine_options: Any) -> None:
+        unknown = sorted(set(engine_options) - _ENGINE_OPTIONS)
+        if unknown:
+            raise MiaotuiError(f"unknown LLM option '{unknown[0]}' (engine options: "
+                               f"{', '.join(sorted(_ENGINE_OPTIONS))})")
+        if engine_config is None:
+            engine_config = EngineConfig(**{"draft_model": speculative_model, **engine_options})
+        elif engine_options or speculative_model:
+            raise MiaotuiError("give engine options either as engine_config or as keywords, not both")
         self.device = torch.device(device)
         self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
         self.parallel = None
@@ -55,54 +85,66 @@ class LLM:
             self.parallel = init_parallel(ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                                          data_parallel_size), device)
         loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype)
-        if world > 1:
-            self._split(loaded.model)
-        self.model = loaded.model
+        self.model = loaded.model if world == 1 else self._split(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.path = loaded.path
         self.format = loaded.format
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
-        self._generator = BatchGenerator(self.model, self.tokenizer, self.max_model_len)
-        if speculative_model or speculate:
-            self._generator = self._speculative(speculative_model, speculate, num_speculative_tokens)
+        limit = self.config.max_position_embeddings
+        self.max_model_len = min(engine_config.max_model_len or limit, limit)
+        self.engine_config = engine_config
+        self.num_blocks = self._agree_num_blocks(engine_config)
+        self._draft = self._draft_model(engine_config)
+        self._engine: LLMEngine | None = None
+        self._request_ids = itertools.count()
 
-    def _speculative(self, draft_name: str | None, kind: str | None, k: int):
-        """Speculative decoding with a draft model (sharing the tokenizer) or prompt lookup ('ngram')."""
-        from miaotui.engine.speculative import ModelDraft, NgramDraft, SpeculativeGenerator
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine, built on first use (a distributed worker that only runs steps never builds one)."""
+        if self._engine is None:
+            self._engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.max_model_len,
+                                     self._draft, self.num_blocks)
+        return self._engine
 
-        if kind not in (None, "ngram", "model"):
-            raise MiaotuiError(f"unknown speculation '{kind}' (use 'ngram', or a draft model)")
-        if draft_name and kind != "ngram":
-            draft = LLM(draft_name, dtype=self.dtype, device=str(self.device),
-                        decode_weight_dtype=self.decode_weight_dtype)
-            if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
-                raise MiaotuiError("the draft model's tokenizer differs from the target's")
-            proposer = ModelDraft(draft.model)
-        elif kind == "ngram":
-            proposer = NgramDraft()
-        else:
-            raise MiaotuiError("speculate='model' needs speculative_model")
-        return SpeculativeGenerator(self.model, self.tokenizer, self.max_model_len, proposer, k=k)
+    def _agree_num_blocks(self, config: EngineConfig) -> int:
+        """KV blocks for config.kv_cache_mb. The ranks of a model replica hold different shards, so
+        they agree on the smallest count: every rank's cache then has the same block tables."""
+        blocks = blocks_for_memory(self.model.config, self.model.dtype, config.kv_cache_mb, config.block_size)
+        if self.parallel is None:
+            return blocks
+        import torch.distributed as dist
+
+        agreed = torch.tensor([blocks])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.parallel.model_group)
+        return int(agreed)
+
+    def _draft_model(self, config: EngineConfig):
+        """The draft model for speculation (sharing the tokenizer), loaded whole on every rank."""
+        if config.speculate != "model":
+            return None
+        draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype)
+        if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
+            raise MiaotuiError("the draft model's tokenizer differs from the target's")
+        return draft.model
 
     @property
     def speculation_stats(self):
-        """Steps, drafted and accepted tokens so far (None without speculative decoding)."""
-        return getattr(self._generator, "stats", None)
+        """SpecStats (verifying passes, drafted and accepted tokens) so far, or None without speculation."""
+        return self.engine.stats.speculation if self.engine.proposer is not None else None
 
-    def _split(self, net) -> None:
+    def _split(self, net):
         """This rank's part of the model: its tensor shard of its pipeline stage's layers."""
-        from miaotui.distributed.pipeline import make_pipeline_stage
+        from miaotui.distributed.pipeline import PipelineStage
         from miaotui.distributed.tensor_parallel import shard_tensor_parallel
 
         ctx = self.parallel
         if ctx.config.tp > 1:
-            shard_tensor_parallel(net, ctx.config.tp, ctx.tp_rank, ctx.tp_group)
+            net = shard_tensor_parallel(net, ctx.config.tp, ctx.tp_rank, ctx.tp_group)
         if ctx.config.pp > 1:
-            make_pipeline_stage(net, ctx.config.pp, ctx.pp_rank, ctx.pp_ranks, ctx.pp_group)
+            net = PipelineStage(net, ctx.config.pp, ctx.pp_rank, ctx.pp_ranks, ctx.pp_group)
         if self.decode_weight_dtype is not None and self.decode_weight_dtype != self.dtype:
             net.add_decode_weights(self.decode_weight_dtype)
+        return net
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -134,18 +176,21 @@ class LLM:
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for all prompts together as one batch; results come back in input order.
+        """Generate for all prompts together (continuous batching); results come back in input order.
 
         With data parallelism each replica generates every dp-th prompt and the results are
         gathered, in input order, on every rank."""
         prompts, params = self._normalise(prompts, sampling_params)
         if self.parallel is not None and self.parallel.config.dp > 1:
             return self._generate_data_parallel(prompts, params)
+        return self._generate_here(prompts, params)
+
+    def _generate_here(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
         ids = [self.encode_prompt(p) for p in prompts]
         results = [RequestOutput(p if isinstance(p, str) else None, i,
                                  [CompletionOutput(k) for k in range(sp.n)])
                    for p, i, sp in zip(prompts, ids, params, strict=True)]
-        for event in self._generator.stream(ids, params):
+        for event in self._run(self._requests(ids, params)):
             out = results[event.request_index].outputs[event.sample_index]
             out.text += event.text
             if event.token_id is not None:
@@ -159,31 +204,17 @@ class LLM:
 
         ctx = self.parallel
         dp, mine = ctx.config.dp, ctx.dp_rank
-        local = self.generate_local([p for i, p in enumerate(prompts) if i % dp == mine],
-                                    [sp for i, sp in enumerate(params) if i % dp == mine]) if prompts[mine::dp] \
-            else []
+        local = self._generate_here(prompts[mine::dp], params[mine::dp]) if prompts[mine::dp] else []
         gathered: list[list[RequestOutput] | None] = [None] * dp
         dist.all_gather_object(gathered, local, group=ctx.dp_group)
         return [gathered[i % dp][i // dp] for i in range(len(prompts))]
 
-    def generate_local(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestOutput]:
-        with self.this_replica_only():
-            return self.generate(prompts, params)
-
-    @contextmanager
-    def this_replica_only(self) -> Iterator[None]:
-        """Within: generate on this data-parallel replica alone (no sharding of prompts, no gather)."""
-        saved, self.parallel = self.parallel, None
-        try:
-            yield
-        finally:
-            self.parallel = saved
-
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[StreamEvent]:
-        """Yield StreamEvents as tokens are produced (their text never splits a character)."""
+        """Yield StreamEvents as tokens are produced (their text never splits a character). Runs on
+        this process's engine (with data parallelism: this replica's)."""
         prompts, params = self._normalise(prompts, sampling_params)
-        return self._generator.stream([self.encode_prompt(p) for p in prompts], params)
+        return self._run(self._requests([self.encode_prompt(p) for p in prompts], params))
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -196,3 +227,48 @@ class LLM:
     def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None
                     ) -> Iterator[StreamEvent]:
         return self.stream(self.tokenizer.encode_chat(messages), sampling_params)
+
+    # -- driving the engine ----------------------------------------------------------------
+    def _requests(self, ids: list[list[int]], params: list[SamplingParams]
+                  ) -> list[tuple[int, int, EngineRequest]]:
+        """One engine request per prompt and sample, all validated before any runs (all or none).
+        The n samples of a seeded request draw from distinct, reproducible streams (seed + i)."""
+        if self.engine.threaded:
+            raise MiaotuiError("this LLM's engine is serving requests in its own thread: use the server's API")
+        requests = []
+        for r, (prompt, p) in enumerate(zip(ids, params, strict=True)):
+            for s in range(p.n):
+                sample = replace(p, n=1, seed=None if p.seed is None else p.seed + s)
+                req = EngineRequest(f"llm-{next(self._request_ids)}", prompt, sample, sink=None)
+                self.engine.validate(req)
+                requests.append((r, s, req))
+        return requests
+
+    def _run(self, requests: list[tuple[int, int, EngineRequest]]) -> Iterator[StreamEvent]:
+        """Step the engine until every request has finished, yielding each token as it comes."""
+        engine = self.engine
+        events: deque[StreamEvent] = deque()
+        open_ids: set[str] = set()
+
+        def sink_for(r: int, s: int):
+            def sink(out: EngineOutput) -> None:
+                events.append(StreamEvent(r, s, out.token_ids[0] if out.token_ids else None, out.text,
+                                          out.finished, out.finish_reason, engine.stats.steps))
+                if out.finished:
+                    open_ids.discard(out.request_id)
+            return sink
+
+        try:
+            for r, s, req in requests:
+                req.sink = sink_for(r, s)
+                open_ids.add(req.request_id)
+                engine.add_request(req)
+            while open_ids:
+                engine.step()
+                while events:
+                    yield events.popleft()
+            while events:
+                yield events.popleft()
+        finally:
+            if open_ids:  # the caller stopped early (or a step failed): free what is left
+                engine.abort_now(set(open_ids))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from miaotui.data import default_skip, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.model_store import DEFAULT_MODEL
 
@@ -56,17 +57,43 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel replicas")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """EngineConfig's options (engine/config.py), the same for generate, bench and serve."""
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-mb", type=float, default=512, help="memory for the paged KV cache")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                   help="tokens per engine step (decode rows + prefill chunks)")
+    p.add_argument("--draft", default=None, help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--speculate", default=None, choices=["ngram"], help="speculative decoding by prompt lookup")
+    p.add_argument("--num-speculative-tokens", type=_positive_int, default=4,
+                   help="drafted tokens per step (a draft model's adapts)")
+
+
+def _engine_config(args: argparse.Namespace):
+    from miaotui.engine.config import EngineConfig
+
+    return EngineConfig(max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb, block_size=args.block_size,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        speculate=args.speculate, draft_model=args.draft,
+                        num_speculative_tokens=args.num_speculative_tokens)
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-file", default=None, help="calibration text (methods that look at activations)")
+    p.add_argument("--calib-file", default=None,
+                   help="calibration text for methods that look at activations (default: the bundled WikiText-2)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
     p.add_argument("--calib-seq-len", type=_positive_int, default=512)
-    p.add_argument("--calib-skip-tokens", type=_non_negative_int, default=0,
-                   help="skip this many tokens of the file first (keep calibration apart from evaluation)")
+    p.add_argument("--calib-skip-tokens", type=_non_negative_int, default=None,
+                   help="skip this many tokens of the file first (default: 0; for the bundled WikiText-2, "
+                        "the 20,480 tokens perplexity is measured on)")
 
 
 def _add_training_args(p: argparse.ArgumentParser, lr: float) -> None:
-    p.add_argument("--text-file", default=None, help="training text")
-    p.add_argument("--skip-tokens", type=_non_negative_int, default=0, help="skip this many tokens of the text first")
+    p.add_argument("--text-file", default=None, help="training text (default: the bundled WikiText-2)")
+    p.add_argument("--skip-tokens", type=_non_negative_int, default=None,
+                   help="skip this many tokens of the text first (default as --calib-skip-tokens)")
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--batch", type=_positive_int, default=4)
@@ -104,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, action="append",
                    help="prompt (repeatable: several prompts run as one batch)")
     p.add_argument("--json", action="store_true", help="print texts, token ids and finish reasons as JSON")
-    p.add_argument("--draft", default=None, help="speculative decoding with this draft model (same tokenizer)")
-    p.add_argument("--speculate", default=None, choices=["ngram"], help="speculative decoding by prompt lookup")
-    p.add_argument("--num-speculative-tokens", type=_positive_int, default=4, help="initial k (adapts)")
+    _add_engine_args(p)
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -121,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = p.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     p = eval_sub.add_parser("ppl", help="perplexity over a text file")
     _add_model_args(p)
-    p.add_argument("--text-file", required=True)
+    p.add_argument("--text-file", default=None, help="text to score (default: the bundled WikiText-2 test split)")
     p.add_argument("--ctx", type=_positive_int, default=512)
     p.add_argument("--stride", type=_positive_int, default=None, help="window step (default: ctx)")
     p.add_argument("--score-from", type=_non_negative_int, default=0,
@@ -136,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=_positive_int, default=128)
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--repeat", type=_positive_int, default=5)
+    _add_engine_args(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save the result")
@@ -157,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="int", choices=["int", "ternary", "binary"])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--text-file", required=True)
-    p.add_argument("--skip-tokens", type=_non_negative_int, default=0, help="skip this many tokens of the text first")
+    p.add_argument("--text-file", default=None, help="training text (default: the bundled WikiText-2)")
+    p.add_argument("--skip-tokens", type=_non_negative_int, default=None,
+                   help="skip this many tokens of the text first (default: 0; 20,480 for the bundled WikiText-2)")
     p.add_argument("--steps", type=_positive_int, required=True)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--batch", type=_positive_int, default=4)
@@ -212,17 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MIAOTUI_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the -m value)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together at most")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 429")
-    p.add_argument("--kv-cache-mb", type=float, default=512, help="memory for the paged KV cache")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
-                   help="tokens per engine step (decode rows + prefill chunks)")
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body (413 above)")
-    p.add_argument("--speculate", default=None, choices=["ngram"],
-                   help="speculative decoding by prompt lookup for greedy requests (lossless)")
-    p.add_argument("--num-speculative-tokens", type=_positive_int, default=4, help="drafted tokens per step")
+    _add_engine_args(p)
 
     p = sub.add_parser("bench-serve", help="load-test a running server (throughput, TTFT, TPOT)")
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
@@ -241,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL)
     p.add_argument("--text-file", default=None,
-                   help="WikiText-2 test text (calibration, distillation, perplexity); found in ../shared by default")
+                   help="text for calibration, distillation and perplexity (default: the bundled WikiText-2)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached compressed variants")
     return parser
 
@@ -255,9 +274,8 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype,
                tensor_parallel_size=getattr(args, "tp", 1), pipeline_parallel_size=getattr(args, "pp", 1),
-               data_parallel_size=getattr(args, "dp", 1), speculative_model=getattr(args, "draft", None),
-               speculate=getattr(args, "speculate", None),
-               num_speculative_tokens=getattr(args, "num_speculative_tokens", 4))
+               data_parallel_size=getattr(args, "dp", 1),
+               engine_config=_engine_config(args) if hasattr(args, "kv_cache_mb") else None)
 
 
 def _sampling(args: argparse.Namespace):
@@ -393,9 +411,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from miaotui.eval.perplexity import perplexity
 
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise MiaotuiError(f"text file '{path}' does not exist")
+    path = text_path(args.text_file)
     llm = _load(args)
     ids = llm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
     if args.max_tokens:
@@ -429,31 +445,55 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"peak RSS {result['peak_rss_mb']:.0f} MB   ({result['dtype']}, {result['threads']} threads)")
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from miaotui.compress.calibration import load_calibration
-    from miaotui.compress.quantize.apply import quantize_model, resolve_method
-    from miaotui.loaders.miaotui_dir import save_model
+def _run_one_stage(args: argparse.Namespace, model: str, stage: dict[str, Any]) -> None:
+    """quantize, prune and distill are one-stage recipes: the runner `compress --recipe` uses checks
+    the stage (its messages name the fields, said here as the flags) and saves the result."""
+    from miaotui.compress.recipe import parse_recipe, run_recipe
 
-    method, fmt = resolve_method(args.method, args.bits, args.group_size, args.symmetric)
-    kind = fmt.kind
-    if method != "rtn" and not args.calib_file:
-        raise MiaotuiError(f"--method {method} needs --calib-file")
-    if args.damp <= 0:
-        raise MiaotuiError(f"--damp must be > 0, got {args.damp}")
-    if not 0 <= args.alpha <= 1:
-        raise MiaotuiError(f"--alpha must be in [0, 1], got {args.alpha}")
-    args.dtype, args.decode_weight_dtype = "float32", "none"  # quantize from full precision
-    llm = _load(args)
-    calib = None
-    if method != "rtn":
-        calib = load_calibration(args.calib_file, llm.tokenizer, args.calib_samples, args.calib_seq_len,
-                                 args.calib_skip_tokens)
-    record = quantize_model(llm.model, method, fmt, calib, damp=args.damp, act_order=args.act_order,
-                            alpha=args.alpha)
-    out = save_model(llm.model, llm.tokenizer, args.output, record.to_dict())
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"saved {args.method} {fmt.kind}{fmt.bits if kind == 'int' else ''} group {fmt.group_size} "
-          f"to {out} ({size / 2**20:.1f} MiB)")
+    fields = {k: v for k, v in stage.items() if v is not None}
+    try:
+        recipe = parse_recipe({"stages": [fields]}, f"miaotui {args.command}")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_recipe(model, recipe, args.output)
+    except MiaotuiError as exc:
+        raise MiaotuiError(_as_flags(str(exc), stage["stage"])) from None
+    except KeyboardInterrupt:
+        if stage["stage"] == "distill":
+            print(f"\ninterrupted: progress saved in {args.output}.ckpt; run the same command again to resume",
+                  file=sys.stderr)
+        raise
+    print(f"saved to {_saved(Path(args.output))}")
+
+
+_FLAG_OF_FIELD = {"final_sparsity": "sparsity"}  # a recipe field whose flag has another name
+
+
+def _as_flags(message: str, kind: str) -> str:
+    """'stage 1 (prune): field 'calib_file' ...' -> '--calib-file ...': the words of the command line."""
+    import re
+
+    message = re.sub(r"^stage 1 \([a-z_]+\): ", "", message)
+    return re.sub(r"field '(\w+)'", lambda m: "--" + _FLAG_OF_FIELD.get(m[1], m[1]).replace("_", "-"), message)
+
+
+def _calib_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {"calib_file": args.calib_file, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+            "calib_skip_tokens": args.calib_skip_tokens}
+
+
+def _training_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {"text_file": args.text_file, "skip_tokens": args.skip_tokens, "steps": args.steps, "lr": args.lr,
+            "batch": args.batch, "seq_len": args.seq_len, "max_minutes": args.max_minutes}
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    _run_one_stage(args, args.model, {
+        "stage": "quantize", "method": args.method, "bits": args.bits, "group_size": args.group_size,
+        "symmetric": args.symmetric, "damp": args.damp, "act_order": args.act_order, "alpha": args.alpha,
+        **_calib_fields(args)})
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
@@ -467,13 +507,12 @@ def cmd_qat(args: argparse.Namespace) -> None:
 
     fmt = QuantFormat(bits=args.bits if args.kind == "int" else 2, group_size=args.group_size,
                       symmetric=args.symmetric or args.kind != "int", kind=args.kind)
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise MiaotuiError(f"text file '{path}' does not exist")
+    path = text_path(args.text_file)
     args.dtype, args.decode_weight_dtype = "float32", "none"
     llm = _load(args)
     data = path.read_bytes()
-    ids = llm.tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)[args.skip_tokens:]
+    ids = llm.tokenizer.encode(data.decode("utf-8", errors="replace"),
+                               add_special_tokens=False)[default_skip(path, args.skip_tokens):]
     if len(ids) < args.batch * args.seq_len + 1:
         raise MiaotuiError(f"text file '{path}' is too short for --batch x --seq-len ({len(ids):,} tokens)")
     result = train_qat(llm.model, torch.tensor(ids), fmt, args.steps, lr=args.lr, batch=args.batch,
@@ -484,117 +523,27 @@ def cmd_qat(args: argparse.Namespace) -> None:
           f"{result.last_loss:.3f}); saved to {out}")
 
 
-def _float_model(args: argparse.Namespace):
-    """Compression stages work on full-precision weights with no decode copies."""
-    args.dtype, args.decode_weight_dtype = "float32", "none"
-    return _load(args)
-
-
-def _calibration(args: argparse.Namespace, tokenizer, needed: bool):
-    from miaotui.compress.calibration import load_calibration
-
-    if not needed:
-        return None
-    if not args.calib_file:
-        raise MiaotuiError(f"--method {args.method} needs --calib-file")
-    return load_calibration(args.calib_file, tokenizer, args.calib_samples, args.calib_seq_len,
-                            args.calib_skip_tokens)
-
-
 def _saved(out: Path) -> str:
     return f"{out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB on disk)"
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from miaotui.loaders.miaotui_dir import save_model
-
-    stages = []
+    selection = {"method": args.method, "targets": args.targets, "ignore": args.ignore}
     if args.gradual:
-        from miaotui.compress.prune.gradual import GradualSchedule, train_gradual
-        from miaotui.compress.training import load_training_tokens
-
-        if args.sparsity is None or args.end_step is None or args.steps is None or not args.text_file:
-            raise MiaotuiError("--gradual needs --sparsity (the final one), --end-step, --steps and --text-file")
-        schedule = GradualSchedule(args.initial_sparsity, args.sparsity, args.begin_step, args.end_step,
-                                   args.frequency)
-        llm = _float_model(args)
-        tokens = load_training_tokens(args.text_file, llm.tokenizer, args.skip_tokens)
-        record = train_gradual(llm.model, tokens, schedule, args.steps, args.method, lr=args.lr, batch=args.batch,
-                               seq_len=args.seq_len, targets=args.targets, ignore=args.ignore)
-        stages.append({"stage": "gradual_prune", **record.to_dict()})
-        model = llm.model
-        print(f"gradual pruning: sparsity {record.curve[-1][1]:.3f} after {record.steps} steps "
-              f"in {record.seconds:.0f} s (loss {record.losses[0]:.3f} -> {record.losses[-1]:.3f})")
-    elif args.structured:
-        from miaotui.compress.prune.structured import prune_structured
-
-        if args.sparsity is None:
-            raise MiaotuiError("--structured needs --sparsity (the share of channels, heads or layers removed)")
-        if args.pattern or args.owl or args.targets or args.ignore:
-            raise MiaotuiError("--structured removes the same share from every layer: drop --pattern/--owl/"
-                               "--targets/--ignore")
-        llm = _float_model(args)
-        calib = _calibration(args, llm.tokenizer, args.method != "magnitude")
-        model, record = prune_structured(llm.model, args.structured, args.sparsity, args.method, calib)
-        stages.append({"stage": "structured_prune", **record.to_dict()})
-        print(f"structured ({args.structured}): {record.params_before:,} -> {record.params_after:,} parameters "
-              f"({1 - record.params_after / record.params_before:.1%} fewer)")
+        stage = {"stage": "gradual_prune", **selection, "initial_sparsity": args.initial_sparsity,
+                 "final_sparsity": args.sparsity, "begin_step": args.begin_step, "end_step": args.end_step,
+                 "frequency": args.frequency, **_training_fields(args)}
     else:
-        from miaotui.compress.prune.unstructured import NEEDS_CALIBRATION, prune_model
-
-        if args.sparsity is None and not args.pattern:
-            raise MiaotuiError("give --sparsity S or --pattern N:M")
-        llm = _float_model(args)
-        calib = _calibration(args, llm.tokenizer, args.method in NEEDS_CALIBRATION or args.owl)
-        record = prune_model(llm.model, args.method, args.sparsity if args.sparsity is not None else 0.0,
-                             args.pattern, calib, owl=args.owl, targets=args.targets, ignore=args.ignore)
-        stages.append({"stage": "prune", **record.to_dict()})
-        model = llm.model
-        measured = sum(record.modules.values()) / max(len(record.modules), 1)
-        print(f"pruned {len(record.modules)} matrices by {args.method}: mean sparsity {measured:.3f}")
-    out = save_model(model, llm.tokenizer, args.output, stages=list(getattr(llm.model, "stages", [])) + stages)
-    print(f"saved to {_saved(out)}")
+        stage = {"stage": "prune", **selection, "sparsity": args.sparsity, "pattern": args.pattern,
+                 "structured": args.structured, "owl": args.owl, **_calib_fields(args)}
+    _run_one_stage(args, args.model, stage)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
-
-    import torch
-
-    from miaotui.api import LLM
-    from miaotui.compress.distill import DistillConfig, check_same_tokenizer, distill
-    from miaotui.compress.training import load_training_tokens
-    from miaotui.loaders.miaotui_dir import save_model
-
-    if not args.text_file or args.steps is None:
-        raise MiaotuiError("distill needs --text-file and --steps")
-    cfg = DistillConfig(steps=args.steps, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
-                        grad_accum=args.grad_accum, temperature=args.temperature, alpha=args.alpha,
-                        hidden_weight=args.hidden_weight, autocast=args.autocast,
-                        checkpoint_every=args.checkpoint_every,
-                        max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    teacher = LLM(args.teacher, dtype="float32", decode_weight_dtype="none")
-    student = LLM(args.student, dtype="float32", decode_weight_dtype="none")
-    check_same_tokenizer(teacher.tokenizer, student.tokenizer)
-    tokens = load_training_tokens(args.text_file, student.tokenizer, args.skip_tokens)
-    checkpoint_dir = Path(args.output).with_name(Path(args.output).name + ".ckpt")
-    try:
-        result = distill(teacher.model, student.model, tokens, cfg, checkpoint_dir)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: progress saved in {checkpoint_dir}; run the same command again to resume",
-              file=sys.stderr)
-        raise
-    stages = list(getattr(student.model, "stages", [])) + [
-        {"stage": "distill", "teacher": str(teacher.path), **asdict(cfg), **result.to_dict()}]
-    out = save_model(student.model, student.tokenizer, args.output, stages=stages)
-    (checkpoint_dir / "distill_state.pt").unlink(missing_ok=True)
-    if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
-        checkpoint_dir.rmdir()
-    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    print(f"distilled {result.steps} steps in {result.seconds:.0f} s{resumed}: loss "
-          f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {_saved(out)}")
+    _run_one_stage(args, args.student, {
+        "stage": "distill", "teacher": args.teacher, "temperature": args.temperature, "alpha": args.alpha,
+        "hidden_weight": args.hidden_weight, "grad_accum": args.grad_accum, "autocast": args.autocast,
+        "checkpoint_every": args.checkpoint_every, **_training_fields(args)})
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -616,29 +565,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from miaotui.server.app import ServerConfig, create_app
 
-    if args.kv_cache_mb <= 0 or args.max_body_mb <= 0:
-        raise MiaotuiError("--kv-cache-mb and --max-body-mb must be > 0")
+    if args.max_body_mb <= 0:
+        raise MiaotuiError("--max-body-mb must be > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ServerConfig(model=args.model, served_model_name=args.served_model_name,
-                          api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_num_seqs=args.max_num_seqs,
-                          max_queue=args.max_queue, kv_cache_mb=args.kv_cache_mb,
-                          max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                          dtype=args.dtype, decode_weight_dtype=args.decode_weight_dtype, device=args.device,
-                          max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
-                          pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
-                          num_speculative_tokens=args.num_speculative_tokens if args.speculate else 0)
+    config = ServerConfig(model=args.model, engine=_engine_config(args), served_model_name=args.served_model_name,
+                          api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_queue=args.max_queue,
+                          max_body_bytes=int(args.max_body_mb * 2**20), dtype=args.dtype,
+                          decode_weight_dtype=args.decode_weight_dtype, device=args.device,
+                          tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp)
     if os.environ.get("RANK", "0") != "0":  # a worker: no HTTP; a replica's steps, or a replica's requests
         from miaotui.distributed.serve_worker import connect_replica, serve_replica_leader, serve_replica_worker
-        from miaotui.server.app import build_engine, load_llm
+        from miaotui.server.app import load_llm
 
         llm = load_llm(config)
         ctx = llm.parallel
         if ctx.rank != ctx.model_ranks[0]:
-            serve_replica_worker(llm.model, args.block_size, ctx)
+            serve_replica_worker(llm, ctx)
             return
-        engine = build_engine(llm, config)
+        engine = llm.engine
         connect_replica(engine, ctx)
         serve_replica_leader(engine, ctx)
         return

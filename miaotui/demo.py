@@ -14,6 +14,7 @@ every run (short runs: benchmarks/ holds the careful, repeated measurements).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.api import LLM
+from miaotui.data import text_path
 from miaotui.engine.sampling_params import SamplingParams
-from miaotui.errors import MiaotuiError
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
 from miaotui.loaders.model_store import cache_dir
 
-# Where the WikiText-2 test split sits in this project's checkouts (passed by path, never copied).
-_DEFAULT_TEXTS = ("../shared/data/wikitext-2-raw/wiki.test.raw", "shared/data/wikitext-2-raw/wiki.test.raw")
 QUESTION = "In one sentence: why does quantization make language models faster?"
 EVAL_TOKENS = 4096  # perplexity over the first 8 windows of 512 tokens
 SKIP = 40 * 512  # calibration and distillation text starts after the benchmarks' evaluated tokens
@@ -42,36 +41,28 @@ class Variant:
     name: str
     what: str
     stages: list[dict[str, Any]]
-    needs_text: bool
+    about: str  # roughly how long building it takes on a 2-core CPU
 
 
-def _variants(text: str | None) -> list[Variant]:
+def _variants(text: str) -> list[Variant]:
     calib = {"calib_file": text, "calib_seq_len": 512, "calib_skip_tokens": SKIP}
     return [
         Variant("int8", "int8 RTN, per channel", [{"stage": "quantize", "method": "rtn", "bits": 8,
-                                                   "group_size": -1, "symmetric": True}], False),
+                                                   "group_size": -1, "symmetric": True}], "about 10 s"),
         Variant("awq-int4", "4-bit AWQ, g32 symmetric", [{"stage": "quantize", "method": "awq", "bits": 4,
                                                           "group_size": 32, "symmetric": True, "calib_samples": 8,
-                                                          **calib}], True),
+                                                          **calib}], "about 1 min"),
         # The draft: 9 of 30 layers kept (Taylor-ranked), then distilled from the original for 4 minutes.
         Variant("draft", "pruned to 9 layers + distilled", [
             {"stage": "prune", "structured": "layers", "sparsity": 0.7, "method": "taylor", "calib_samples": 4,
              **calib},
             {"stage": "distill", "text_file": text, "skip_tokens": SKIP, "steps": 100_000, "max_minutes": 4.0,
-             "lr": 3.0e-4, "batch": 2, "seq_len": 256}], True),
+             "lr": 3.0e-4, "batch": 2, "seq_len": 256}], "about 5 min: a 4-minute distillation budget"),
     ]
 
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)), flush=True)
-
-
-def _find_text(text_file: str | None) -> Path | None:
-    if text_file:
-        if not Path(text_file).is_file():
-            raise MiaotuiError(f"--text-file '{text_file}' does not exist")
-        return Path(text_file)
-    return next((Path(p) for p in _DEFAULT_TEXTS if Path(p).is_file()), None)
 
 
 def _build(model: str, variant: Variant, home: Path) -> Path:
@@ -82,7 +73,7 @@ def _build(model: str, variant: Variant, home: Path) -> Path:
     out = home / variant.name
     if (out / "miaotui_model.json").is_file():
         return out
-    print(f"building {variant.name} ({variant.what}); cached for later runs", flush=True)
+    print(f"building {variant.name} ({variant.what}), {variant.about}; cached for later runs", flush=True)
     building = home / f".building-{variant.name}-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     started = time.perf_counter()
@@ -109,12 +100,11 @@ def _measure(label: str, llm: LLM, ids: list[int] | None, cache: dict[str, Any],
     return row
 
 
-def _lossless(model: str, draft: Path | None) -> list[dict[str, Any]]:
+def _lossless(model: str, draft: Path) -> list[dict[str, Any]]:
     """The chat answer under each lossless configuration: same text, different speed."""
-    configs: list[tuple[str, dict[str, Any]]] = [("plain", {}), ("prompt lookup (ngram)", {"speculate": "ngram"})]
-    if draft is not None:
-        configs.append(("draft model (pruned + distilled)", {"speculative_model": str(draft),
-                                                             "num_speculative_tokens": 3}))
+    configs: list[tuple[str, dict[str, Any]]] = [
+        ("plain", {}), ("prompt lookup (ngram)", {"speculate": "ngram"}),
+        ("draft model (pruned + distilled)", {"speculative_model": str(draft), "num_speculative_tokens": 3})]
     params = SamplingParams(temperature=0.0, max_tokens=64)
     rows = []
     for label, kwargs in configs:
@@ -168,7 +158,7 @@ def _plot(rows: list[dict[str, Any]], lossless: list[dict[str, Any]], out: Path)
 
 def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     start = time.perf_counter()
-    text = _find_text(text_file)
+    text = text_path(text_file, "--text-file")
     home = cache_dir() / "demo" / Path(model).name
     if rebuild:
         shutil.rmtree(home, ignore_errors=True)
@@ -176,31 +166,24 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     metrics_file = home / "ppl.json"
     ppl_cache: dict[str, Any] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
 
-    _section("1. compress")
-    if text is None:
-        print("no WikiText-2 file found (--text-file): building int8 only, perplexity skipped")
-    built: dict[str, Path] = {}
-    for variant in _variants(None if text is None else str(text)):
-        if variant.needs_text and text is None:
-            continue
-        built[variant.name] = _build(model, variant, home)
+    variants = _variants(str(text))
+    _section("1. compress: three variants, built once and cached (first run about 7 min, then skipped)")
+    built = {variant.name: _build(model, variant, home) for variant in variants}
 
-    _section("2. measure (ppl: WikiText-2, 4,096 tokens, ctx 512; speed: pp128 / tg32, batch 1)")
+    _section("2. measure, about 30 s (ppl: WikiText-2, 4,096 tokens, ctx 512; speed: pp128 / tg32, batch 1)")
     original = LLM(model)
-    ids = None if text is None else original.tokenizer.encode(text.read_text(encoding="utf-8"),
-                                                              add_special_tokens=False)[:EVAL_TOKENS]
-    text_key = "" if text is None else f"{text.resolve()}:{EVAL_TOKENS}"
+    ids = original.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)[:EVAL_TOKENS]
+    text_key = f"{hashlib.sha256(text.read_bytes()).hexdigest()[:16]}:{EVAL_TOKENS}"
     dtype = str(original.dtype).removeprefix("torch.")  # the device default: bf16 or float32
     rows = [_measure(f"original (Q4_1 GGUF, run as {dtype})", original, ids, ppl_cache, f"original:{text_key}")]
     del original
-    for variant in _variants(None):
-        if variant.name in built:
-            rows.append(_measure(f"{variant.name}: {variant.what}", LLM(str(built[variant.name])), ids,
+    for variant in variants:
+        rows.append(_measure(f"{variant.name}: {variant.what}", LLM(str(built[variant.name])), ids,
                                  ppl_cache, f"{variant.name}:{text_key}"))
     metrics_file.write_text(json.dumps(ppl_cache, indent=2))
 
-    _section("3. lossless: speculative decoding answers the same, faster or not")
-    lossless = _lossless(model, built.get("draft"))
+    _section("3. lossless, about 30 s: speculative decoding answers the same, faster or not")
+    lossless = _lossless(model, built["draft"])
     reference = lossless[0]["text"]
     for r in lossless:
         same = "identical" if r["text"] == reference else "DIFFERENT"
@@ -225,11 +208,10 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     _section("next")
     print(f"miaotui chat -m {model}")
     print(f"miaotui serve -m {model} --port 8000          # OpenAI-compatible API")
-    if "awq-int4" in built:
-        print(f"miaotui serve -m {built['awq-int4']} --port 8000   # the 4-bit variant built above")
+    print(f"miaotui serve -m {built['awq-int4']} --port 8000   # the 4-bit variant built above")
     print(f"miaotui generate -m {model} --speculate ngram -p 'Repeat: a b c d e f'")
     print(f"miaotui compress -m {model} --recipe recipes/prune-distill-int4.yaml -o out/pdq")
-    print(f"miaotui eval ppl -m {model} --text-file FILE --score-from 256   # llama.cpp's protocol")
+    print(f"miaotui eval ppl -m {model} --score-from 256   # WikiText-2, llama.cpp's protocol")
     print(f"miaotui bench -m {model} --batch 8")
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     sys.stdout.flush()

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from miaotui.data import WIKITEXT2_TEST
 from tests.tiny_models import write_gguf_from_hf_dir, write_hf_dir
-
-ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -49,8 +47,7 @@ def real_llm(real_model_path):
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    assert WIKITEXT.is_file(), f"WikiText-2 test split expected at {WIKITEXT}"
-    return WIKITEXT
+    return WIKITEXT2_TEST  # the repository's own copy (test_data.py checks its bytes)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from miaotui.data import default_skip, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.llama import DecoderLayer, Transformer
@@ -27,12 +28,12 @@ class CalibrationSet:
     sha256: str  # of the text file: recorded with the result so it can be reproduced
 
 
-def load_calibration(path: str | Path, tokenizer: Tokenizer, samples: int = 128, seq_len: int = 512,
-                     skip_tokens: int = 0) -> CalibrationSet:
-    """N consecutive, non-overlapping windows of L tokens from a text file (after skip_tokens)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MiaotuiError(f"calibration file '{path}' does not exist")
+def load_calibration(path: str | Path | None, tokenizer: Tokenizer, samples: int = 128, seq_len: int = 512,
+                     skip_tokens: int | None = None) -> CalibrationSet:
+    """N consecutive, non-overlapping windows of L tokens from a text file (after skip_tokens).
+    path None: the bundled WikiText-2 test split (miaotui/data), past its evaluated tokens."""
+    path = text_path(path, "calibration file")
+    skip_tokens = default_skip(path, skip_tokens)
     data = path.read_bytes()
     ids = tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)[skip_tokens:]
     need = samples * seq_len
@@ -116,7 +117,7 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
         current = hidden
 
         def forward_all(layer=layer, current=current) -> torch.Tensor:
-            return torch.cat([layer(current[i:i + batch], cos, sin, None, 0, None, True)
+            return torch.cat([layer(current[i:i + batch], cos, sin, None)
                               for i in range(0, n, batch)])
 
         yield index, layer, forward_all

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from miaotui.compress.training import apply_masks, cosine_lr, sample_batch, sparse_masks
+from miaotui.compress.training import TrainingProgress, apply_masks, cosine_lr, sample_batch, sparse_masks
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.llama import Transformer
@@ -122,11 +121,10 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, cf
             start_step, losses = state["step"], state["losses"]
     use_bf16 = _use_bf16(cfg.autocast)
     started = time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), desc="distill", unit="step", disable=not progress,
-               initial=start_step, total=cfg.steps)
+    bar = TrainingProgress("distill", cfg.steps, start_step, cfg.max_seconds, progress)
     step = start_step
     try:
-        for step in bar:
+        for step in range(start_step, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, step, cfg.steps, warmup=min(20, cfg.steps // 10))
             optimizer.zero_grad(set_to_none=True)
@@ -149,10 +147,10 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, cf
             optimizer.step()
             apply_masks(student, masks)
             losses.append(total)
-            bar.set_postfix(loss=f"{total:.3f}")
+            within_budget = bar.advance(loss=f"{total:.3f}")
             if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, run_id, step + 1, student, optimizer, generator, losses)
-            if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+            if not within_budget:
                 step += 1
                 break
         else:
@@ -162,6 +160,7 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, cf
             _save_checkpoint(ckpt, run_id, len(losses), student, optimizer, generator, losses)
         raise
     finally:
+        bar.close()
         student.eval()
         for p in params:
             p.requires_grad_(False)

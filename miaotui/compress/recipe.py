@@ -2,11 +2,14 @@
 its parameters and targets / ignore selectors, run in one command. After every stage the model is
 saved, reloaded as a user would load it, and measured (params, size on disk, ppl, decode tok/s).
 
-    eval: {text_file: wiki.test.raw, tokens: 4096}     # optional: per-stage metrics
+    eval: {text_file: wikitext-2, tokens: 4096}        # optional: per-stage metrics
     stages:
       - {stage: prune, structured: channels, sparsity: 0.5, method: taylor, calib_file: train.txt}
       - {stage: distill, text_file: train.txt, steps: 300}
-      - {stage: quantize, method: gptq, bits: 4, group_size: 128, calib_file: train.txt}
+      - {stage: quantize, method: gptq, bits: 4, group_size: 128}   # calibrates on wikitext-2
+
+A text not given is the bundled WikiText-2 test split ('wikitext-2', miaotui/data), past the
+tokens perplexity is measured on.
 
 Not for the stages' algorithms (prune/, distill.py, quantize/).
 """
@@ -25,11 +28,12 @@ from typing import Any
 import torch
 import yaml
 
+from miaotui.data import text_path
 from miaotui.errors import MiaotuiError
 
 _CALIB = {"calib_file": (str, None), "calib_samples": (int, 128), "calib_seq_len": (int, 512),
-          "calib_skip_tokens": (int, 0)}
-_TRAIN = {"text_file": (str, None), "skip_tokens": (int, 0), "steps": (int, None), "lr": (float, None),
+          "calib_skip_tokens": (int, None)}
+_TRAIN = {"text_file": (str, None), "skip_tokens": (int, None), "steps": (int, None), "lr": (float, None),
           "batch": (int, 4), "seq_len": (int, 256)}
 _SELECT = {"targets": (list, None), "ignore": (list, None)}
 
@@ -38,15 +42,16 @@ STAGE_FIELDS: dict[str, dict[str, tuple[type, Any]]] = {
     "prune": {"method": (str, "magnitude"), "sparsity": (float, None), "pattern": (str, None),
               "structured": (str, None), "owl": (bool, False), **_CALIB, **_SELECT},
     "gradual_prune": {"method": (str, "magnitude"), "initial_sparsity": (float, 0.0), "final_sparsity": (float, None),
-                      "begin_step": (int, 0), "end_step": (int, None), "frequency": (int, 10), **_TRAIN, **_SELECT},
+                      "begin_step": (int, 0), "end_step": (int, None), "frequency": (int, 10),
+                      "max_minutes": (float, None), **_TRAIN, **_SELECT},
     "distill": {"teacher": (str, None), "temperature": (float, 2.0), "alpha": (float, 0.1),
                 "hidden_weight": (float, 0.0), "grad_accum": (int, 1), "autocast": (str, "auto"),
                 "checkpoint_every": (int, 50), "max_minutes": (float, None), **_TRAIN},
     "quantize": {"method": (str, "rtn"), "bits": (int, 4), "group_size": (int, 128), "symmetric": (bool, False),
                  "damp": (float, 0.01), "act_order": (bool, False), "alpha": (float, 0.5), **_CALIB, **_SELECT},
 }
-REQUIRED = {"gradual_prune": ("final_sparsity", "end_step", "steps", "text_file"),
-            "distill": ("text_file", "steps")}
+# calib_file / text_file not given: the bundled WikiText-2 test split, past its evaluated tokens (miaotui/data).
+REQUIRED = {"gradual_prune": ("final_sparsity", "end_step", "steps"), "distill": ("steps",)}
 
 
 @dataclass(slots=True)
@@ -99,7 +104,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     tokens = ev.get("tokens", 4096)
     if not isinstance(tokens, int) or tokens < 64:
         raise MiaotuiError(f"{source}: eval.tokens must be an integer >= 64")
-    return Recipe(stages, ev.get("text_file"), tokens, source)
+    # An eval section without a text_file scores the bundled WikiText-2 test split.
+    return Recipe(stages, (ev.get("text_file") or "wikitext-2") if "eval" in data else None, tokens, source)
 
 
 def _parse_stage(index: int, raw: Any) -> Stage:
@@ -129,7 +135,30 @@ def _parse_stage(index: int, raw: Any) -> Stage:
     for key in REQUIRED.get(kind, ()):
         if key not in params:
             raise MiaotuiError(f"stage {index + 1} ({kind}): field '{key}' is required")
-    return Stage(index, kind, {k: params.get(k, default) for k, (_, default) in spec.items()})
+    stage = Stage(index, kind, {k: params.get(k, default) for k, (_, default) in spec.items()})
+    _check_values(stage)
+    return stage
+
+
+def _check_values(stage: Stage) -> None:
+    """What can be judged before any model loads (the stages check the rest against the model)."""
+    p, label = stage.params, stage.label
+    if stage.kind == "prune" and p["structured"]:
+        if p["sparsity"] is None:
+            raise MiaotuiError(f"{label}: field 'sparsity' is required (the share of channels, heads or layers "
+                               f"removed)")
+        if p["pattern"] or p["owl"] or p["targets"] or p["ignore"]:
+            raise MiaotuiError(f"{label}: 'structured' removes the same share from every layer: drop field "
+                               f"'pattern', 'owl', 'targets' and 'ignore'")
+    elif stage.kind == "prune" and p["sparsity"] is None and not p["pattern"]:
+        raise MiaotuiError(f"{label}: give field 'sparsity' or field 'pattern'")
+    if stage.kind == "quantize":
+        if p["damp"] <= 0:
+            raise MiaotuiError(f"{label}: field 'damp' must be > 0, got {p['damp']}")
+        if not 0 <= p["alpha"] <= 1:
+            raise MiaotuiError(f"{label}: field 'alpha' must be in [0, 1], got {p['alpha']}")
+    if p.get("max_minutes") is not None and p["max_minutes"] <= 0:
+        raise MiaotuiError(f"{label}: field 'max_minutes' must be > 0, got {p['max_minutes']}")
 
 
 def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: int | None = None,
@@ -152,8 +181,10 @@ def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: in
         for stage in recipe.stages:
             print(f"== {stage.label}", flush=True)
             started = time.perf_counter()
-            model, done, record = _run_stage(stage, model, tokenizer, model_name)
+            model, done, record = _run_stage(stage, model, tokenizer, model_name,
+                                             out_dir.with_name(f"{out_dir.name}.ckpt"))
             done = {"stage": stage.kind, **done, "seconds": time.perf_counter() - started}
+            print(f"   {_summary(done)}", flush=True)
             stages_done.append(done)
             if recipe.eval_text and stage is not recipe.stages[-1]:
                 step_dir = save_model(model, tokenizer, work / f"{stage.index + 1}-{stage.kind}", record,
@@ -180,28 +211,41 @@ def _calib(p: dict[str, Any], tokenizer, needed: bool, label: str):
 
     if not needed:
         return None
-    if not p["calib_file"]:
-        raise MiaotuiError(f"{label}: method '{p['method']}' needs field 'calib_file'")
     return load_calibration(p["calib_file"], tokenizer, p["calib_samples"], p["calib_seq_len"], p["calib_skip_tokens"])
 
 
-def _run_stage(stage: Stage, model, tokenizer, model_name: str):
-    """-> (model after the stage, its record, the quantization record if any)."""
+def _summary(done: dict[str, Any]) -> str:
+    """One line on what a stage did, from its record."""
+    parts = [f"{done['stage']} done in {done['seconds']:.0f} s"]
+    if "params_before" in done:
+        before, after = done["params_before"], done["params_after"]
+        parts.append(f"{before:,} -> {after:,} parameters ({1 - after / before:.1%} fewer)")
+    if isinstance(done.get("modules"), dict) and done["modules"]:
+        values = list(done["modules"].values())
+        parts.append(f"{len(values)} matrices, mean sparsity {sum(values) / len(values):.3f}")
+    if done.get("curve"):
+        parts.append(f"sparsity {done['curve'][-1][1]:.3f}")
+    if done.get("first_loss") is not None:
+        parts.append(f"{done['steps']} steps, loss {done['first_loss']:.3f} -> {done['last_loss']:.3f}")
+    if isinstance(done.get("format"), dict):
+        parts.append(", ".join(f"{k} {v}" for k, v in done["format"].items()))
+    return "; ".join(parts)
+
+
+def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: Path | None = None):
+    """-> (model after the stage, its record, the quantization record if any). A distillation saves
+    its progress in checkpoint_dir and resumes from it (the same command again after an interrupt)."""
     p, label = stage.params, stage.label
     try:
         if stage.kind == "prune":
             if p["structured"]:
                 from miaotui.compress.prune.structured import prune_structured
 
-                if p["sparsity"] is None:
-                    raise MiaotuiError(f"{label}: field 'sparsity' is required")
                 calib = _calib(p, tokenizer, p["method"] != "magnitude", label)
                 model, rec = prune_structured(model, p["structured"], p["sparsity"], p["method"], calib)
                 return model, rec.to_dict(), None
             from miaotui.compress.prune.unstructured import NEEDS_CALIBRATION, prune_model
 
-            if p["sparsity"] is None and not p["pattern"]:
-                raise MiaotuiError(f"{label}: give field 'sparsity' or 'pattern'")
             calib = _calib(p, tokenizer, p["method"] in NEEDS_CALIBRATION or p["owl"], label)
             rec = prune_model(model, p["method"], p["sparsity"] or 0.0, p["pattern"], calib, owl=p["owl"],
                               targets=p["targets"], ignore=p["ignore"])
@@ -214,7 +258,8 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str):
                                        p["frequency"])
             tokens = load_training_tokens(p["text_file"], tokenizer, p["skip_tokens"])
             rec = train_gradual(model, tokens, schedule, p["steps"], p["method"], lr=p["lr"] or 5e-5,
-                                batch=p["batch"], seq_len=p["seq_len"], targets=p["targets"], ignore=p["ignore"])
+                                batch=p["batch"], seq_len=p["seq_len"], targets=p["targets"], ignore=p["ignore"],
+                                max_seconds=None if p["max_minutes"] is None else p["max_minutes"] * 60)
             return model, {k: v for k, v in rec.to_dict().items() if k != "losses"}, None
         if stage.kind == "distill":
             from miaotui.api import LLM
@@ -229,7 +274,11 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str):
                                 checkpoint_every=p["checkpoint_every"],
                                 max_seconds=None if p["max_minutes"] is None else p["max_minutes"] * 60)
             tokens = load_training_tokens(p["text_file"], tokenizer, p["skip_tokens"])
-            result = distill(teacher.model, model, tokens, cfg)
+            result = distill(teacher.model, model, tokens, cfg, checkpoint_dir)
+            if checkpoint_dir is not None:
+                (checkpoint_dir / "distill_state.pt").unlink(missing_ok=True)
+                if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
+                    checkpoint_dir.rmdir()
             return model, {"teacher": str(teacher.path), **result.to_dict()}, None
         from miaotui.compress.quantize.apply import quantize_model, resolve_method
         from miaotui.compress.selectors import select_modules
@@ -250,9 +299,7 @@ def _metrics(label: str, llm, recipe: Recipe) -> dict[str, Any]:
     from miaotui.eval.bench import run_bench
     from miaotui.eval.perplexity import perplexity
 
-    text = Path(recipe.eval_text)
-    if not text.is_file():
-        raise MiaotuiError(f"eval.text_file '{text}' does not exist")
+    text = text_path(recipe.eval_text, "eval.text_file")
     ids = llm.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)[:recipe.eval_tokens]
     path = Path(llm.path)
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size

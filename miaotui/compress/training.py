@@ -6,23 +6,26 @@ weights at zero. Not for any loss (each trainer owns its own).
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from miaotui.data import default_skip, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 
 SPARSE_WEIGHT_THRESHOLD = 0.1  # a weight with at least this fraction of exact zeros counts as pruned
 
 
-def load_training_tokens(path: str | Path, tokenizer: Tokenizer, skip_tokens: int = 0,
+def load_training_tokens(path: str | Path | None, tokenizer: Tokenizer, skip_tokens: int | None = None,
                          min_tokens: int = 1024) -> torch.Tensor:
-    """The whole file as one token stream [T] (after skip_tokens, to keep it apart from evaluation)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MiaotuiError(f"text file '{path}' does not exist")
+    """The whole file as one token stream [T] (after skip_tokens, to keep it apart from evaluation).
+    path None: the bundled WikiText-2 test split (miaotui/data), past its evaluated tokens."""
+    path = text_path(path)
+    skip_tokens = default_skip(path, skip_tokens)
     ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
     ids = ids[skip_tokens:]
     if len(ids) < min_tokens:
@@ -64,3 +67,38 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         params[name].mul_(mask)
+
+
+class TrainingProgress:
+    """A training loop's progress bar. With a time budget it counts the budget's seconds, so its
+    time left is the budget's rest (the step count may end the loop sooner); else it counts steps."""
+
+    def __init__(self, desc: str, steps: int, start_step: int = 0, max_seconds: float | None = None,
+                 enabled: bool = True) -> None:
+        self.steps, self.step, self.max_seconds = steps, start_step, max_seconds
+        self.started = time.perf_counter()
+        if max_seconds is None:
+            self.bar = tqdm(total=steps, initial=start_step, desc=desc, unit="step", disable=not enabled)
+        else:
+            self.bar = tqdm(total=round(max_seconds), desc=f"{desc}, {max_seconds / 60:g}-min budget", unit="s",
+                            disable=not enabled, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s "
+                                                            "[{elapsed}<{remaining}{postfix}]")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def advance(self, **postfix: str) -> bool:
+        """One step done; -> False once the time budget is spent."""
+        self.step += 1
+        if self.max_seconds is None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix)
+            return True
+        elapsed = self.elapsed
+        self.bar.update(min(elapsed, self.max_seconds) - self.bar.n)
+        self.bar.set_postfix({"step": f"{self.step}/{self.steps}", **postfix})
+        return elapsed <= self.max_seconds
+
+    def close(self) -> None:
+        self.bar.close()

@@ -20,58 +20,68 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from miaotui.engine.llm_engine import HEARTBEAT, EngineOutput, EngineRequest, LLMEngine, forward_step
+from miaotui.engine.llm_engine import LLMEngine
 from miaotui.engine.paged_cache import PagedKVCache
+from miaotui.engine.request import EngineOutput, EngineRequest
 from miaotui.engine.sampling_params import SamplingParams
+from miaotui.engine.step import ModelStep, Shutdown, WorkerMessage, run_model_step
 
-_STOP = "stop"
+
+@dataclass(frozen=True, slots=True)
+class ReplicaWork:
+    """Rank 0 -> replica leaders, every tick: new requests and aborts, by replica."""
+
+    by_replica: dict[int, tuple[list[_Submit], list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """A replica leader -> rank 0, every tick: outputs since the last tick, its queue, its health."""
+
+    outputs: list[EngineOutput]
+    waiting: int
+    fatal: str | None
+
+
 TICK_BUSY_S = 0.01  # how often rank 0 exchanges with the replicas while they have work
 TICK_IDLE_S = 2.0  # ... and while they have none (a heartbeat: collectives time out)
 
 
 # -- inside one model replica -----------------------------------------------------------------
 def broadcaster(group=None, src: int = 0):
-    """The leader's side: a callable the engine hands each step to (None = shut the workers down)."""
+    """The leader's side: a callable the engine hands each message to (a step, Heartbeat, Shutdown)."""
 
-    def send(step: tuple | None) -> None:
-        dist.broadcast_object_list([step if step is not None else _STOP], src=src, group=group)
+    def send(message: WorkerMessage) -> None:
+        dist.broadcast_object_list([message], src=src, group=group)
 
     return send
 
 
-def cache_shape_from_driver(num_blocks: int | None, block_size: int, group=None, src: int = 0) -> tuple[int, int]:
-    """Every rank uses its leader's block count (shards may differ in size, the block tables may not)."""
-    box = [(num_blocks, block_size)]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
 @torch.inference_mode()
 def run_worker(model, num_blocks: int, block_size: int, group=None, src: int = 0) -> None:
-    """Serve steps until the leader says stop (or dies: the broadcast then raises)."""
+    """A non-leader rank of a model replica: run the leader's steps on this rank's shard or stage
+    until it says Shutdown (or dies: the broadcast then raises). num_blocks: the count the replica's
+    ranks agreed on (LLM.num_blocks), so block tables mean the same slots here."""
     cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
     while True:
-        box = [None]
+        box: list[WorkerMessage | None] = [None]
         dist.broadcast_object_list(box, src=src, group=group)
-        if box[0] == _STOP:
+        message = box[0]
+        if isinstance(message, Shutdown):
             return
-        if box[0] != HEARTBEAT:
-            forward_step(model, cache, box[0])
+        if isinstance(message, ModelStep):
+            run_model_step(model, cache, message)
 
 
 def connect_replica(engine: LLMEngine, ctx) -> None:
     """Make `engine` (on its replica's leader) drive the replica's other ranks, if it has any."""
     if len(ctx.model_ranks) > 1:
-        leader = ctx.model_ranks[0]
-        cache_shape_from_driver(engine.blocks.num_blocks, engine.blocks.block_size, ctx.model_group, leader)
-        engine.remote = broadcaster(ctx.model_group, leader)
+        engine.remote = broadcaster(ctx.model_group, ctx.model_ranks[0])
 
 
-def serve_replica_worker(model, block_size: int, ctx) -> None:
+def serve_replica_worker(llm, ctx) -> None:
     """A non-leader rank of a replica: run the leader's steps on this rank's shard or stage."""
-    leader = ctx.model_ranks[0]
-    num_blocks, block_size = cache_shape_from_driver(None, block_size, ctx.model_group, leader)
-    run_worker(model, num_blocks, block_size, ctx.model_group, leader)
+    run_worker(llm.model, llm.num_blocks, llm.engine_config.block_size, ctx.model_group, ctx.model_ranks[0])
 
 
 # -- across replicas --------------------------------------------------------------------------
@@ -172,12 +182,13 @@ class DataParallelEngine:
                     if not self._stop and not self._outbox and not self._aborts:
                         self._lock.wait(timeout=TICK_BUSY_S if busy else TICK_IDLE_S)
                     if self._stop:
-                        dist.broadcast_object_list([_STOP], src=0, group=group)
+                        dist.broadcast_object_list([Shutdown()], src=0, group=group)
                         return
-                    payload = {r: (self._outbox.pop(r, []), self._aborts.pop(r, [])) for r in range(1, self.dp)}
-                dist.broadcast_object_list([payload], src=0, group=group)
+                    work = ReplicaWork({r: (self._outbox.pop(r, []), self._aborts.pop(r, []))
+                                        for r in range(1, self.dp)})
+                dist.broadcast_object_list([work], src=0, group=group)
                 gathered: list = [None] * self.dp
-                dist.gather_object(([], 0, None), gathered, dst=0, group=group)
+                dist.gather_object(ReplicaReport([], 0, None), gathered, dst=0, group=group)
                 self._deliver(gathered)
         except Exception as exc:  # noqa: BLE001 - a replica died or hung: fail its requests, turn unhealthy
             message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -185,7 +196,8 @@ class DataParallelEngine:
 
     def _deliver(self, gathered: list) -> None:
         for replica in range(1, self.dp):
-            outputs, waiting, fatal = gathered[replica]
+            report: ReplicaReport = gathered[replica]
+            outputs, waiting, fatal = report.outputs, report.waiting, report.fatal
             if fatal and not self._fatal:  # a rank inside that replica died: the server turns unhealthy
                 self._fatal = f"replica {replica}: {fatal}"
             with self._lock:
@@ -219,11 +231,11 @@ def serve_replica_leader(engine: LLMEngine, ctx) -> None:
     engine.start()
     try:
         while True:
-            box = [None]
+            box: list[ReplicaWork | Shutdown | None] = [None]
             dist.broadcast_object_list(box, src=0, group=ctx.dp_group)
-            if box[0] == _STOP:
+            if isinstance(box[0], Shutdown):
                 return
-            new, aborts = box[0][ctx.dp_rank]
+            new, aborts = box[0].by_replica[ctx.dp_rank]
             for sub in new:
                 if engine.fatal:  # this replica can no longer run anything: answer at once
                     sink(EngineOutput(sub.request_id, finished=True, finish_reason="error", error=engine.fatal))
@@ -234,8 +246,8 @@ def serve_replica_leader(engine: LLMEngine, ctx) -> None:
                 engine.abort(request_id)
             with lock:
                 ready, outbox[:] = list(outbox), []
-            dist.gather_object((ready, engine.num_waiting, engine.fatal), None, dst=0, group=ctx.dp_group)
+            dist.gather_object(ReplicaReport(ready, engine.num_waiting, engine.fatal), None, dst=0, group=ctx.dp_group)
     finally:
         engine.stop()
         if engine.remote is not None and engine.fatal is None:
-            engine.remote(None)
+            engine.remote(Shutdown())

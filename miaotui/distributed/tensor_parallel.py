@@ -21,10 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.distributed.wrapped_model import WrappedModel
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.models.config import ModelConfig
 from miaotui.models.llama import Transformer
 
 
@@ -106,28 +108,30 @@ def _all_reduce_output(group):
     return hook
 
 
-class TensorParallelTransformer(Transformer):
-    """A Transformer whose logits are gathered from vocabulary shards."""
+class TensorParallelModel(WrappedModel):
+    """A rank's tensor shard: its layers compute their share; the logits are gathered from the
+    vocabulary shards, so every rank sees the full [..., V] logits."""
 
-    tp_group = None
-    tp_size = 1
+    def __init__(self, shard: Transformer, config: ModelConfig, vocab_sizes: list[int], group=None) -> None:
+        super().__init__(shard, config)
+        self.vocab_sizes = vocab_sizes  # each rank's vocabulary rows, in rank order
+        self.group = group
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = super().logits(hidden).contiguous()  # [..., V_local]
-        parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        local = self.inner.logits(hidden).contiguous()  # [..., V_local]
         # Shards may differ by one row: pad to the largest and trim after the gather.
-        sizes = self.vocab_sizes
-        width = max(sizes)
+        width = max(self.vocab_sizes)
         if local.shape[-1] < width:
             local = F.pad(local, (0, width - local.shape[-1]))
-            parts = [torch.empty_like(local) for _ in range(self.tp_size)]
-        dist.all_gather(parts, local, group=self.tp_group)
-        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+        parts = [torch.empty_like(local) for _ in self.vocab_sizes]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, self.vocab_sizes, strict=True)], dim=-1)
 
 
 @torch.no_grad()
-def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) -> Transformer:
-    """Turn a full model into this rank's shard (in place; returns it)."""
+def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) -> TensorParallelModel:
+    """This rank's shard: the model's linears and embedding are replaced by their shards (in place),
+    and the result is wrapped so its logits come whole."""
     c = model.config
     q_heads, kv_heads = head_plan(c.num_heads, c.num_kv_heads, tp, rank)
     hd = c.head_dim
@@ -153,10 +157,6 @@ def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) ->
     if model.lm_head is not None:
         model.lm_head = _rows(model.lm_head, torch.arange(v0, v1))
     model.embed_tokens = VocabParallelEmbedding(embed[v0:v1].clone(), v0, group)
-    model.__class__ = TensorParallelTransformer
-    model.tp_group, model.tp_size = group, tp
-    model.vocab_sizes = [b - a for a, b in vocab]
     # The KV cache holds this rank's kv heads only.
-    model.config = replace(c, num_heads=len(q_heads), num_kv_heads=len(kv_heads), intermediate_size=i1 - i0)
-    model.full_config = c
-    return model
+    local = replace(c, num_heads=len(q_heads), num_kv_heads=len(kv_heads), intermediate_size=i1 - i0)
+    return TensorParallelModel(model, local, [b - a for a, b in vocab], group)

@@ -28,6 +28,11 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.kv_size * torch.finfo(dtype).bits // 8
 
 
+def blocks_for_memory(config: ModelConfig, dtype: torch.dtype, megabytes: float, block_size: int) -> int:
+    """How many KV blocks fit in `megabytes` for this model's (or this rank's) layers and heads."""
+    return int(megabytes * 2**20) // (block_size * kv_bytes_per_token(config, dtype))
+
+
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -118,9 +123,3 @@ class PackedLayerView:
         values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         out = attention(q.view(-1, rows, n, hd).transpose(0, 1), keys, values, g.mask)  # [G, H, n, hd]
         return out.transpose(0, 1).reshape(-1, rows * n, hd)
-
-    def rows(self, r0: int, r1: int) -> PackedLayerView:
-        """A pipeline micro-batch of rows: a packed step is one row, so it is one micro-batch."""
-        if (r0, r1) != (0, 1):
-            raise ValueError("a packed step has a single row")
-        return self

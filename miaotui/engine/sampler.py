@@ -1,6 +1,6 @@
 """Pick the next token for every sequence of a batch from its logits and its own SamplingParams.
 
-Not for stop conditions or detokenization (generator.py, detokenizer.py).
+Not for stop conditions or detokenization (request.py, detokenizer.py).
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class Sampler:
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         self._generators[seq_id] = gen
+
+    def generator(self, seq_id: int) -> torch.Generator:
+        """The sequence's own random stream (speculative drafting and verification draw from it too)."""
+        return self._generators[seq_id]
 
     def remove_sequence(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)

@@ -1,44 +1,43 @@
-"""Lossless speculative decoding: a cheap draft proposes k tokens, the target checks them in one
-forward pass, and the output is exactly the target's.
+"""Lossless speculative decoding inside the engine: cheap drafts for many requests at once, checked
+by the target in the step that decodes them.
 
-- Greedy: the longest prefix of the draft that the target would have chosen is kept, then
-  the target's own next token: identical output to decoding the target alone.
+- Drafts: prompt lookup (n-gram matching in the context, no model; its q is one-hot), or a small
+  model sharing the tokenizer (any miaotui checkpoint: quantized, pruned, distilled). The draft
+  model keeps its own paged KV cache, addressed by the target's block tables, and drafts for all
+  decode rows together: one packed forward per drafted position.
+- Greedy: the longest prefix of the draft the target would have chosen is kept, then the target's
+  own next token: the output is exactly the target's.
 - Sampling: the rule of Leviathan et al. / Chen et al. (2023). A drafted token d is accepted with
-  probability min(1, p(d) / q(d)). On rejection the token is drawn from norm(max(0, p − q)).
-  If every drafted token is accepted, one more token comes from p. The output distribution is
-  the target's.
-- Drafts: a small model sharing the tokenizer (any miaotui checkpoint: quantized, pruned,
-  distilled), or prompt lookup (n-gram matching in the context, no model; q is one-hot).
-- k adapts: +1 after a fully accepted draft, −1 after a rejection (within [1, k_max]).
-Not for batching many requests into one step (llm_engine.py); here each sequence is decoded in turn.
+  probability min(1, p(d) / q(d)); on rejection the token is drawn from norm(max(0, p − q)); if
+  every drafted token is accepted, one more comes from p. The output distribution is the target's.
+Not for scheduling which rows draft (llm_engine.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from miaotui.engine.detokenizer import IncrementalDetokenizer
-from miaotui.engine.generator import StreamEvent, append_token_text, validate_prompt
-from miaotui.engine.sampler import filter_logits
+from miaotui.engine.paged_cache import PagedKVCache
+from miaotui.engine.request import EngineRequest
+from miaotui.engine.sampler import filter_logits, greedy_pick
 from miaotui.engine.sampling_params import SamplingParams
-from miaotui.errors import MiaotuiError
-from miaotui.loaders.tokenizer import Tokenizer
-from miaotui.models.llama import Transformer
+from miaotui.engine.step import PackRow, pack_rows, run_model_step
+
+MAX_ADAPTIVE_K = 8  # a draft model's k grows after fully accepted drafts, up to this
 
 
 @dataclass(slots=True)
 class SpecStats:
-    steps: int = 0  # target verification passes
+    steps: int = 0  # target passes that verified drafted tokens
     drafted: int = 0
     accepted: int = 0
-    generated: int = 0
+    generated: int = 0  # tokens those passes produced (accepted drafts + the target's own)
 
     @property
     def mean_accepted_per_step(self) -> float:
-        """Tokens produced per target pass (accepted drafts + the target's own token)."""
+        """Tokens produced per verifying target pass."""
         return self.generated / max(self.steps, 1)
 
     @property
@@ -51,18 +50,14 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(filter_logits(logits.float() / params.temperature, params), -1)
 
 
-class NgramDraft:
+class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (n from
     max_n down to min_n) and propose the tokens that followed it."""
 
     def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
         self.max_n, self.min_n = max_n, min_n
 
-    def reset(self, prompt: list[int], capacity: int) -> None:
-        pass
-
-    def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator
-                ) -> tuple[list[int], list[torch.Tensor] | None]:
+    def propose_one(self, context: list[int], k: int) -> list[int]:
         for n in range(self.max_n, self.min_n - 1, -1):
             if len(context) <= n:
                 continue
@@ -71,153 +66,69 @@ class NgramDraft:
                 if context[start:start + n] == tail:
                     follow = context[start + n:start + n + k]
                     if follow:
-                        return follow, None  # q is one-hot on each proposed token
-        return [], None
+                        return follow
+        return []
+
+    def propose(self, rows: list[tuple[EngineRequest, int]], generators: list[torch.Generator]) -> None:
+        for req, k in rows:
+            req.draft, req.draft_probs = self.propose_one(req.tokens, k), None
 
 
-class ModelDraft:
-    """A small model with its own KV cache; proposes k tokens autoregressively."""
+class DraftModelProposer:
+    """A small model drafting k tokens for every decode row at once, over its own paged KV cache
+    (the target's block tables address it: a slot holds the draft's keys for the same token)."""
 
-    def __init__(self, model: Transformer) -> None:
+    adaptive = True
+
+    def __init__(self, model, num_blocks: int, block_size: int) -> None:
         self.model = model
-        self.cache = None
-        self.max_len = 0
-        self.cached: list[int] = []  # tokens whose keys/values are in the draft's cache
-
-    def reset(self, prompt: list[int], capacity: int) -> None:
-        self.max_len = capacity
-        self.cache = self.model.allocate_kv_cache(1, capacity)
-        self.cached = []
+        self.block_size = block_size
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
 
     @torch.inference_mode()
-    def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator
-                ) -> tuple[list[int], list[torch.Tensor] | None]:
-        # Keep the cached prefix that still matches the context; feed the rest (at least one token).
-        keep = 0
-        while keep < min(len(self.cached), len(context) - 1) and self.cached[keep] == context[keep]:
-            keep += 1
-        feed = context[keep:]
-        k = min(k, self.max_len - len(context) - 1)
-        tokens, probs = [], []
-        for _ in range(max(k, 0)):
-            ids = torch.tensor([feed])
-            pos = torch.arange(keep, keep + len(feed))[None]
-            logits = self.model(ids, pos, self.cache, keep, None, last_only=True)[0]
-            keep += len(feed)
-            if params.greedy:
-                token = int(logits.argmax())
-            else:
-                q = target_probs(logits, params)
-                token = int(torch.multinomial(q, 1, generator=generator))
-                probs.append(q)
-            tokens.append(token)
-            feed = [token]
-        self.cached = context + tokens[:-1]
-        return tokens, (probs if not params.greedy else None)
+    def propose(self, rows: list[tuple[EngineRequest, int]], generators: list[torch.Generator]) -> None:
+        """Set each request's draft (k tokens) and, for sampled requests, the draft's distributions."""
+        feeds = {id(req): req.tokens[req.draft_computed:] for req, _ in rows}  # >= 1: the pending token
+        starts = {id(req): req.draft_computed for req, _ in rows}
+        for req, _ in rows:
+            req.draft, req.draft_probs = [], None if req.params.greedy else []
+        active = list(zip(rows, generators, strict=True))
+        while active:
+            pack = [PackRow(feeds[id(req)], starts[id(req)], req.table) for (req, _), _ in active]
+            logits, _ = run_model_step(self.model, self.cache, pack_rows(pack, self.block_size)[0])  # [R, V]
+            greedy = greedy_pick(logits)
+            for i, ((req, _), gen) in enumerate(active):
+                if req.params.greedy:
+                    token = int(greedy[i])
+                else:
+                    q = target_probs(logits[i], req.params)
+                    token = int(torch.multinomial(q, 1, generator=gen))
+                    req.draft_probs.append(q)
+                req.draft.append(token)
+                starts[id(req)] += len(feeds[id(req)])
+                feeds[id(req)] = [token]
+            active = [(row, gen) for row, gen in active if len(row[0].draft) < row[1]]
+        for req, k in rows:
+            req.draft_computed = len(req.tokens) + k - 1  # fed up to d_{k-1}; d_k never was
 
 
-@dataclass(slots=True)
-class _Seq:
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    detok: IncrementalDetokenizer
-    stop_ids: set[int]
-    output: list[int] = field(default_factory=list)
-
-
-class SpeculativeGenerator:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int, draft, k: int = 4,
-                 k_max: int = 8, adaptive: bool = True) -> None:
-        if k < 1:
-            raise MiaotuiError(f"speculation length k must be >= 1, got {k}")
-        self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
-        self.draft, self.k, self.k_max, self.adaptive = draft, k, max(k_max, k), adaptive
-        self.stats = SpecStats()
-
-    def stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamEvent]:
-        for req, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-            if p.repetition_penalty != 1.0:
-                raise MiaotuiError("speculative decoding does not support repetition_penalty")
-            max_new = validate_prompt(ids, p, self.max_model_len)
-            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.tokenizer.eos_token_ids))
-            for sample in range(p.n):
-                seq = _Seq(list(ids), p, max_new, IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens,
-                                                                           p.stop), stop_ids)
-                seed = None if p.seed is None else p.seed + sample
-                yield from self._one(req, sample, seq, seed)
-
-    @torch.inference_mode()
-    def _one(self, req: int, sample: int, seq: _Seq, seed: int | None) -> Iterator[StreamEvent]:
-        gen = torch.Generator()
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-        p = seq.params
-        model = self.model
-        capacity = len(seq.prompt) + seq.max_new + self.k_max + 1
-        cache = model.allocate_kv_cache(1, capacity)
-        self.draft.reset(seq.prompt, capacity)
-        logits = model(torch.tensor([seq.prompt]), torch.arange(len(seq.prompt))[None], cache, 0, None,
-                       last_only=True)[0]
-        pos = len(seq.prompt)  # tokens in the target's cache
-        k = self.k
-        pending = self._pick(logits, p, gen)  # the next token, decided by the target
-        while True:
-            done, events = self._emit(req, sample, seq, pending)
-            yield from events
-            if done:
-                return
-            context = seq.prompt + seq.output
-            room = seq.max_new - len(seq.output)
-            drafted, q = self.draft.propose(context, min(k, room), p, gen)
-            # Verify [pending token, d1..dk] in one pass: logits i predict the token after position i.
-            block = [pending] + drafted
-            out = model(torch.tensor([block]), torch.arange(pos, pos + len(block))[None], cache, pos, None)[0]
-            pos += len(block)
-            self.stats.steps += 1
-            self.stats.drafted += len(drafted)
-            accepted = 0
-            nxt = None
-            for i, d in enumerate(drafted):
-                if p.greedy:
-                    choice = int(out[i].argmax())
-                    if choice == d:
-                        accepted += 1
-                        continue
-                    nxt = choice
-                    break
-                probs = target_probs(out[i], p)
-                qd = 1.0 if q is None else float(q[i][d])
-                if float(torch.rand((), generator=gen)) < min(1.0, float(probs[d]) / max(qd, 1e-20)):
-                    accepted += 1
-                    continue
-                residual = probs - (torch.nn.functional.one_hot(torch.tensor(d), probs.shape[0]).float()
-                                    if q is None else q[i])
-                residual = residual.clamp(min=0)
-                nxt = int(torch.multinomial(residual / residual.sum(), 1, generator=gen)) if residual.sum() > 0 \
-                    else int(torch.multinomial(probs, 1, generator=gen))
-                break
-            self.stats.accepted += accepted
-            if nxt is None:  # all accepted: the bonus token comes from the last position
-                nxt = self._pick(out[len(drafted)], p, gen)
-            # Tokens after the last accepted draft are stale in the cache: later writes overwrite them.
-            pos -= len(drafted) - accepted
-            for d in drafted[:accepted]:
-                done, events = self._emit(req, sample, seq, d)
-                yield from events
-                if done:
-                    return
-            if self.adaptive:
-                k = min(k + 1, self.k_max) if drafted and accepted == len(drafted) else max(k - 1, 1)
-            pending = nxt
-
-    def _pick(self, logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-        if p.greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(target_probs(logits, p), 1, generator=gen))
-
-    def _emit(self, req: int, sample: int, seq: _Seq, token: int) -> tuple[bool, list[StreamEvent]]:
-        """Append one token of output, with the usual stop rules."""
-        seq.output.append(token)
-        self.stats.generated += 1
-        text, reason = append_token_text(seq.detok, token, seq.stop_ids, len(seq.output), seq.max_new)
-        return reason is not None, [StreamEvent(req, sample, token, text, reason is not None, reason)]
+def verify(draft: list[int], draft_probs: list[torch.Tensor] | None, logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator) -> tuple[int, int]:
+    """logits [k + 1, V] at [pending token, d1, ..., dk] -> (drafts accepted, the target's next token)."""
+    if params.greedy:
+        picks = greedy_pick(logits[:len(draft) + 1]).tolist()
+        accepted = 0
+        while accepted < len(draft) and picks[accepted] == draft[accepted]:
+            accepted += 1
+        return accepted, picks[accepted]
+    for i, d in enumerate(draft):
+        p = target_probs(logits[i], params)
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i][d])
+        if float(torch.rand((), generator=generator)) < min(1.0, float(p[d]) / max(q_d, 1e-20)):
+            continue
+        q = torch.nn.functional.one_hot(torch.tensor(d), p.shape[0]).float() if draft_probs is None \
+            else draft_probs[i]
+        residual = (p - q).clamp(min=0)
+        source = residual / residual.sum() if float(residual.sum()) > 0 else p
+        return i, int(torch.multinomial(source, 1, generator=generator))
+    return len(draft), int(torch.multinomial(target_probs(logits[len(draft)], params), 1, generator=generator))

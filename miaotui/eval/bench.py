@@ -26,19 +26,22 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_once(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> dict[str, Any]:
-    """One timed generation; -> ttft (s), per-step gaps (s), decode time (s)."""
+    """One timed generation through the engine; -> ttft (s: every prompt prefilled, its first token
+    out), the gaps between later decode steps (s), decode time (s)."""
     params = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
-    step_times: list[float] = []
+    step_times: dict[int, float] = {}  # engine step -> when its first token arrived
+    first_token_step: dict[int, int] = {}
+    tokens_per_step: dict[int, int] = {}
     start = time.perf_counter()
-    seen_in_step = 0
-    for _event in llm.stream(prompts, params):
-        # Events of one decoding step arrive together: mark the step at its first event.
-        if seen_in_step == 0:
-            step_times.append(time.perf_counter())
-        seen_in_step = (seen_in_step + 1) % len(prompts)
-    ttft = step_times[0] - start
-    gaps = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
-    return {"ttft": ttft, "gaps": gaps, "decode_seconds": step_times[-1] - step_times[0]}
+    for event in llm.stream(prompts, params):
+        step_times.setdefault(event.step, time.perf_counter())
+        first_token_step.setdefault(event.request_index, event.step)
+        tokens_per_step[event.step] = tokens_per_step.get(event.step, 0) + 1
+    prefilled = max(first_token_step.values())  # the step that gave the last prompt its first token
+    decode = [t for step, t in sorted(step_times.items()) if step >= prefilled]
+    gaps = [b - a for a, b in zip(decode, decode[1:], strict=False)]
+    return {"ttft": decode[0] - start, "gaps": gaps, "decode_seconds": decode[-1] - decode[0],
+            "decode_tokens": sum(n for step, n in tokens_per_step.items() if step > prefilled)}
 
 
 def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: int = 1, repeat: int = 5,
@@ -46,12 +49,21 @@ def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: 
     """`batch` rows in all: with data parallelism each replica runs batch / dp of them at once."""
     if llm.parallel is not None and llm.parallel.config.dp > 1:
         return _run_bench_data_parallel(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress)
+    return _run_bench_here(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress)
+
+
+def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, repeat: int, warmup: int,
+                    seed: int, progress: bool) -> dict[str, Any]:
+    """This process's engine alone (with data parallelism: this replica's)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = llm.config.vocab_size
-    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(batch)]
+
+    def prompts() -> list[list[int]]:  # new ones every run: the prefix cache must not serve a repeat
+        return [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(batch)]
+
     for _ in range(warmup):
-        run_once(llm, prompts, min(gen_tokens, 8))
-    runs = [run_once(llm, prompts, gen_tokens)
+        run_once(llm, prompts(), min(gen_tokens, 8))
+    runs = [run_once(llm, prompts(), gen_tokens)
             for _ in tqdm(range(repeat), desc=f"bench b={batch} pp{prompt_tokens} tg{gen_tokens}",
                           unit="run", disable=not progress)]
     gaps_ms = [g * 1000 for r in runs for g in r["gaps"]]
@@ -65,7 +77,7 @@ def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: 
         "gen_tokens": gen_tokens,
         "repeat": repeat,
         "prefill_tok_s": statistics.median(batch * prompt_tokens / r["ttft"] for r in runs),
-        "decode_tok_s": statistics.median(batch * (gen_tokens - 1) / r["decode_seconds"] for r in runs)
+        "decode_tok_s": statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in runs)
         if gen_tokens > 1 else None,
         "ttft_ms": statistics.median(r["ttft"] * 1000 for r in runs),
         "itl_p50_ms": _percentile(gaps_ms, 50) if gaps_ms else None,
@@ -86,10 +98,9 @@ def _run_bench_data_parallel(llm: LLM, prompt_tokens: int, gen_tokens: int, batc
     dp = ctx.config.dp
     if batch % dp:
         raise MiaotuiError(f"--batch {batch} must be a multiple of --dp {dp} (each replica runs batch / dp rows)")
-    with llm.this_replica_only():
-        dist.barrier()
-        mine = run_bench(llm, prompt_tokens, gen_tokens, batch // dp, repeat, warmup, seed + ctx.dp_rank,
-                         progress and ctx.is_driver)
+    dist.barrier()
+    mine = _run_bench_here(llm, prompt_tokens, gen_tokens, batch // dp, repeat, warmup, seed + ctx.dp_rank,
+                           progress and ctx.is_driver)
     replicas: list[dict[str, Any] | None] = [None] * dp
     dist.all_gather_object(replicas, mine, group=ctx.dp_group)
     result = dict(mine)

@@ -1,4 +1,4 @@
-"""Grouped-query self-attention with rotary embedding over a caller-owned KV cache.
+"""Grouped-query self-attention with rotary embedding over a caller-owned (paged) KV cache.
 
 Not for cache management: the engine allocates the cache and says where to write.
 """
@@ -18,13 +18,15 @@ from miaotui.models.config import ModelConfig
 from miaotui.runtime import cpu_flags
 
 _AMX_BF16 = "amx_bf16" in cpu_flags()  # bf16 flash attention beats the float32 upcast (_attention)
-PER_QUERY_MAX_ROWS = 16  # up to this many new tokens after a cache attend query by query (speculation)
 
 
 class KVView(Protocol):
     """A cache the engine manages (paged, packed rows): stores this step's k/v, runs the attention."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor: ...
+
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
+                   ) -> torch.Tensor | None: ...
 
 
 class Attention(nn.Module):
@@ -39,31 +41,22 @@ class Attention(nn.Module):
         self.qkv_proj = make_linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias)
         self.o_proj = make_linear(self.q_size, config.hidden_size, False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | KVView | None,
-        cache_start: int,
-        attn_mask: torch.Tensor | None,
-        is_causal: bool,
-    ) -> torch.Tensor:
-        # x: [B, S, D]; kv_cache: ([B, KV, T_max, hd], [B, KV, T_max, hd]), a packed paged view, or None;
-        # attn_mask: [B, 1, S, T] bool (True = may attend) or None.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_view: KVView | None) -> torch.Tensor:
+        # x: [B, S, D]; cos, sin: [B or 1, 1, S, hd]; kv_view: this layer's view of the engine's paged
+        # cache for one packed step (B = 1), or None: causal attention over x alone (scoring, training).
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
         native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
             and qkv.is_contiguous() and not torch.is_grad_enabled() else None  # inference only: no backward
-        if native is not None and batch == 1 and hasattr(kv_cache, "attend_qkv") and cos.is_contiguous():
-            # A serving decode step: rope, cache writes and attention in one native op (paged_cache.py)
-            out = kv_cache.attend_qkv(qkv.view(seq, -1), cos.view(seq, -1), sin.view(seq, -1), self.num_heads)
+        if native is not None and kv_view is not None and batch == 1 and cos.is_contiguous():
+            # A decode step: rope, cache writes and attention in one native op (paged_cache.py)
+            out = kv_view.attend_qkv(qkv.view(seq, -1), cos.view(seq, -1), sin.view(seq, -1), self.num_heads)
             if out is not None:
                 return self.o_proj(out.view(batch, seq, self.q_size))
         if native is not None:
             # q and k heads rotated together in one op, with apply_rope's bf16 roundings (same bits)
             heads = qkv.view(batch * seq, -1, self.head_dim)[:, :self.num_heads + self.num_kv_heads]
-            rows = (batch, 1, seq, self.head_dim)  # cos/sin come as [B or 1, 1, S, hd]
+            rows = (batch, 1, seq, self.head_dim)
             native(heads, cos.expand(rows).reshape(batch * seq, -1).contiguous(),
                    sin.expand(rows).reshape(batch * seq, -1).contiguous())
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -73,37 +66,12 @@ class Attention(nn.Module):
         if native is None:
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-        if kv_cache is not None and hasattr(kv_cache, "attend"):
-            # Packed rows of a serving step (engine/paged_cache.py): it stores k/v and runs attention per group.
-            out = kv_cache.attend(q, k, v, self._attention)
-        elif kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            end = cache_start + seq
-            k_cache[:, :, cache_start:end] = k
-            v_cache[:, :, cache_start:end] = v
-            if cache_start > 0 and 1 < seq <= PER_QUERY_MAX_ROWS:
-                out = self._attention_per_query(q, k_cache, v_cache, cache_start, attn_mask)
-            else:
-                out = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask, is_causal)
+        if kv_view is not None:
+            # Packed rows of an engine step (engine/paged_cache.py): it stores k/v and runs attention per group.
+            out = kv_view.attend(q, k, v, self._attention)
         else:
-            out = self._attention(q, k, v, attn_mask, is_causal)
+            out = self._attention(q, k, v, None, is_causal=seq > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
-
-    def _attention_per_query(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_start: int,
-                             attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """A few new tokens after cached ones (verifying drafted tokens): each query attends over
-        exactly the keys a one-token decode step at its position would see, through the same call,
-        so speculation reproduces plain decoding bit for bit. With bf16 activations any other
-        arrangement of the same sums rounds differently and flips near-tied greedy picks.
-        q: [B, H, S, hd]; caches [B, KV, T_max, hd]; attn_mask [B, 1, S, T] or None -> [B, H, S, hd]."""
-        outs = []
-        for i in range(q.shape[2]):
-            end = cache_start + i + 1
-            mask = None if attn_mask is None else attn_mask[:, :, i:i + 1, :end]
-            if mask is not None and bool(mask.all()):
-                mask = None  # as a plain decode step without padding has none
-            outs.append(self._attention(q[:, :, i:i + 1], k_cache[:, :, :end], v_cache[:, :, :end], mask))
-        return torch.cat(outs, dim=2)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    is_causal: bool = False) -> torch.Tensor:

@@ -18,7 +18,6 @@ from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 RESCORED_CANDIDATES = 8  # logits recomputed in float32 per position (Transformer.logits)
 INT8_HEAD_MAX_ROWS = 4  # up to here the int8 head copy beats the bf16 head (docs/kernels.md)
 
@@ -49,8 +48,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, kv_cache, cache_start, attn_mask, is_causal) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, cache_start, attn_mask, is_causal)
+    def forward(self, x, cos, sin, kv_view) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_view)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,30 +116,16 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def hidden_states(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: KVCache | None = None,
-        cache_start: int = 0,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_views: list | None = None
+                      ) -> torch.Tensor:
         """tokens, positions: [B, S] -> final normed hidden states [B, S, D].
 
-        attn_mask: [B, 1, S, cache_start + S] bool, or None for plain causal attention over
-        the whole (unpadded) sequence so far.
-        """
-        seq = tokens.shape[1]
-        # Without a mask, a single query may see all cached keys; a block starting at 0 is
-        # causal; a block after cached tokens needs an explicit offset-causal mask.
-        if attn_mask is None and seq > 1 and cache_start > 0:
-            attn_mask = causal_mask(seq, cache_start, tokens.device)[None, None]
-        is_causal = attn_mask is None and seq > 1
+        kv_views: one paged-cache view per layer for an engine step (engine/step.py), or None:
+        plain causal attention over the given tokens alone (perplexity, calibration, training)."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            x = layer(x, cos, sin, cache, cache_start, attn_mask, is_causal)
+            x = layer(x, cos, sin, None if kv_views is None else kv_views[i])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -177,19 +162,11 @@ class Transformer(nn.Module):
         exact = (head[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)  # [..., C, D] @ [..., D, 1]
         return logits.scatter_(-1, top, exact)
 
-    def forward(self, tokens, positions, kv_caches=None, cache_start=0, attn_mask=None, last_only=False):
-        """Logits [B, S, V], or [B, V] for the last position only (generation skips the rest)."""
-        hidden = self.hidden_states(tokens, positions, kv_caches, cache_start, attn_mask)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_views: list | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, V], or [B, V] for the last position only."""
+        hidden = self.hidden_states(tokens, positions, kv_views)
         return self.logits(hidden[:, -1] if last_only else hidden)
-
-    def allocate_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.config
-        shape = (batch, c.num_kv_heads, max_len, c.head_dim)
-        return [
-            (torch.empty(shape, dtype=self.dtype, device=self.device),
-             torch.empty(shape, dtype=self.dtype, device=self.device))
-            for _ in range(c.num_layers)
-        ]
 
     def num_parameters(self) -> int:
         """Logical weights: a quantized matrix counts its out x in entries, not its packed bytes."""
@@ -210,13 +187,6 @@ class Transformer(nn.Module):
         packed = [m.packed_weight for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None]
         packed += [] if self.lm_head_packed is None else [self.lm_head_packed]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(torch.ops.mkldnn._nbytes(t) for t in packed)
-
-
-def causal_mask(seq: int, cache_start: int, device: torch.device) -> torch.Tensor:
-    """[S, cache_start + S] bool: query i (at absolute position cache_start + i) sees keys <= it."""
-    keys = torch.arange(cache_start + seq, device=device)
-    queries = torch.arange(cache_start, cache_start + seq, device=device)
-    return keys[None, :] <= queries[:, None]
 
 
 def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -16,14 +16,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from miaotui.engine.llm_engine import EngineOutput, EngineRequest, LLMEngine, TokenLogprob
+from miaotui.engine.config import EngineConfig
+from miaotui.engine.llm_engine import LLMEngine
+from miaotui.engine.request import EngineOutput, EngineRequest, TokenLogprob
+from miaotui.engine.step import Shutdown
 from miaotui.errors import MiaotuiError
 from miaotui.server.metrics import ServerMetrics
 from miaotui.server.protocol import ApiError, GenerationRequest, parse_common, parse_messages, parse_prompts
@@ -32,22 +35,17 @@ from miaotui.server.protocol import ApiError, GenerationRequest, parse_common, p
 @dataclass(slots=True)
 class ServerConfig:
     model: str
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batching, KV cache, speculation
     served_model_name: str | None = None
     api_key: str | None = None
-    max_num_seqs: int = 64
     max_queue: int = 256
-    kv_cache_mb: float = 512
     max_body_bytes: int = 1 << 20
-    max_num_batched_tokens: int = 512
-    block_size: int = 16
     dtype: str = "auto"
     decode_weight_dtype: str = "auto"
     device: str = "cpu"
-    max_model_len: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
-    num_speculative_tokens: int = 0  # > 0: prompt-lookup speculation for greedy requests
 
     @property
     def name(self) -> str:
@@ -55,17 +53,13 @@ class ServerConfig:
 
 
 def load_llm(c: ServerConfig):
-    """The model as this rank holds it (its shard or stage under tensor or pipeline parallelism)."""
+    """The model and its engine as this rank holds them (its shard or stage under tensor or
+    pipeline parallelism)."""
     from miaotui.api import LLM
 
-    return LLM(c.model, dtype=c.dtype, device=c.device, max_model_len=c.max_model_len,
-               decode_weight_dtype=c.decode_weight_dtype, tensor_parallel_size=c.tensor_parallel_size,
-               pipeline_parallel_size=c.pipeline_parallel_size, data_parallel_size=c.data_parallel_size)
-
-
-def build_engine(llm, c: ServerConfig) -> LLMEngine:
-    return LLMEngine(llm.model, llm.tokenizer, llm.max_model_len, c.kv_cache_mb, c.block_size, c.max_num_seqs,
-                     c.max_num_batched_tokens, num_speculative_tokens=c.num_speculative_tokens)
+    return LLM(c.model, dtype=c.dtype, device=c.device, decode_weight_dtype=c.decode_weight_dtype,
+               tensor_parallel_size=c.tensor_parallel_size, pipeline_parallel_size=c.pipeline_parallel_size,
+               data_parallel_size=c.data_parallel_size, engine_config=c.engine)
 
 
 class ServerState:
@@ -83,7 +77,7 @@ class ServerState:
         try:
             c = self.config
             llm = load_llm(c)
-            engine = build_engine(llm, c)
+            engine = llm.engine
             if llm.parallel is not None:
                 from miaotui.distributed.serve_worker import DataParallelEngine, connect_replica
 
@@ -106,7 +100,7 @@ class ServerState:
         if self.engine is not None:
             self.engine.stop()
             if self.engine.remote is not None and self.engine.fatal is None:
-                self.engine.remote(None)  # let the tensor-parallel workers exit
+                self.engine.remote(Shutdown())  # let the replica's other ranks exit
 
 
 def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:

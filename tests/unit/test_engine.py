@@ -8,9 +8,15 @@ import torch
 
 from miaotui import SamplingParams
 from miaotui.engine.block_manager import BlockManager, block_hashes
-from miaotui.engine.llm_engine import EngineRequest, LLMEngine
+from miaotui.engine.config import EngineConfig
+from miaotui.engine.llm_engine import LLMEngine
 from miaotui.engine.paged_cache import kv_bytes_per_token
+from miaotui.engine.request import EngineRequest
 from miaotui.errors import MiaotuiError
+
+
+def make_engine(llm, max_model_len: int, **options) -> LLMEngine:
+    return LLMEngine(llm.model, llm.tokenizer, EngineConfig(**options), max_model_len)
 
 
 def run_all(engine: LLMEngine, requests: list[tuple[str, list[int], SamplingParams]], stagger: int = 0,
@@ -73,7 +79,7 @@ def test_block_manager_refcounts_prefix_reuse_and_eviction():
 def test_greedy_outputs_equal_single_request_generation(tiny_llm, budget, stagger):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 400) for _ in range(rng.randrange(1, 40))] for _ in range(9)]
-    engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=4, block_size=4,
+    engine = make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=4,
                        max_num_seqs=5, max_num_batched_tokens=budget)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     results = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)], stagger)
@@ -85,7 +91,7 @@ def test_greedy_outputs_equal_single_request_generation(tiny_llm, budget, stagge
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_llm):
     shared = list(range(10, 70))
-    engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=4, block_size=8)
+    engine = make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=8)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     first = run_all(engine, [("a", shared + [5, 6], params)])
     assert engine.blocks.prefix_hits == 0
@@ -99,7 +105,7 @@ def test_preemption_by_recomputation_keeps_outputs(tiny_llm):
     prompts = [list(range(20 + i, 50 + i)) for i in range(4)]
     # 24 usable blocks of 4 tokens: four requests of 30 + 40 tokens cannot all stay resident.
     mb = 25 * 4 * kv_bytes_per_token(tiny_llm.model.config, torch.float32) / 2**20
-    engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=mb, block_size=4)
+    engine = make_engine(tiny_llm, 256, kv_cache_mb=mb, block_size=4)
     assert engine.blocks.num_blocks == 25
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     results = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
@@ -110,7 +116,7 @@ def test_preemption_by_recomputation_keeps_outputs(tiny_llm):
 
 
 def test_abort_frees_blocks_and_others_finish(tiny_llm):
-    engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=4, block_size=4)
+    engine = make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=4)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     results: dict[str, list] = {}
     for i in range(6):
@@ -129,7 +135,7 @@ def test_abort_frees_blocks_and_others_finish(tiny_llm):
 
 
 def test_stop_strings_seeds_logprobs_and_errors(tiny_llm):
-    engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 64, kv_cache_mb=4, block_size=4)
+    engine = make_engine(tiny_llm, 64, kv_cache_mb=4, block_size=4)
     ids = tiny_llm.tokenizer.encode("The quick brown fox")
     sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
     a = run_all(engine, [("a", ids, sampled)])["a"]["ids"]
@@ -154,8 +160,9 @@ def test_prompt_lookup_speculation_keeps_greedy_outputs(tiny_llm, k, kv_mb, stag
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     runs = {}
     for spec in (0, k):
-        engine = LLMEngine(tiny_llm.model, tiny_llm.tokenizer, 256, kv_cache_mb=kv_mb, block_size=4,
-                           max_num_seqs=4, max_num_batched_tokens=64, num_speculative_tokens=spec)
+        engine = make_engine(tiny_llm, 256, kv_cache_mb=kv_mb, block_size=4,
+                           max_num_seqs=4, max_num_batched_tokens=64, speculate="ngram" if spec else None,
+                             num_speculative_tokens=max(spec, 1))
         runs[spec] = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)], stagger)
         assert engine.blocks.usage == 0.0
         if spec:

@@ -10,21 +10,28 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = ["Hello", "The quick brown fox jumps over", "你好，世界！模型推理", "def main():\n    print("]
 
 
-def test_kv_cache_decode_matches_full_forward(tiny_llm):
-    model = tiny_llm.model
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+def full_forward_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The reference with no cache at all: the whole sequence through the model for every token."""
+    out = list(ids)
     with torch.inference_mode():
-        full = model(ids, torch.arange(8)[None])[0]  # [8, V]
-        caches = model.allocate_kv_cache(1, 16)
-        steps = [model(ids[:, :4], torch.arange(4)[None], caches, 0, last_only=True)[0]]
-        for t in range(4, 8):
-            steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), caches, t, last_only=True)[0])
-        # A multi-token block after cached tokens (chunked prefill) takes the offset-causal mask.
-        chunk_caches = model.allocate_kv_cache(1, 16)
-        model(ids[:, :4], torch.arange(4)[None], chunk_caches, 0)
-        chunked = model(ids[:, 4:], torch.arange(4, 8)[None], chunk_caches, 4)[0]
-    torch.testing.assert_close(torch.stack(steps), full[3:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunked, full[4:], rtol=1e-5, atol=1e-5)
+        for _ in range(n):
+            logits = model(torch.tensor([out]), torch.arange(len(out))[None], last_only=True)[0]
+            out.append(int(logits.argmax()))
+    return out[len(ids):]
+
+
+@pytest.mark.parametrize("chunk", [512, 3])
+def test_engine_decoding_equals_full_forward_without_cache(tiny_hf_dir, tiny_llm, chunk):
+    """Paged KV cache, chunked prefill (chunk=3: prompts cross chunk and block boundaries) and
+    continuous batching give the tokens a cache-free forward gives."""
+    from miaotui import LLM
+
+    llm = tiny_llm if chunk == 512 else LLM(str(tiny_hf_dir), dtype="float32", max_num_batched_tokens=chunk,
+                                            block_size=4)
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == full_forward_greedy(tiny_llm.model, ids, 10)
 
 
 def test_batch_of_different_lengths_equals_one_by_one(tiny_llm):
@@ -36,13 +43,21 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_llm):
         assert len(out.outputs[0].token_ids) == 24 and out.outputs[0].finish_reason == "length"
 
 
-def test_batched_logits_match_single(tiny_llm):
+def test_batched_first_token_matches_single_forward(tiny_llm):
     model = tiny_llm.model
     short, long = [5, 17, 42], [9, 8, 7, 6, 5, 4]
     with torch.inference_mode():
         alone = model(torch.tensor([short]), torch.arange(3)[None], last_only=True)[0]
     events = list(tiny_llm.stream([short, long], SamplingParams(temperature=0.0, max_tokens=1)))
-    assert events[0].token_id == int(alone.argmax())
+    assert [e.token_id for e in events if e.request_index == 0] == [int(alone.argmax())]
+
+
+def test_a_stream_closed_early_frees_its_requests(tiny_llm):
+    stream = tiny_llm.stream(["Hello", "Other prompt"], SamplingParams(temperature=0.0, max_tokens=20,
+                                                                      ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert tiny_llm.engine.num_unfinished == 0 and tiny_llm.engine.blocks.usage == 0.0
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llm):

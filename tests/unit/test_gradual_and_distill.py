@@ -93,7 +93,7 @@ def test_cli_prune_distill_and_errors(tiny_hf_dir, calib_text, tmp_path, capsys)
     assert main(["distill", "--teacher", str(tiny_hf_dir), "--student", str(pruned), "--text-file", str(calib_text),
                  "--steps", "3", "--batch", "2", "--seq-len", "32", "-o", str(out)]) == 0
     stages = json.loads((out / "miaotui_model.json").read_text())["stages"]
-    assert [s["stage"] for s in stages] == ["structured_prune", "distill"]
+    assert [s["stage"] for s in stages] == ["prune", "distill"]
     assert not (tmp_path / "distilled.ckpt").exists()
     assert main(["generate", "-m", str(out), "--max-tokens", "4", "--temperature", "0", "-p", "hello"]) == 0
     assert main(["prune", "-m", str(tiny_hf_dir), "--sparsity", "0.5", "--pattern", "2:4", "-o",
@@ -104,7 +104,9 @@ def test_cli_prune_distill_and_errors(tiny_hf_dir, calib_text, tmp_path, capsys)
     capsys.readouterr()
     for argv, message in [(["--sparsity", "1.5"], "sparsity must be in"),
                           (["--sparsity", "0.5", "--pattern", "3:7"], "does not divide"),
-                          (["--sparsity", "0.5", "--method", "wanda"], "needs --calib-file"),
+                          (["--structured", "layers"], "--sparsity is required"),
+                          (["--sparsity", "0.5", "--method", "wanda", "--calib-file", "/nope.txt"],
+                           "calibration file '/nope.txt' does not exist"),
                           (["--sparsity", "0.5", "--targets", "nope"], "targets: 'nope' matches no module")]:
         assert main(["prune", "-m", str(tiny_hf_dir), *argv, "-o", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
             cache.fused = None
         view = cache.step_views(slots, [group])[0]
         with torch.inference_mode():
-            outs.append(attn(x, cos, sin, view, 0, None, False))
+            outs.append(attn(x, cos, sin, view))
     assert caches[0].fused is not None
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])

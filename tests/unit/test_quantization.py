@@ -149,7 +149,8 @@ def test_bad_quantization_arguments(tiny_hf_dir, tmp_path, capsys):
     with pytest.raises(MiaotuiError, match="does not exist"):
         load_calibration(tmp_path / "none.txt", load_model(tiny_hf_dir, torch.float32).tokenizer)
     for argv, needle in ((["--method", "rtn", "--bits", "5"], "bits"),
-                         (["--method", "gptq"], "--calib-file"),
+                         (["--method", "gptq", "--calib-file", "/nope.txt"], "'/nope.txt' does not exist"),
+                         (["--method", "gptq", "--damp", "0"], "--damp must be > 0"),
                          (["--method", "rtn", "--group-size", "1000"], "group size")):
         code = main(["quantize", "-m", str(tiny_hf_dir), "-o", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
@@ -176,11 +177,11 @@ def test_smoothing_preserves_the_float_function(tiny_llm):
     layer = copy.deepcopy(tiny_llm.model.layers[0])
     x = torch.randn(2, 6, tiny_llm.config.hidden_size) * 3
     cos, sin = tiny_llm.model.rotary(torch.arange(6)[None].expand(2, 6), torch.float32)
-    before = layer(x, cos, sin, None, 0, None, True)
+    before = layer(x, cos, sin, None)
     stats = {n: torch.rand(layer.get_submodule(n).in_features) * 10 for n in
              ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}
     smooth_layer(layer, stats, alpha=0.5)
-    torch.testing.assert_close(layer(x, cos, sin, None, 0, None, True), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x, cos, sin, None), before, rtol=1e-4, atol=1e-4)
 
 
 def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):

@@ -269,3 +269,45 @@ def test_server_with_prompt_lookup_speculation(tiny_hf_dir, client):
         accepted = next(float(line.split()[1]) for line in metrics.splitlines()
                         if line.startswith("miaotui_spec_decode_accepted_tokens "))
         assert accepted > 0
+
+
+MIXED_PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog and", "a b c",
+                 "你好，世界！模型推理 and more words here"]
+
+
+def test_llm_generate_equals_the_server_and_one_by_one(tiny_hf_dir, client):
+    """One decoding path: LLM.generate over a batch of mixed-length prompts gives the server's texts
+    for the same prompts (same dtype and cache layout), and the texts of one prompt at a time."""
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(tiny_hf_dir), kv_cache_mb=16, block_size=8)  # the server fixture's engine options
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    batched = [o.outputs[0].text for o in llm.generate(MIXED_PROMPTS, params)]
+    alone = [llm.generate(p, params)[0].outputs[0].text for p in MIXED_PROMPTS]
+    served = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text for p in MIXED_PROMPTS]
+    assert batched == alone == served
+    assert all(len(t) > 0 for t in batched)
+
+
+def test_server_with_a_draft_model_matches_plain_decoding(tiny_hf_dir, client, tmp_path):
+    """`serve --draft PATH`: 4 concurrent greedy requests speculate with a draft model (its own
+    weights, the same tokenizer) and give the plain server's texts."""
+    import concurrent.futures
+
+    from tests.tiny_models import write_hf_dir
+
+    draft = write_hf_dir(tmp_path / "draft", seed=1)
+    with running_server(tiny_hf_dir, "--served-model-name", MODEL, "--draft", str(draft),
+                        "--num-speculative-tokens", "3") as (url, _proc):
+        spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        kwargs = {"model": MODEL, "max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        plain = [client.completions.create(prompt=p, **kwargs).choices[0].text for p in MIXED_PROMPTS]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            fast = list(pool.map(lambda p: spec.completions.create(prompt=p, **kwargs).choices[0].text,
+                                 MIXED_PROMPTS))
+        assert fast == plain
+        metrics = httpx.get(f"{url}/metrics").text
+        drafted = next(float(line.split()[1]) for line in metrics.splitlines()
+                       if line.startswith("miaotui_spec_decode_draft_tokens "))
+        assert drafted > 0

@@ -1,11 +1,11 @@
-"""Speculative decoding is lossless: greedy outputs equal the target's, sampled tokens follow the
-target's distribution; n-gram and model drafts; adaptive k."""
+"""Speculative decoding in the engine is lossless: greedy outputs equal the target's (batched, any
+draft), sampled tokens follow the target's distribution; n-gram and model drafts; adaptive k."""
 
 import pytest
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.engine.speculative import NgramDraft, target_probs
+from miaotui.engine.speculative import NgramProposer, target_probs
 
 PROMPTS = ["The quick brown fox", "hello hello hello hello", "a b c a b c a b"]
 
@@ -50,10 +50,27 @@ def test_greedy_speculation_equals_the_target(tiny_hf_dir, tiny_llm, draft_dir, 
 
 
 def test_ngram_lookup():
-    draft = NgramDraft(max_n=3)
-    gen = torch.Generator()
-    assert draft.propose([1, 2, 3, 9, 1, 2, 3], 2, SamplingParams(), gen)[0] == [9, 1]
-    assert draft.propose([5, 6, 7], 2, SamplingParams(), gen)[0] == []
+    draft = NgramProposer(max_n=3)
+    assert draft.propose_one([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]
+    assert draft.propose_one([5, 6, 7], 2) == []
+
+
+def test_draft_model_speculation_with_preemption_keeps_greedy_outputs(tiny_hf_dir, tiny_llm, draft_dir):
+    """A KV cache too small for every request at once: preempted requests are recomputed, the
+    draft's cache with them, and the tokens stay the target's."""
+    spec = LLM(str(tiny_hf_dir), dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=3,
+               kv_cache_mb=0.03, block_size=4)
+    assert spec.engine.blocks.num_blocks < 3 * 7  # fewer than the 3 prompts x ~27 tokens need
+    assert greedy(spec) == greedy(tiny_llm)
+    assert spec.engine.stats.preemptions > 0 and spec.speculation_stats.steps > 0
+
+
+def test_sampled_speculation_is_reproducible_with_a_seed(tiny_hf_dir, draft_dir):
+    spec = LLM(str(tiny_hf_dir), dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=3)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=16, ignore_eos=True)
+    first = spec.generate(PROMPTS, params)
+    again = spec.generate(PROMPTS[::-1], params)[::-1]  # another batch order: the same draws per request
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
 
 
 def test_sampled_distribution_matches_the_target(tiny_hf_dir, tiny_llm, draft_dir):

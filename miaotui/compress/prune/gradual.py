@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from miaotui.compress.prune.importance import magnitude_importance, taylor_score
 from miaotui.compress.prune.masks import check_sparsity, unstructured_mask
 from miaotui.compress.selectors import select_modules
-from miaotui.compress.training import cosine_lr, sample_batch
+from miaotui.compress.training import TrainingProgress, cosine_lr, sample_batch
 from miaotui.errors import MiaotuiError
 from miaotui.models.llama import Transformer
 
@@ -73,7 +72,7 @@ class GradualRecord:
 def train_gradual(model: Transformer, tokens: torch.Tensor, schedule: GradualSchedule, steps: int,
                   criterion: str = "magnitude", lr: float = 5e-5, batch: int = 4, seq_len: int = 256,
                   targets: list[str] | None = None, ignore: list[str] | None = None, seed: int = 0,
-                  progress: bool = True) -> GradualRecord:
+                  progress: bool = True, max_seconds: float | None = None) -> GradualRecord:
     """Fine-tune the decoder layers on next-token loss while pruning the selected linears gradually."""
     if criterion not in ("magnitude", "taylor"):
         raise MiaotuiError(f"gradual pruning ranks by magnitude or taylor; got '{criterion}'")
@@ -91,9 +90,9 @@ def train_gradual(model: Transformer, tokens: torch.Tensor, schedule: GradualSch
     generator = torch.Generator().manual_seed(seed)
     record = GradualRecord(asdict(schedule), criterion, steps, 0.0)
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="gradual prune", unit="step", disable=not progress)
+    bar = TrainingProgress("gradual prune", steps, max_seconds=max_seconds, enabled=progress)
     try:
-        for step in bar:
+        for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(lr, step, steps, warmup=min(20, steps // 10))
             x, y = sample_batch(tokens, batch, seq_len, generator)
@@ -114,8 +113,10 @@ def train_gradual(model: Transformer, tokens: torch.Tensor, schedule: GradualSch
                 for n, w in weights.items():
                     w.mul_(masks[n])
             record.losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{record.losses[-1]:.3f}", sparsity=f"{schedule.sparsity(step):.2f}")
+            if not bar.advance(loss=f"{record.losses[-1]:.3f}", sparsity=f"{schedule.sparsity(step):.2f}"):
+                break  # the time budget is spent: the masks so far stay (the schedule may not be complete)
     finally:
+        bar.close()
         model.eval()
         for p in params:
             p.requires_grad_(False)

@@ -12,24 +12,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
+from torch.nn.utils import parametrize
 
 from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_layer
-from miaotui.compress.training import cosine_lr, sample_batch
+from miaotui.compress.training import TrainingProgress, cosine_lr, sample_batch
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
 from miaotui.models.llama import Transformer
 
 
-class FakeQuantLinear(Linear):
-    """A float Linear whose forward sees Q(W), with straight-through gradients to W."""
+class FakeQuantize(nn.Module):
+    """A weight parametrization: the layer sees Q(W), gradients reach W straight through."""
 
-    fmt: QuantFormat
+    def __init__(self, fmt: QuantFormat) -> None:
+        super().__init__()
+        self.fmt = fmt
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        w_q = w + (fake_quantize(w, self.fmt) - w).detach()
-        return F.linear(x, w_q.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (fake_quantize(w, self.fmt) - w).detach()
 
 
 @dataclass(slots=True)
@@ -44,12 +45,11 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
               batch: int = 4, seq_len: int = 256, max_seconds: float | None = None, seed: int = 0,
               progress: bool = True) -> QATResult:
     """tokens: [T] training text. Trains decoder-layer linears and norms; embeddings stay frozen."""
-    fake: list[FakeQuantLinear] = []
+    fake: list[Linear] = []
     for layer in model.layers:
         for name in LAYER_LINEARS:
             module = layer.get_submodule(name)
-            module.__class__ = FakeQuantLinear  # same parameters, fake-quantized forward
-            module.fmt = fmt
+            parametrize.register_parametrization(module, "weight", FakeQuantize(fmt))  # same W, Q(W) forward
             fake.append(module)
     params = [p for layer in model.layers for p in layer.parameters()]
     model.train()
@@ -59,8 +59,8 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="qat", unit="step", disable=not progress)
-    for step in bar:
+    bar = TrainingProgress("qat", steps, max_seconds=max_seconds, enabled=progress)
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, step, steps)
         x, y = sample_batch(tokens, batch, seq_len, generator)
@@ -72,14 +72,14 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        if not bar.advance(loss=f"{losses[-1]:.3f}"):
             break
+    bar.close()
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    for module in fake:
-        module.__class__ = Linear
+    for module in fake:  # back to the plain trained W (pack_after_qat rounds it onto the same grid)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return QATResult(len(losses), time.perf_counter() - start, losses[0], sum(losses[-5:]) / len(losses[-5:]))
 
 
