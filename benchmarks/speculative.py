@@ -1,8 +1,8 @@
 """Speculative decoding on the default model: batch-1 decode speed with and without speculation
 (same run, same prompts, medians over repetitions) and the mean tokens accepted per target pass.
 
-Drafts: prompt lookup (n-gram), and a draft checkpoint given with --draft (e.g. a pruned and
-distilled SmolLM2 written by `miaotui compress`). Prompts ask for text that repeats its input
+Drafts: prompt lookup (n-gram), and a draft checkpoint (--draft; by default the pruned and distilled
+SmolLM2 that `make run` builds). Prompts ask for text that repeats its input
 (summaries, code edits), where prompt lookup helps, and open questions, where it does not.
 Writes benchmarks/results/speculative.{json,md,png}. Run: `python benchmarks/speculative.py [--draft DIR]`.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.loaders.model_store import pull
+from miaotui.loaders.model_store import cache_dir, pull
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
@@ -54,13 +54,17 @@ def timed(llm: LLM, ids: list[list[int]], tokens: int, repeat: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--draft", default=None)
+    parser.add_argument("--draft", default=None, help="draft checkpoint (default: the draft `make run` builds, "
+                                                      "if it exists)")
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = str(pull("smollm2-135m"))
+    demo_draft = cache_dir() / "demo" / "smollm2-135m" / "draft"
+    if args.draft is None and (demo_draft / "miaotui_model.json").is_file():
+        args.draft = str(demo_draft)
     base = LLM(path)
     ids = [base.tokenizer.encode_chat(m) for m in PROMPTS]
     plain = timed(base, ids, args.tokens, args.repeat)

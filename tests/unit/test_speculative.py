@@ -73,10 +73,12 @@ def test_sampled_speculation_is_reproducible_with_a_seed(tiny_hf_dir, draft_dir)
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
 
 
-def test_sampled_distribution_matches_the_target(tiny_hf_dir, tiny_llm, draft_dir):
-    """The 2nd sampled token (the first one a draft proposes) follows the target's exact marginal."""
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_sampled_distribution_matches_the_target(tiny_hf_dir, tiny_llm, draft_dir, kind):
+    """The 2nd sampled token (the first one a draft proposes) follows the target's exact marginal,
+    with a draft model's q and with prompt lookup's one-hot q."""
     params = SamplingParams(temperature=1.0, top_k=8, max_tokens=2, ignore_eos=True)
-    prompt = tiny_llm.tokenizer.encode("The quick brown fox")
+    prompt = tiny_llm.tokenizer.encode("The quick brown fox" if kind == "model" else "a b a b a b a b a")
     model = tiny_llm.model
     with torch.inference_mode():
         p1 = target_probs(model(torch.tensor([prompt]), torch.arange(len(prompt))[None], last_only=True)[0], params)
@@ -84,7 +86,8 @@ def test_sampled_distribution_matches_the_target(tiny_hf_dir, tiny_llm, draft_di
         batch = torch.tensor([prompt + [int(t)] for t in firsts])
         logits = model(batch, torch.arange(len(prompt) + 1)[None].expand(len(firsts), -1), last_only=True)
         exact = sum(p1[t] * target_probs(logits[i], params) for i, t in enumerate(firsts))
-    spec = LLM(str(tiny_hf_dir), dtype="float32", speculative_model=str(draft_dir), num_speculative_tokens=3)
+    options = {"speculative_model": str(draft_dir)} if kind == "model" else {"speculate": "ngram"}
+    spec = LLM(str(tiny_hf_dir), dtype="float32", num_speculative_tokens=3, **options)
     n = 3000
     counts = torch.zeros_like(exact)
     outs = spec.generate([prompt], SamplingParams(temperature=1.0, top_k=8, max_tokens=2, ignore_eos=True, n=n,
