@@ -25,17 +25,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = WIKITEXT2_TEST  # the WikiText-2 test split that ships with miaotui
 
 
-def llama_cpp_ppl(binary: str, gguf: Path, text: str, threads: int) -> float:
-    """llama-perplexity -c 512 --chunks 40 at its defaults otherwise: -> its final estimate."""
+def llama_cpp_ppl(binary: str, gguf: Path, text: str, threads: int) -> tuple[float, bool]:
+    """llama-perplexity -c 512 --chunks 40 at its defaults otherwise (weight repacking on; off only if
+    the default crashes): -> (its final estimate, whether repacking was on)."""
     import re
     import subprocess
 
-    done = subprocess.run([binary, "-m", str(gguf), "-f", text, "-c", "512", "--chunks", "40", "-t", str(threads)],
-                          capture_output=True, text=True, timeout=3600)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    if done.returncode != 0 or found is None:
-        raise SystemExit(f"llama-perplexity failed: {(done.stderr or done.stdout)[-500:]}")
-    return float(found[1])
+    command = [binary, "-m", str(gguf), "-f", text, "-c", "512", "--chunks", "40", "-t", str(threads)]
+    for repack in (True, False):
+        done = subprocess.run(command + ([] if repack else ["--no-repack"]), capture_output=True, text=True,
+                              timeout=3600)
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+        if done.returncode == 0 and found is not None:
+            return float(found[1]), repack
+        print(f"llama-perplexity with repack={repack} failed (exit code {done.returncode})", flush=True)
+    raise SystemExit("llama-perplexity failed with and without weight repacking")
 
 
 def main() -> None:
@@ -59,9 +63,9 @@ def main() -> None:
             print(f"{dtype:>8} {protocol:<42} ppl {r.ppl:.3f} ({r.tokens} tokens, {r.seconds:.0f} s)")
     peer = None
     if args.llama_perplexity:
-        peer = {"tool": "llama-perplexity", "file": path.name, "ppl": llama_cpp_ppl(args.llama_perplexity, path,
-                                                                                   args.text_file, args.threads)}
-        print(f"llama.cpp {path.name} ppl {peer['ppl']:.3f} (second half of each window)")
+        ppl, repack = llama_cpp_ppl(args.llama_perplexity, path, args.text_file, args.threads)
+        peer = {"tool": "llama-perplexity", "file": path.name, "ppl": ppl, "repack": repack}
+        print(f"llama.cpp {path.name} ppl {ppl:.3f} (second half of each window; repack {'on' if repack else 'off'})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "perplexity.json").write_text(json.dumps({"rows": rows, "llama_cpp": peer}, indent=2))
 

@@ -48,6 +48,7 @@ def timed(llm: LLM, ids: list[list[int]], tokens: int, repeat: int) -> dict:
             produced += len(out.token_ids)
             texts.append(out.text)
         runs.append(produced / seconds)
+    stats = llm.speculation_stats  # a snapshot: read it again
     per_pass = None if stats is None else (stats.generated - before[1]) / max(stats.steps - before[0], 1)
     return {"tok_s": statistics.median(runs), "tokens_per_pass": per_pass, "texts": texts}
 

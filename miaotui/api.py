@@ -60,8 +60,8 @@ class LLM:
     """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`.
 
     Engine options (EngineConfig's fields: max_model_len, kv_cache_mb, block_size, max_num_seqs,
-    max_num_batched_tokens, enable_prefix_caching, speculate, num_speculative_tokens) may be
-    given as keywords or as `engine_config`; `speculative_model` names a draft model."""
+    max_num_batched_tokens, enable_prefix_caching, speculate, draft_model, num_speculative_tokens)
+    may be given as keywords or as `engine_config`; `speculative_model` is draft_model's vLLM name."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  decode_weight_dtype: str | torch.dtype | None = "auto", tensor_parallel_size: int = 1,
@@ -74,7 +74,8 @@ class LLM:
         if engine_config is None:
             engine_config = EngineConfig(**{"draft_model": speculative_model, **engine_options})
         elif engine_options or speculative_model:
-            raise MiaotuiError("give engine options either as engine_config or as keywords, not both")
+            raise MiaotuiError("give engine options (speculative_model included) either in engine_config or as "
+                               "keywords, not both")
         self.device = torch.device(device)
         self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
         self.parallel = None
@@ -125,6 +126,9 @@ class LLM:
         draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype)
         if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
             raise MiaotuiError("the draft model's tokenizer differs from the target's")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise MiaotuiError(f"the draft model's vocabulary has {draft.config.vocab_size:,} rows, the target's "
+                               f"{self.config.vocab_size:,}: speculation needs the same")
         return draft.model
 
     @property
@@ -204,6 +208,7 @@ class LLM:
 
         ctx = self.parallel
         dp, mine = ctx.config.dp, ctx.dp_rank
+        self._requests([self.encode_prompt(p) for p in prompts], params)  # every rank rejects the same, at once
         local = self._generate_here(prompts[mine::dp], params[mine::dp]) if prompts[mine::dp] else []
         gathered: list[list[RequestOutput] | None] = [None] * dp
         dist.all_gather_object(gathered, local, group=ctx.dp_group)

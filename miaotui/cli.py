@@ -448,7 +448,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def _run_one_stage(args: argparse.Namespace, model: str, stage: dict[str, Any]) -> None:
     """quantize, prune and distill are one-stage recipes: the runner `compress --recipe` uses checks
     the stage (its messages name the fields, said here as the flags) and saves the result."""
-    from miaotui.compress.recipe import parse_recipe, run_recipe
+    from miaotui.compress.recipe import checkpoint_dir, parse_recipe, run_recipe
 
     fields = {k: v for k, v in stage.items() if v is not None}
     try:
@@ -457,13 +457,13 @@ def _run_one_stage(args: argparse.Namespace, model: str, stage: dict[str, Any]) 
             import torch
 
             torch.set_num_threads(args.threads)
-        run_recipe(model, recipe, args.output)
+        run_recipe(model, recipe, args.output, device=getattr(args, "device", "cpu"))
     except MiaotuiError as exc:
         raise MiaotuiError(_as_flags(str(exc), stage["stage"])) from None
     except KeyboardInterrupt:
         if stage["stage"] == "distill":
-            print(f"\ninterrupted: progress saved in {args.output}.ckpt; run the same command again to resume",
-                  file=sys.stderr)
+            print(f"\ninterrupted: progress saved in {checkpoint_dir(args.output)}; run the same command again "
+                  f"to resume", file=sys.stderr)
         raise
     print(f"saved to {_saved(Path(args.output))}")
 
@@ -529,6 +529,10 @@ def _saved(out: Path) -> str:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     selection = {"method": args.method, "targets": args.targets, "ignore": args.ignore}
+    if args.gradual and (args.pattern or args.structured or args.owl):
+        raise MiaotuiError("--gradual prunes unstructured: drop --pattern, --structured and --owl")
+    if not args.gradual and (args.steps is not None or args.end_step is not None):
+        raise MiaotuiError("--steps and --end-step belong to --gradual pruning")
     if args.gradual:
         stage = {"stage": "gradual_prune", **selection, "initial_sparsity": args.initial_sparsity,
                  "final_sparsity": args.sparsity, "begin_step": args.begin_step, "end_step": args.end_step,

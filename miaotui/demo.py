@@ -116,6 +116,7 @@ def _lossless(model: str, draft: Path) -> list[dict[str, Any]]:
         start = time.perf_counter()
         out = llm.chat(messages, params)[0].outputs[0]
         seconds = time.perf_counter() - start
+        stats = llm.speculation_stats  # a snapshot: read it again
         per_pass = None if stats is None else (stats.generated - before[1]) / max(stats.steps - before[0], 1)
         rows.append({"label": label, "text": out.text, "tokens": len(out.token_ids), "seconds": seconds,
                      "tok_s": len(out.token_ids) / seconds, "tokens_per_pass": per_pass})

@@ -162,7 +162,7 @@ def _check_values(stage: Stage) -> None:
 
 
 def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: int | None = None,
-               progress: bool = True) -> list[dict[str, Any]]:
+               progress: bool = True, device: str = "cpu") -> list[dict[str, Any]]:
     """Run every stage in order and save the result to out_dir; -> one metrics row per checkpoint
     (the input model first)."""
     from miaotui.api import LLM
@@ -170,19 +170,18 @@ def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: in
 
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(model_name, dtype="float32", decode_weight_dtype="none")
+    llm = LLM(model_name, dtype="float32", device=device, decode_weight_dtype="none")
     model, tokenizer = llm.model, llm.tokenizer
     stages_done: list[dict[str, Any]] = list(getattr(model, "stages", []))
     record: dict[str, Any] | None = None
     rows = [_metrics("input", llm, recipe)] if recipe.eval_text else []
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     work = Path(tempfile.mkdtemp(prefix=".recipe-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         for stage in recipe.stages:
             print(f"== {stage.label}", flush=True)
             started = time.perf_counter()
-            model, done, record = _run_stage(stage, model, tokenizer, model_name,
-                                             out_dir.with_name(f"{out_dir.name}.ckpt"))
+            model, done, record = _run_stage(stage, model, tokenizer, model_name, checkpoint_dir(out_dir))
             done = {"stage": stage.kind, **done, "seconds": time.perf_counter() - started}
             print(f"   {_summary(done)}", flush=True)
             stages_done.append(done)
@@ -212,6 +211,12 @@ def _calib(p: dict[str, Any], tokenizer, needed: bool, label: str):
     if not needed:
         return None
     return load_calibration(p["calib_file"], tokenizer, p["calib_samples"], p["calib_seq_len"], p["calib_skip_tokens"])
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where a distillation into out_dir keeps its progress (resumed by the same command)."""
+    out = Path(out_dir).resolve()
+    return out.with_name(f"{out.name}.ckpt")
 
 
 def _summary(done: dict[str, Any]) -> str:

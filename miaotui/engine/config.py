@@ -22,7 +22,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculate: str | None = None  # None, "ngram" (prompt lookup) or "model" (needs draft_model)
     draft_model: str | None = None  # a model sharing the target's tokenizer; implies speculate="model"
-    num_speculative_tokens: int = 4  # drafted tokens per step (a draft model's k adapts within [1, 8])
+    num_speculative_tokens: int = 4  # drafted tokens per step (a draft model's k adapts, from 1 up to
+    # max(8, num_speculative_tokens))
 
     def __post_init__(self) -> None:
         if self.draft_model and self.speculate is None:
@@ -30,7 +31,7 @@ class EngineConfig:
         if self.speculate not in (None, *SPECULATION_KINDS):
             raise MiaotuiError(f"unknown speculation '{self.speculate}' (use 'ngram', or a draft model)")
         if self.speculate == "model" and not self.draft_model:
-            raise MiaotuiError("speculation by a draft model needs the draft model (--draft PATH)")
+            raise MiaotuiError("speculation by a draft model needs the draft model (draft_model, or --draft PATH)")
         if self.speculate == "ngram" and self.draft_model:
             raise MiaotuiError("give either prompt-lookup speculation or a draft model, not both")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):

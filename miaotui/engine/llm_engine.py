@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ class EngineStats:
 
     @property
     def speculation(self) -> SpecStats:
+        """A snapshot of the speculation counters."""
         return SpecStats(self.spec_passes, self.spec_drafted, self.spec_accepted, self.spec_generated)
 
 
@@ -213,14 +213,14 @@ class LLMEngine:
     def fail_all(self, message: str) -> None:
         """Finish every queued and running request with an error (the engine cannot run them)."""
         with self._lock:
-            queued, self._incoming = list(self._incoming), deque()
+            queued, self._incoming, self._aborts = list(self._incoming), deque(), set()
         for req in queued + list(self.waiting) + list(self.running):
             self._finish(req, "error", error=message)
         self.waiting.clear()
         self.running.clear()
 
     def _preempt_newest(self) -> EngineRequest:
-        victim = max(self.running, key=lambda r: r.arrival)
+        victim = max(self.running, key=lambda r: (r.arrival, r.seq_id))
         self.running.remove(victim)
         self.blocks.release(victim.table)
         victim.computed = victim.draft_computed = 0
@@ -231,8 +231,9 @@ class LLMEngine:
     def _schedule(self) -> list[Row]:
         rows: list[Row] = []
         budget = self.config.max_num_batched_tokens
-        # 1. Decode: one token each for requests whose prompt is in the cache, plus room for drafts.
-        drafting: list[tuple[EngineRequest, int]] = []
+        # 1. Decode: one token each for requests whose prompt is in the cache (oldest first,
+        # preempting the newest when blocks run out) ...
+        decoding: list[EngineRequest] = []
         for req in sorted([r for r in self.running if r.computed == len(r.tokens) - 1], key=lambda r: r.arrival):
             if req not in self.running:
                 continue  # preempted below to make room for an older request
@@ -240,18 +241,21 @@ class LLMEngine:
                 if self._preempt_newest() is req:
                     break
             if req in self.running:
-                k = self._draft_length(req)
-                if k and not self.blocks.can_grow(req.table, len(req.tokens) + k):
-                    k = 0  # no room to verify drafts: plain decoding this step
-                self.blocks.grow(req.table, len(req.tokens) + k)
+                self.blocks.grow(req.table, len(req.tokens))
                 req.draft, req.draft_probs = [], None
-                if k:
-                    drafting.append((req, k))
-                rows.append((req, req.computed, 1))
-                budget -= 1 + k
+                decoding.append(req)
+                budget -= 1
+        # ... then drafts to verify, from the blocks and the token budget left (never a preemption).
+        drafting: list[tuple[EngineRequest, int]] = []
+        for req in decoding:
+            k = min(self._draft_length(req), max(budget, 0))
+            if k and self.blocks.can_grow(req.table, len(req.tokens) + k):
+                self.blocks.grow(req.table, len(req.tokens) + k)
+                drafting.append((req, k))
+                budget -= k
         if drafting:
             self.proposer.propose(drafting, [self.sampler.generator(r.seq_id) for r, _ in drafting])
-            rows = [(req, start, 1 + len(req.draft)) for req, start, _ in rows]
+        rows = [(req, req.computed, 1 + len(req.draft)) for req in decoding]
         # 2. Prefill chunks: unfinished prompts of running requests, then new requests (FCFS).
         scheduled = {id(r) for r, _, _ in rows}
         candidates = [r for r in self.running if id(r) not in scheduled and r.computed < len(r.tokens) - 1]
@@ -356,7 +360,6 @@ class LLMEngine:
             req.prompt_scores.append(_token_logprob(logp[i], token, k))
 
     def _append(self, req: EngineRequest, token: int, logp: torch.Tensor | None) -> None:
-        req.first_token_at = req.first_token_at or time.perf_counter()
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         out = EngineOutput(req.request_id, token_ids=[token])

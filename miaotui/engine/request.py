@@ -56,7 +56,6 @@ class EngineRequest:
     detok: IncrementalDetokenizer | None = None
     stop_ids: set[int] = field(default_factory=set)
     arrival: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # this step's speculative tokens
     draft_probs: list | None = None  # the draft's distribution for each (sampled drafts), else None

@@ -46,8 +46,9 @@ class SpecStats:
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [V] -> the distribution the target samples from (temperature, top-k/p, min-p)."""
-    return torch.softmax(filter_logits(logits.float() / params.temperature, params), -1)
+    """logits [V] -> the distribution the target samples from (temperature, top-k/p, min-p), on the
+    CPU, where every sequence's torch.Generator lives."""
+    return torch.softmax(filter_logits(logits.float().cpu() / params.temperature, params), -1)
 
 
 class NgramProposer:
@@ -77,8 +78,6 @@ class NgramProposer:
 class DraftModelProposer:
     """A small model drafting k tokens for every decode row at once, over its own paged KV cache
     (the target's block tables address it: a slot holds the draft's keys for the same token)."""
-
-    adaptive = True
 
     def __init__(self, model, num_blocks: int, block_size: int) -> None:
         self.model = model

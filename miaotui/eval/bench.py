@@ -78,7 +78,7 @@ def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, r
         "repeat": repeat,
         "prefill_tok_s": statistics.median(batch * prompt_tokens / r["ttft"] for r in runs),
         "decode_tok_s": statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in runs)
-        if gen_tokens > 1 else None,
+        if all(r["decode_seconds"] > 0 for r in runs) else None,
         "ttft_ms": statistics.median(r["ttft"] * 1000 for r in runs),
         "itl_p50_ms": _percentile(gaps_ms, 50) if gaps_ms else None,
         "itl_p99_ms": _percentile(gaps_ms, 99) if gaps_ms else None,

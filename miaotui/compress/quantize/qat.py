@@ -60,26 +60,28 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
     losses: list[float] = []
     start = time.perf_counter()
     bar = TrainingProgress("qat", steps, max_seconds=max_seconds, enabled=progress)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, step, steps)
-        x, y = sample_batch(tokens, batch, seq_len, generator)
-        positions = torch.arange(seq_len)[None].expand(batch, -1)
-        logits = model(x, positions)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if not bar.advance(loss=f"{losses[-1]:.3f}"):
-            break
-    bar.close()
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    for module in fake:  # back to the plain trained W (pack_after_qat rounds it onto the same grid)
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, steps)
+            x, y = sample_batch(tokens, batch, seq_len, generator)
+            positions = torch.arange(seq_len)[None].expand(batch, -1)
+            logits = model(x, positions)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not bar.advance(loss=f"{losses[-1]:.3f}"):
+                break
+    finally:  # the model comes back plain even when training stops with an error
+        bar.close()
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        for module in fake:  # back to the plain trained W (pack_after_qat rounds it onto the same grid)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return QATResult(len(losses), time.perf_counter() - start, losses[0], sum(losses[-5:]) / len(losses[-5:]))
 
 
