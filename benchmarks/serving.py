@@ -122,7 +122,7 @@ def one_request_and_in_process(url: str, model: str, requests: int, repeat: int)
 
 
 def export_bf16_gguf(source: str, out: Path) -> str:
-    """The default model as a BF16 GGUF (what PERF.md's BF16 row ran), written by miaotui's exporter."""
+    """The default model as a BF16 GGUF (llama-server's BF16 class), written by miaotui's exporter."""
     if not out.exists():
         subprocess.run([sys.executable, "-m", "miaotui.cli", "export-gguf", "-m", source, "--type", "bf16", "-o",
                         str(out)], check=True, capture_output=True)

@@ -1,4 +1,5 @@
-"""PERF.md's llama-server protocol in the same run: 16 requests sent at once to 16 slots (no refill),
+"""llama-server's parallel-slot protocol, both servers in the same run: 16 requests sent at once to
+16 slots (no refill),
 128 random prompt tokens and 128 output tokens each, the Q4_1 class (miaotui: RTN int4 g32 asym;
 llama-server: the shipped Q4_1 GGUF), medians of 3 runs. benchmarks/serving.py's c16 row sends 32
 requests with at most 16 in flight, so a second wave's prefill falls among the first's decode steps.
