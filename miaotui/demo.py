@@ -51,7 +51,7 @@ def _variants(text: str) -> list[Variant]:
                                                    "group_size": -1, "symmetric": True}], "about 10 s"),
         Variant("awq-int4", "4-bit AWQ, g32 symmetric", [{"stage": "quantize", "method": "awq", "bits": 4,
                                                           "group_size": 32, "symmetric": True, "calib_samples": 8,
-                                                          **calib}], "about 1 min"),
+                                                          **calib}], "1-4 min, by CPU (a few seconds a layer)"),
         # The draft: 9 of 30 layers kept (Taylor-ranked), then distilled from the original for 4 minutes.
         Variant("draft", "pruned to 9 layers + distilled", [
             {"stage": "prune", "structured": "layers", "sparsity": 0.7, "method": "taylor", "calib_samples": 4,
@@ -168,7 +168,7 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     ppl_cache: dict[str, Any] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
 
     variants = _variants(str(text))
-    _section("1. compress: three variants, built once and cached (first run about 7 min, then skipped)")
+    _section("1. compress: three variants, built once and cached (first run 7-12 min, by CPU, then skipped)")
     built = {variant.name: _build(model, variant, home) for variant in variants}
 
     _section("2. measure, about 30 s (ppl: WikiText-2, 4,096 tokens, ctx 512; speed: pp128 / tg32, batch 1)")
