@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-dist clean
+.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-llamacpp bench-dist clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-prune: model
 
 bench-serve: model
 	$(BIN)/python benchmarks/serving.py
+
+bench-llamacpp: model
+	$(BIN)/python benchmarks/vs_llamacpp.py
 
 bench-dist: model
 	$(BIN)/python benchmarks/distributed.py

@@ -443,6 +443,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"{result['decode_tok_s']:.1f} tok/s   batch {args.batch}   TTFT {result['ttft_ms']:.0f} ms   "
               f"ITL p50 {result['itl_p50_ms']:.1f} ms p99 {result['itl_p99_ms']:.1f} ms   "
               f"peak RSS {result['peak_rss_mb']:.0f} MB   ({result['dtype']}, {result['threads']} threads)")
+        if result["decode_gb_s"] is not None:
+            print(f"decode reads {result['decode_read_bytes'] / 1e6:.1f} MB of weights a step: "
+                  f"{result['decode_gb_s']:.1f} GB/s")
 
 
 def _run_one_stage(args: argparse.Namespace, model: str, stage: dict[str, Any]) -> None:

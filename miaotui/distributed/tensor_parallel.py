@@ -69,7 +69,6 @@ def _rows(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """Column-parallel: keep output rows `index` of a Linear or QuantLinear."""
     if isinstance(module, QuantLinear):
         q = QuantLinear(module.in_features, len(index), module.bias is not None, module.fmt, module.act_quant)
-        q.packed_kernel_max_rows = module.packed_kernel_max_rows
         q.set_codes(module.codes()[index], module.scale[index], module.zero[index],
                     None if module.bias is None else module.bias[index])
         return q
@@ -93,7 +92,6 @@ def _cols(module: nn.Module, index: torch.Tensor) -> nn.Module:
         local_fmt = fmt if fmt.group_size == -1 or width >= g else replace(fmt, group_size=-1)
         groups = slice(None) if fmt.group_size == -1 else slice(start // g, -(-(start + width) // g))
         q = QuantLinear(width, module.out_features, False, local_fmt, module.act_quant)
-        q.packed_kernel_max_rows = module.packed_kernel_max_rows
         q.set_codes(module.codes()[:, index], module.scale[:, groups], module.zero[:, groups], None)
         return q
     lin = Linear(len(index), module.out_features, False)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from miaotui.api import LLM
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
+from miaotui.layers.kernel_choice import KernelLog
 from miaotui.runtime import dtype_name
 
 
@@ -63,9 +64,13 @@ def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, r
 
     for _ in range(warmup):
         run_once(llm, prompts(), min(gen_tokens, 8))
-    runs = [run_once(llm, prompts(), gen_tokens)
-            for _ in tqdm(range(repeat), desc=f"bench b={batch} pp{prompt_tokens} tg{gen_tokens}",
-                          unit="run", disable=not progress)]
+    with KernelLog() as kernels:
+        runs = [run_once(llm, prompts(), gen_tokens)
+                for _ in tqdm(range(repeat), desc=f"bench b={batch} pp{prompt_tokens} tg{gen_tokens}",
+                              unit="run", disable=not progress)]
+    decode_tok_s = statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in runs) \
+        if all(r["decode_seconds"] > 0 for r in runs) else None
+    read_bytes = llm.model.decode_read_bytes()
     gaps_ms = [g * 1000 for r in runs for g in r["gaps"]]
     return {
         "model": str(llm.path),
@@ -77,8 +82,11 @@ def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, r
         "gen_tokens": gen_tokens,
         "repeat": repeat,
         "prefill_tok_s": statistics.median(batch * prompt_tokens / r["ttft"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in runs)
-        if all(r["decode_seconds"] > 0 for r in runs) else None,
+        "decode_tok_s": decode_tok_s,
+        # weight bytes a decode step reads x steps per second (batch rows share one read)
+        "decode_read_bytes": read_bytes,
+        "decode_gb_s": None if decode_tok_s is None else read_bytes * decode_tok_s / batch / 1e9,
+        "kernels": dict(sorted(kernels.calls.items(), key=lambda kv: -kv[1])),
         "ttft_ms": statistics.median(r["ttft"] * 1000 for r in runs),
         "itl_p50_ms": _percentile(gaps_ms, 50) if gaps_ms else None,
         "itl_p99_ms": _percentile(gaps_ms, 99) if gaps_ms else None,

@@ -21,14 +21,15 @@ import torch
 from miaotui.runtime import cpu_flags
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# cpu_kernels.cpp: attention, norms, dequantize, AMX; decode_matmul.cpp: few-row matmuls (decode).
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def _build_dir() -> Path:
-    """One build per source, PyTorch version and CPU features (it is compiled with -march=native)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+    """One build per source text, PyTorch version and CPU features (it is compiled with -march=native)."""
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_KERNEL_CACHE", Path.home() / ".cache" / "miaotui" / "kernels"))
     path = root / f"cpu_kernels-{key}"
@@ -46,7 +47,8 @@ def native_ops():
 
 
 def native_op(name: str) -> Callable | None:
-    """One native op (cpu_kernels.cpp: paged_attention, int4_amx_linear, rms_norm_bf16, ...) or None.
+    """One native op (cpu_kernels.cpp: paged_attention, int4_amx_linear, rms_norm_bf16, ...;
+    decode_matmul.cpp: linear_bf16_rows, linear_q_rows) or None.
     Cached: layers ask on every call."""
     op = _ops_by_name.get(name, _MISSING)
     if op is _MISSING:
@@ -70,7 +72,7 @@ def _load() -> Callable | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="miaotui_cpu_kernels", sources=[str(SOURCE)],
+        cpp_extension.load(name="miaotui_cpu_kernels", sources=[str(source) for source in SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                            extra_ldflags=["-fopenmp", "-lmvec", "-lm"],
                            build_directory=str(_build_dir()), is_python_module=False, verbose=verbose)

@@ -6,6 +6,9 @@ decode, speculative verification) are still memory-bound: float32 as W @ x^T, wh
 big matrix once instead of repacking it as the B operand of a skinny GEMM. Many rows (prefill)
 are compute-bound: the ordinary GEMM. The narrow
 copy costs memory (+50% for float32 weights) and is an option (`decode_weight_dtype`).
+On AVX512-BF16 CPUs without AMX, few-row bf16 calls run the native linear_bf16_rows
+(kernels/decode_matmul.cpp), which streams the weight once with bf16 dot products (PyTorch's
+bf16 GEMM reached under half the memory bandwidth for decode-sized calls: docs/kernels.md).
 On CPUs with AMX, a bf16 weight is also kept in oneDNN's blocked layout (`pack_bf16_weight`):
 a plain bf16 matmul re-lays the weight out on every call, which made it twice as slow as the
 memory bound for decode-sized calls (docs/kernels.md). The packed matmul gives the same bits.
@@ -15,6 +18,9 @@ Not for quantization algorithms: they produce weights; this module multiplies th
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from miaotui.kernels import native_op
+from miaotui.layers.kernel_choice import bf16_rows_fits, note_kernel, this_cpu
 
 # Measured on AVX2 (Zen 3), 2 threads, 30 different 3072x576 weights so they stream from DRAM as
 # in a real model (us per call):   rows:      1     2     4    16    64
@@ -51,30 +57,43 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  narrow: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b in x's dtype. x: [..., in]; weight, narrow: [out, in]; packed: the weight
     from pack_bf16_weight (used for bf16 inputs when no gradient is wanted)."""
-    if packed is not None and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (
-            weight.requires_grad or x.requires_grad)):
+    rows = x.numel() // x.shape[-1]
+    grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    on_cpu = x.device.type == "cpu"
+    kind = f"{str(weight.dtype).removeprefix('torch.')} linear"
+    if packed is not None and x.dtype == torch.bfloat16 and not grad:
+        note_kernel(kind, "onednn_packed")
         return packed_linear(x, packed, bias)
-    if narrow is not None and x.numel() // x.shape[-1] <= NARROW_MATMUL_MAX_ROWS \
+    if not grad and weight.is_contiguous() and bf16_rows_fits(rows, x.shape[-1], x.dtype, weight.dtype, this_cpu(),
+                                                              on_cpu):
+        note_kernel(kind, "rows_bf16")
+        x2 = x.reshape(rows, x.shape[-1])
+        y = native_op("linear_bf16_rows")(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if narrow is not None and rows <= NARROW_MATMUL_MAX_ROWS \
             and (narrow.dtype != torch.float16 or x.abs().max() < _FP16_SAFE):
+        note_kernel(kind, f"narrow_{str(narrow.dtype).removeprefix('torch.')}")
         b = None if bias is None else bias.to(narrow.dtype)
         return F.linear(x.to(narrow.dtype), narrow, b).to(x.dtype)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
-    rows = x.numel() // x.shape[-1]
-    if rows <= SKINNY_MATMUL_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+    if rows <= SKINNY_MATMUL_MAX_ROWS and x.dtype == torch.float32 and on_cpu:
+        note_kernel(kind, "skinny_fp32")
         # [out, rows] -> [rows, out], made contiguous: kernels downstream (SDPA) want the usual strides.
         y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
         if bias is not None:
             y += bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
     x2 = x.reshape(rows, x.shape[-1])
-    if rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+    if rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and on_cpu:
         # One row goes down a matrix-vector path whose sums round differently from the same row
         # inside a GEMM (measured: every GEMM of 2..64 rows agrees bit for bit, the 1-row path does
         # not). A one-token decode step and a verification pass of drafted tokens must agree, or
         # speculation flips near-tied greedy picks: run one row as two (no slower: docs/kernels.md).
+        note_kernel(kind, "gemm_one_row_as_two")
         return F.linear(torch.cat([x2, x2]), weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
+    note_kernel(kind, "gemm")
     return F.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,7 +1,9 @@
 """QuantLinear: a drop-in for Linear whose weight is stored as packed integer codes.
 
 Storage (saved): `packed` codes (uint8, 1/2/4/8 bits each), `scale` and `zero` [N, groups].
-Kernels (built at load, not saved), chosen per call by the number of rows:
+Kernels (layouts built at load, not saved), chosen per call by kernel_choice.quant_kernel:
+- "rows_q":   the native few-row kernel (kernels/decode_matmul.cpp, linear_q_rows): 4- and 8-bit codes
+              in their own bits against int8-quantized activations (as llama.cpp's Q8_0); decode
 - "int8pack": torch._weight_int8pack_mm (int8 per-channel weights; few rows)
 - "int4pack": torch._weight_int4pack_mm_for_cpu (4-bit groups of 32..256; few rows)
 - "int_mm":   W8A8 — activations quantized per token on the fly, torch._int_mm (int8 x int8 -> int32)
@@ -21,43 +23,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.kernels import native_op
+from miaotui.layers.kernel_choice import (
+    _INT4_INNER_K_TILES,
+    amx4_fits,
+    int4pack_fits,
+    int8pack_fits,
+    note_kernel,
+    q_rows_fits,
+    quant_kernel,
+    this_cpu,
+)
 from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
-from miaotui.runtime import cpu_flags
 
-
-def fast_int8_matmul(device: torch.device) -> bool:
-    return device.type == "cuda" or bool({"amx_int8", "avx512_vnni"} & cpu_flags())
-
-
-def packed_kernel_max_rows(bits: int) -> int:
-    """Rows up to which the packed weight-only kernels beat dequantize + float GEMM, for bf16/fp16
-    activations (float32 activations: see QuantLinear.kernel_for).
-
-    AVX-512 CPUs: the packed kernels are vectorized for bf16 activations, but their cost grows
-    with every row (int4 g32 3072x576: 16 rows 0.18 ms, 512 rows 5.6 ms) while a bf16 GEMM is
-    compute-bound from ~64 rows (512 rows 2.0 ms) and the fast dequantize (_dense_weight) costs
-    0.2 ms (4-bit with the native kernel, int8) or 0.7 ms (4-bit with PyTorch ops): dequantize +
-    GEMM wins from ~40 rows (~160 without the native kernel), i.e. in prefill and wide
-    speculative verification (docs/kernels.md).
-    AVX2-only CPUs (docs/kernels.md, Zen 3): the packed kernels fall back to slow code; int8pack
-    still wins at 1 row (1.3 ms vs 4.3 ms dequantize + GEMM) and loses from 4 rows.
-    """
-    if "avx512f" not in cpu_flags():
-        return 1
-    if bits == 4 and native_op("dequantize_4bit") is None:  # dequantize with PyTorch ops: 0.7 ms instead of 0.2
-        return 160
-    return 40
-
-
-_INT4_INNER_K_TILES = 2
-# From here the AMX 4-bit kernel runs (bf16 activations, AMX CPUs). Measured (3072x576 int4 g32, 30
-# weights streamed from DRAM, 2 threads, us per call):   rows:  1    2    4    8   16   64  512
+# Measured (3072x576 int4 g32, 30 weights streamed from DRAM, AMX Xeon, 2 threads, us per call):
+#   rows:                                                       1    2    4    8   16   64  512
 #   _weight_int4pack_mm_for_cpu                                70   83  124  238  460 1734 13871
 #   int4_amx_linear                                           115  106  149  116  118  224  1395
 #   dequantize + bf16 GEMM (dense)                           468  500  496  448  474  587  2040
-# Below 8 rows the packed kernel keeps the call; a verification pass of up to 7 drafted tokens then
-# gets the bits of a one-token step (speculative decoding stays lossless, engine/speculative.py).
-INT4_AMX_MIN_ROWS = 8
+# (kernel_choice.py: INT4_AMX_MIN_ROWS; the native few-row kernel takes the calls below Q_ROWS_MAX_ROWS.)
 
 
 def amx_int4_layout(nibbles: torch.Tensor, scale: torch.Tensor,
@@ -86,7 +69,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.packed_kernel_max_rows = packed_kernel_max_rows(fmt.bits)
         self._int8: torch.Tensor | None = None  # [N, K] int8 codes for int8pack / int_mm
         self._int4: torch.Tensor | None = None  # CPU int4pack layout
         self._int4_scales_zeros: torch.Tensor | None = None  # [groups, N, 2]
@@ -94,6 +76,9 @@ class QuantLinear(nn.Module):
         self._cast_cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # scales in the activations' dtype
         # 4-bit fast dequantize, w = stored nibble * scale + offset per group: ([N, G, 1], [N, G, 1]) fp32
         self._nibble_affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._log_name = f"{fmt.kind}{fmt.bits if fmt.kind == 'int' else ''} g{fmt.group_size}"  # for KernelLog
+        # rows_q: w = stored code * scale + offset per group, ([N, G], [N, G]) fp32
+        self._q_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bias: torch.Tensor | None = None) -> None:
@@ -111,20 +96,24 @@ class QuantLinear(nn.Module):
 
     def prepare_kernels(self) -> None:
         """Build the kernel-specific layouts from the stored codes (after loading or quantizing)."""
-        fmt, cpu = self.fmt, self.packed.device.type == "cpu"
+        fmt, cpu, k = self.fmt, self.packed.device.type == "cpu", self.in_features
         self._int8 = self._int4 = self._int4_scales_zeros = self._nibble_affine = self._amx4 = None
+        self._q_affine = None
         self._cast_cache = {}
-        if fmt.kind == "int" and fmt.storage_bits == 4 and self.in_features % fmt.group_width(self.in_features) == 0:
+        if fmt.kind == "int" and fmt.storage_bits in (4, 8):
             # stored u = code - qmin, so w = (code - zero) * scale = u * scale - (zero - qmin) * scale
-            scale = self.scale[..., None].float()
-            self._nibble_affine = scale, -(self.zero[..., None].float() - fmt.qmin) * scale
-            if cpu and self.out_features % 16 == 0 and fmt.group_width(self.in_features) % 32 == 0 and _has_amx():
-                nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).view(self.out_features, -1)
-                self._amx4 = amx_int4_layout(nibbles, *(t[..., 0] for t in self._nibble_affine))
-        if fmt.kind == "int" and fmt.bits == 8 and fmt.symmetric and fmt.group_size == -1:
+            scale = self.scale.float().contiguous()
+            offset = (-(self.zero.float() - fmt.qmin) * scale).contiguous()
+            if cpu and q_rows_fits(fmt, k) and this_cpu().native:
+                self._q_affine = scale, offset
+            if fmt.storage_bits == 4 and k % fmt.group_width(k) == 0:
+                self._nibble_affine = scale[..., None], offset[..., None]
+                if cpu and this_cpu().amx and amx4_fits(fmt, k, self.out_features):
+                    nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).view(self.out_features, -1)
+                    self._amx4 = amx_int4_layout(nibbles, scale, offset)
+        if int8pack_fits(fmt):
             self._int8 = self.codes().to(torch.int8).contiguous()
-        elif cpu and fmt.kind == "int" and fmt.bits == 4 and fmt.group_size in (32, 64, 128, 256) \
-                and self.in_features % (fmt.group_size * _INT4_INNER_K_TILES) == 0:
+        elif cpu and int4pack_fits(fmt, k, self.out_features):
             # The kernel computes w = (q - 8) * s + z with q in [0, 15].
             shift = 8 if fmt.symmetric else 0
             q = (self.codes() + shift).to(torch.int32)
@@ -140,29 +129,27 @@ class QuantLinear(nn.Module):
         return self._cast_cache[name, dtype]
 
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
-        if self.act_quant and self._int8 is not None:
-            # Same W8A8 arithmetic either way; without int8 dot-product units (VNNI/AMX) the
-            # int8 x int8 kernel is ~30x slower than a float GEMM over the same integer values.
-            return "int_mm" if fast_int8_matmul(self.packed.device) else "w8a8_float"
-        # With float32 activations the packed CPU kernels run scalar code even on AVX-512 (int4 g32,
-        # 3072x576: 1 row 1.3 ms vs 4.5 ms dequantize + GEMM, but 16 rows 20.5 ms vs 6.0 ms).
-        if self._amx4 is not None and dtype == torch.bfloat16 and rows >= INT4_AMX_MIN_ROWS:
-            return "amx4"
-        low_precision = dtype in (torch.bfloat16, torch.float16) or self.packed.device.type != "cpu"
-        if rows <= (self.packed_kernel_max_rows if low_precision else 1):
-            if self._int8 is not None:
-                return "int8pack"
-            if self._int4 is not None:
-                return "int4pack"
-        return "dense"
+        """The kernel a call of `rows` rows runs here (kernel_choice.quant_kernel, for this CPU)."""
+        cpu = self.packed.device.type == "cpu"
+        kernel = quant_kernel(self.fmt, self.in_features, self.out_features, rows, dtype, this_cpu(), cpu,
+                              self.act_quant)
+        if (kernel == "rows_q" and self._q_affine is None) or (kernel == "amx4" and self._amx4 is None):
+            return "dense"  # layouts not built (a layer moved off the CPU and back)
+        return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         kernel = self.kernel_for(x2.shape[0], x.dtype)
-        if kernel == "amx4" and torch.is_grad_enabled() and x.requires_grad:
-            kernel = "dense"  # the native kernel has no backward
+        if kernel in ("amx4", "rows_q") and torch.is_grad_enabled() and x.requires_grad:
+            kernel = "dense"  # the native kernels have no backward
+        note_kernel(self._log_name, kernel)
+        if kernel == "rows_q":
+            # bias added inside, in float32 before the one rounding: return at once
+            y = native_op("linear_q_rows")(x2.contiguous(), self.packed, *self._q_affine, self.fmt.storage_bits,
+                                           self.fmt.group_width(self.in_features), self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
         if kernel == "int8pack":
             scale = self._in_dtype("scale", self.scale[:, 0], x.dtype)
             y = torch._weight_int8pack_mm(x2.contiguous(), self._int8, scale)
@@ -211,11 +198,6 @@ class QuantLinear(nn.Module):
         f = self.fmt
         return (f"in={self.in_features}, out={self.out_features}, {f.kind}{f.bits if f.kind == 'int' else ''}, "
                 f"group={f.group_size}, {'sym' if f.symmetric else 'asym'}{', W8A8' if self.act_quant else ''}")
-
-
-def _has_amx() -> bool:
-    op = native_op("has_amx")
-    return op is not None and bool(op())
 
 
 _scratch_buffers = threading.local()

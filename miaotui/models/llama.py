@@ -12,6 +12,7 @@ from torch import nn
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention
+from miaotui.layers.kernel_choice import note_kernel, quant_kernel, this_cpu
 from miaotui.layers.linear import Linear, make_linear, mixed_linear, pack_bf16_weight
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
@@ -20,6 +21,7 @@ from miaotui.models.config import ModelConfig
 
 RESCORED_CANDIDATES = 8  # logits recomputed in float32 per position (Transformer.logits)
 INT8_HEAD_MAX_ROWS = 4  # up to here the int8 head copy beats the bf16 head (docs/kernels.md)
+HEAD_Q_MAX_ROWS = 8  # and with the native few-row kernel (docs/kernels.md)
 
 
 class SwiGLU(nn.Module):
@@ -66,6 +68,9 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.lm_head_narrow: torch.Tensor | None = None  # decode copy of a tied head
         self.head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [V, D], row scales [V])
+        # The same int8 head for the native few-row kernel (layers/kernel_choice.py: rows_q), where it
+        # runs: (codes + 127 [V, D] uint8, scale [V, 1], offset -127 * scale [V, 1]) float32
+        self.head_q: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of a tied bf16 head (AMX)
 
     def materialize_rotary(self, device: str | torch.device) -> None:
@@ -101,7 +106,13 @@ class Transformer(nn.Module):
             return
         fmt = QuantFormat(8, -1, True)  # per output row, symmetric: the int8pack kernel's format
         scale, zero = compute_qparams(head.detach(), fmt)
-        self.head_int8 = quantize_codes(head.detach(), scale, zero, fmt), scale[:, 0].to(head.dtype).contiguous()
+        codes = quantize_codes(head.detach(), scale, zero, fmt)
+        if head.device.type == "cpu" and quant_kernel(fmt, head.shape[1], head.shape[0], 1, head.dtype,
+                                                      this_cpu()) == "rows_q":
+            scale = scale.float().contiguous()
+            self.head_q = (codes.to(torch.int16) + 127).to(torch.uint8), scale, (-127 * scale).contiguous()
+        else:
+            self.head_int8 = codes, scale[:, 0].to(head.dtype).contiguous()
 
     def _dense_head(self) -> torch.Tensor | None:
         """The output head's weight [V, D], or None when it is quantized (its kernels decide)."""
@@ -131,7 +142,12 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
         rows = hidden.numel() // hidden.shape[-1]
-        if self.head_int8 is not None and rows <= INT8_HEAD_MAX_ROWS and hidden.dtype != torch.float32:
+        if self.head_q is not None and rows <= HEAD_Q_MAX_ROWS and hidden.dtype == torch.bfloat16:
+            note_kernel("int8 head", "rows_q")
+            out = native_op("linear_q_rows")(hidden.reshape(rows, -1).contiguous(), *self.head_q, 8,
+                                             hidden.shape[-1], None)
+            out = out.view(*hidden.shape[:-1], -1)
+        elif self.head_int8 is not None and rows <= INT8_HEAD_MAX_ROWS and hidden.dtype != torch.float32:
             # Memory-bound few-row calls read the int8 copy (1 row: 0.66 vs 1.79 ms for the bf16
             # head, docs/kernels.md); the best candidates are then recomputed exactly below, so
             # greedy picks are those of the real head.
@@ -176,14 +192,35 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters()) + sum(
             m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in quantized)
 
+    def decode_read_bytes(self) -> int:
+        """Bytes of weights one single-row decode step reads (each matrix once, in the copy its
+        few-row kernel uses; one embedding row and the norms are left out): bytes x steps/s is the
+        memory traffic a decode achieves, as gpt-fast reports it."""
+        from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS
+        from miaotui.layers.quantized_linear import QuantLinear
+
+        total = 0
+        for module in self.layers.modules():
+            if isinstance(module, QuantLinear):
+                total += sum(t.numel() * t.element_size() for t in (module.packed, module.scale, module.zero))
+            elif isinstance(module, Linear):
+                narrow = module.narrow_weight is not None and NARROW_MATMUL_MAX_ROWS >= 1
+                weight = module.narrow_weight if narrow else module.weight
+                total += weight.numel() * weight.element_size()
+        head = self.head_q or self.head_int8 or (None if self.lm_head_narrow is None else (self.lm_head_narrow,))
+        if head is None:
+            module = self.embed_tokens if self.lm_head is None else self.lm_head
+            head = (*module.buffers(), *module.parameters())
+        return total + sum(t.numel() * t.element_size() for t in head)
+
     def weight_bytes(self) -> int:
         """Bytes of all weights held, decode copies included."""
         tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if "inv_freq" not in n]
         tensors += [m.narrow_weight for m in self.modules() if isinstance(m, Linear) and m.narrow_weight is not None]
         if self.lm_head_narrow is not None:
             tensors.append(self.lm_head_narrow)
-        if self.head_int8 is not None:
-            tensors += list(self.head_int8)
+        for copy in (self.head_int8, self.head_q):
+            tensors += [] if copy is None else list(copy)
         packed = [m.packed_weight for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None]
         packed += [] if self.lm_head_packed is None else [self.lm_head_packed]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(torch.ops.mkldnn._nbytes(t) for t in packed)

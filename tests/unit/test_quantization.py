@@ -10,6 +10,7 @@ from miaotui.compress.calibration import load_calibration
 from miaotui.compress.quantize.apply import quantize_model
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
 from miaotui.errors import MiaotuiError
+from miaotui.layers.kernel_choice import Q_ROWS_MAX_ROWS, packed_kernel_max_rows, this_cpu
 from miaotui.layers.quant_formats import (
     QuantFormat,
     compute_qparams,
@@ -64,24 +65,24 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
     layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero, torch.randn(96))
     assert torch.allclose(layer._dense_weight(torch.float32), layer.dequantized_weight(), rtol=0, atol=1e-6)
     assert torch.allclose(layer._dense_weight(torch.bfloat16).float(), layer.dequantized_weight(), rtol=8e-3, atol=1e-6)
-    for rows in (1, 3, 40, layer.packed_kernel_max_rows + 1):
+    # from here dequantize + GEMM wins (CPU-dependent)
+    many = max(packed_kernel_max_rows(fmt.bits, this_cpu()), Q_ROWS_MAX_ROWS) + 1
+    for rows in (1, 3, 40, many):
         x = torch.randn(rows, 256)
         ref = x @ layer.dequantized_weight().t() + layer.bias
-        tolerance = 2e-2 if act_quant else 1e-5  # W8A8 also rounds the activations
+        # W8A8 and the few-row native kernel also round the activations (to int8 per token or per 32)
+        tolerance = 2e-2 if act_quant or layer.kernel_for(rows, torch.float32) == "rows_q" else 1e-5
         assert float((layer(x) - ref).abs().max() / ref.abs().max()) < tolerance, layer.kernel_for(rows)
-        # bf16 activations take the packed kernels, then (many rows) the fast dequantize + bf16 GEMM
+        # bf16 activations take the few-row kernels, then (many rows) the fast dequantize + bf16 GEMM
         got = layer(x.bfloat16()).float()
         assert float((got - ref).abs().max() / ref.abs().max()) < 3e-2, layer.kernel_for(rows, torch.bfloat16)
-    if fmt.bits == 8 and not act_quant:
-        many = layer.packed_kernel_max_rows + 1  # from here dequantize + GEMM wins (CPU-dependent)
-        assert layer.kernel_for(1) == "int8pack" and layer.kernel_for(many) == "dense"
-    if fmt.bits == 4:
-        assert layer.kernel_for(1) == "int4pack"
-        from miaotui.layers.quantized_linear import INT4_AMX_MIN_ROWS, _has_amx
-
-        if _has_amx():  # AMX CPUs: the native 4-bit AMX kernel from a few rows on (it ran above at 40 rows)
-            assert layer.kernel_for(INT4_AMX_MIN_ROWS, torch.bfloat16) == "amx4"
-            assert layer.kernel_for(INT4_AMX_MIN_ROWS - 1, torch.bfloat16) == "int4pack"
+    # 4-bit on AVX-512 (bf16 activations): PyTorch's int4pack, faster there than the native kernel
+    native = this_cpu().native and this_cpu().avx2 and not (fmt.bits == 4 and this_cpu().avx512)
+    few_rows = "rows_q" if native else {8: "int8pack", 4: "int4pack"}.get(fmt.bits)
+    if fmt.bits in (4, 8) and not act_quant:
+        # AMX CPUs: the native 4-bit AMX kernel past the few-row kernel
+        assert layer.kernel_for(1) == few_rows
+        assert layer.kernel_for(many) == ("amx4" if fmt.bits == 4 and this_cpu().amx else "dense")
 
 
 def test_gptq_output_error_is_lower_than_rtn():
@@ -261,7 +262,7 @@ def test_dense_path_keeps_its_weight_for_backward():
         scale, zero = compute_qparams(w if not layers else -w, fmt)
         layer.set_codes(quantize_codes(w if not layers else -w, scale, zero, fmt), scale, zero)
         layers.append(layer)
-    x = torch.randn(layers[0].packed_kernel_max_rows + 1, 128, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(packed_kernel_max_rows(4, this_cpu()) + 1, 128, dtype=torch.bfloat16, requires_grad=True)
     y = layers[0](x)
     layers[1](x.detach())  # another dense call before the backward pass
     y.float().sum().backward()

@@ -1,0 +1,334 @@
+// Matrix multiplication for decode-sized calls (a few rows: batch-1 decode, small batches,
+// speculative verification). These calls are bound by memory, not arithmetic: every weight byte
+// is read once per call, whatever the row count (a weight row stays in L1 while every activation
+// row uses it), and the arithmetic is arranged so two threads keep up with DRAM.
+//
+// Each output element is summed in one fixed order that depends only on K: a row gets the same
+// bits whatever other rows share the call and however the threads split the work (speculative
+// verification stays lossless; a request's tokens do not depend on the batch).
+//
+// linear_bf16_rows(x, w, bias): y [M, N] bf16 = x [M, K] . w^T (+ bias), x and w bf16, float32
+//   sums (AVX512-BF16 pair dot products), one rounding to bf16. K % 32 == 0.
+// linear_q_rows(x, codes, scale, offset, bits, group_width, bias): y [M, N] in x's dtype (bf16 or
+//   float32) for an integer weight w = u * scale + offset per group, u the stored unsigned codes
+//   (layers/quant_formats.py):
+//     bits 4: codes [N, K/2] uint8, two per byte, low nibble first;  bits 8: codes [N, K] uint8;
+//     scale, offset [N, G] float32, G = ceil(K / group_width) groups of group_width weights (a
+//     multiple of 32; the last group may be shorter, as 576 = 4 x 128 + 64; per channel: K).
+//   x is quantized per 32-wide block to int8 (scale = amax / 127, as llama.cpp's Q8_0), each block's
+//   products are summed exactly in int32 (VNNI dot products, or AVX2's maddubs), and
+//     y[m, n] = sum_g scale[n, g] * sum_{b in g} sx[m, b] * dot(u, xq)[b] + sum_g offset[n, g] * XS[m, g],
+//   XS[m, g] = sum_{b in g} sx[m, b] * sum(xq[m, b]): the offset costs one dot product of length G.
+// has_int8_dot(): whether linear_q_rows was built (AVX2 or better).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // activation quantization block (and the smallest weight group)
+constexpr int64_t kTile = 4;    // weight rows computed together: independent sums, shared x loads
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float x) {  // round to nearest even, as PyTorch
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Optional bias [N] as contiguous float32 (undefined when there is none).
+inline at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->numel() == n, "bias [N]");
+  return bias->to(at::kFloat).contiguous();
+}
+
+// Output element store in the activations' dtype.
+inline void store_out(float v, float* y) { *y = v; }
+inline void store_out(float v, c10::BFloat16* y) { reinterpret_cast<uint16_t*>(y)[0] = float_to_bf16_bits(v); }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define MIAOTUI_BF16_ROWS 1
+
+// Rows [n0, n0 + R) of w against one x row: R sums of K products, two accumulators per weight row
+// (even and odd 32-wide steps) so the dot-product latency is hidden; combined in a fixed order.
+template <int R>
+inline void bf16_tile(const uint16_t* x, const uint16_t* w, int64_t k, float* out) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 * kBlock <= k; i += 2 * kBlock) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i);
+    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + i + kBlock);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(w + r * k + i), x0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(w + r * k + i + kBlock), x1);
+    }
+  }
+  if (i < k) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(w + r * k + i), x0);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+at::Tensor linear_bf16_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 && w.dim() == 2 &&
+                  x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % kBlock == 0,
+              "x [M, K], w [N, K]: contiguous bf16 with K % 32 == 0");
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  const at::Tensor bias_f = float_bias(bias, n);
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = at::empty({m, n}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    float sums[kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile, rows = std::min(kTile, n - n0);
+      for (int64_t i = 0; i < m; ++i) {
+        if (rows == kTile) {
+          bf16_tile<kTile>(xp + i * k, wp + n0 * k, k, sums);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) bf16_tile<1>(xp + i * k, wp + (n0 + r) * k, k, sums + r);
+        }
+        for (int64_t r = 0; r < rows; ++r) store_out(sums[r] + (b ? b[n0 + r] : 0.f), yp + i * n + n0 + r);
+      }
+    }
+  });
+  return y;
+}
+#else
+at::Tensor linear_bf16_rows(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_bf16_rows needs a CPU with AVX512-BF16");
+}
+#endif
+
+#if defined(__AVX2__)
+#define MIAOTUI_Q_ROWS 1
+
+// Sum of u8 x s8 products in each 4-byte lane: [8] int32. Exact (no saturation) for the inputs
+// given: 4-bit codes (<= 15) on every path; 8-bit codes on VNNI only (AVX2 gets signed codes, below).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
+// One weight block (32 codes) against one activation block -> [8] int32 partial sums.
+template <int Bits>
+inline __m256i block_dot(const uint8_t* codes, __m256i xq) {
+  if constexpr (Bits == 4) {
+    // 16 bytes -> [low nibbles (even k) | high nibbles (odd k)]; xq is stored in that order.
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
+    return dot_u8s8(u, xq);
+  } else {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    if constexpr (kVnni) return dot_u8s8(u, xq);
+    // AVX2: maddubs would saturate 254 * 127 * 2; use s = u - 128 and the sign trick
+    // (|s| as u8 times x * sign(s)), exact; the kernel adds 128 * scale to the offset.
+    const __m256i s = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return dot_u8s8(_mm256_sign_epi8(s, s), _mm256_sign_epi8(xq, s));
+  }
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// One activation row, quantized: blocks of 32 int8 (4-bit weights: even k first, then odd k, the
+// order block_dot unpacks nibbles in), their scales, and per group sx * sum(xq).
+struct QuantizedRow {
+  std::vector<int8_t> q;
+  std::vector<float> sx;
+  std::vector<float> group_sums;
+};
+
+template <typename T>
+void quantize_row(const T* x, int64_t k, int64_t groups, int64_t per_group, bool nibble_order, QuantizedRow& out) {
+  const int64_t blocks = k / kBlock;
+  out.q.resize(k);
+  out.sx.resize(blocks);
+  out.group_sums.assign(groups, 0.f);
+  float v[kBlock];
+  for (int64_t b = 0; b < blocks; ++b) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      if constexpr (std::is_same_v<T, float>) v[j] = x[b * kBlock + j];
+      else v[j] = bf16_bits_to_float(reinterpret_cast<const uint16_t*>(x)[b * kBlock + j]);
+      amax = std::max(amax, std::fabs(v[j]));
+    }
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    int8_t* q = out.q.data() + b * kBlock;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int code = static_cast<int>(std::nearbyint(v[j] * inv));
+      sum += code;
+      q[nibble_order ? (j % 2) * 16 + j / 2 : j] = static_cast<int8_t>(code);
+    }
+    out.sx[b] = d;
+    out.group_sums[b / per_group] += d * static_cast<float>(sum);
+  }
+}
+
+// Sums for weight rows [n0, n0 + R) against one quantized activation row.
+template <int Bits, int R>
+inline void q_tile(const QuantizedRow& xr, const uint8_t* codes, int64_t row_bytes, const float* scale,
+                   const float* offset, int64_t k, int64_t groups, int64_t per_group, float* out) {
+  const int64_t blocks = k / kBlock, block_bytes = kBlock * Bits / 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[R];
+    for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+    for (int64_t b = g * per_group, end = std::min(blocks, b + per_group); b < end; ++b) {
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + b * kBlock));
+      const __m256 sx = _mm256_set1_ps(xr.sx[b]);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + r * row_bytes + b * block_bytes) + 512, _MM_HINT_T0);
+        const __m256i d = block_dot<Bits>(codes + r * row_bytes + b * block_bytes, xq);
+        part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sx, part[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(part[r], _mm256_set1_ps(scale[r * groups + g]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float off = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float o = offset[r * groups + g];
+      if (Bits == 8 && !kVnni) o += 128.f * scale[r * groups + g];  // codes were shifted to signed (block_dot)
+      off += o * xr.group_sums[g];
+    }
+    out[r] = hsum8(acc[r]) + off;
+  }
+}
+
+template <typename T, int Bits>
+void q_rows(const T* x, const uint8_t* codes, const float* scale, const float* offset, const float* bias, T* y,
+            int64_t m, int64_t n, int64_t k, int64_t groups, int64_t per_group) {
+  std::vector<QuantizedRow> rows(m);
+  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, Bits == 4, rows[i]);
+  const int64_t row_bytes = k * Bits / 8, tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    float sums[kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile, count = std::min(kTile, n - n0);
+      const uint8_t* c = codes + n0 * row_bytes;
+      const float* s = scale + n0 * groups;
+      const float* o = offset + n0 * groups;
+      for (int64_t i = 0; i < m; ++i) {
+        if (count == kTile) {
+          q_tile<Bits, kTile>(rows[i], c, row_bytes, s, o, k, groups, per_group, sums);
+        } else {
+          for (int64_t r = 0; r < count; ++r)
+            q_tile<Bits, 1>(rows[i], c + r * row_bytes, row_bytes, s + r * groups, o + r * groups, k, groups, per_group,
+                            sums + r);
+        }
+        for (int64_t r = 0; r < count; ++r) store_out(sums[r] + (bias ? bias[n0 + r] : 0.f), y + i * n + n0 + r);
+      }
+    }
+  });
+}
+
+at::Tensor linear_q_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                         const at::Tensor& offset, int64_t bits, int64_t group_width,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous bf16 or float32 [M, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() &&
+                  codes.size(1) * 8 == k * bits, "codes: contiguous uint8 [N, K * bits / 8]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  offset.is_contiguous() && scale.dim() == 2 && scale.size(0) == n && scale.sizes() == offset.sizes(),
+              "scale, offset: contiguous float32 [N, G]");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(k % kBlock == 0 && group_width % kBlock == 0 && group_width > 0 &&
+                  groups == (k + group_width - 1) / group_width,
+              "K and the group width must be multiples of 32, and G = ceil(K / group_width)");
+  const int64_t per_group = group_width / kBlock;
+  const at::Tensor bias_f = float_bias(bias, n);
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = at::empty({m, n}, x.options());
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    if (bits == 4) q_rows<float, 4>(x.data_ptr<float>(), c, s, o, b, y.data_ptr<float>(), m, n, k, groups, per_group);
+    else q_rows<float, 8>(x.data_ptr<float>(), c, s, o, b, y.data_ptr<float>(), m, n, k, groups, per_group);
+  } else {
+    auto* xp = x.data_ptr<c10::BFloat16>();
+    auto* yp = y.data_ptr<c10::BFloat16>();
+    if (bits == 4) q_rows<c10::BFloat16, 4>(xp, c, s, o, b, yp, m, n, k, groups, per_group);
+    else q_rows<c10::BFloat16, 8>(xp, c, s, o, b, yp, m, n, k, groups, per_group);
+  }
+  return y;
+}
+#else
+at::Tensor linear_q_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                         int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_q_rows needs a CPU with AVX2");
+}
+#endif
+
+bool has_bf16_rows() {
+#if defined(MIAOTUI_BF16_ROWS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_int8_dot() {
+#if defined(MIAOTUI_Q_ROWS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(miaotui, m) {
+  m.def("linear_bf16_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_q_rows(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int group_width, "
+        "Tensor? bias) -> Tensor");
+  m.def("has_bf16_rows() -> bool", &has_bf16_rows);
+  m.def("has_int8_dot() -> bool", &has_int8_dot);
+}
+
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
+  m.impl("linear_bf16_rows", &linear_bf16_rows);
+  m.impl("linear_q_rows", &linear_q_rows);
+}

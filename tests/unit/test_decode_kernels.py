@@ -1,0 +1,138 @@
+"""The few-row matmul kernels (kernels/decode_matmul.cpp) and which kernel runs for which call.
+
+The choice is pinned for each CPU kind we run on (simulated caps), so a format that would decode
+through dequantize-per-token (the 2.3 tok/s int8 g128 of old) fails a test, not a benchmark."""
+
+import shutil
+
+import pytest
+import torch
+
+from miaotui.kernels import native_op
+from miaotui.layers.kernel_choice import (
+    BF16_ROWS_MAX_ROWS,
+    Q_ROWS_MAX_ROWS,
+    CpuCaps,
+    bf16_rows_fits,
+    quant_kernel,
+    this_cpu,
+)
+from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
+from miaotui.layers.quantized_linear import QuantLinear
+
+ZEN3 = CpuCaps.from_flags({"avx2"}, native=True)
+ZEN5 = CpuCaps.from_flags({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, native=True)
+XEON_AMX = CpuCaps.from_flags({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}, native=True)
+NO_COMPILER = CpuCaps.from_flags({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, native=False)
+BF16 = torch.bfloat16
+# What `miaotui quantize` and the demo write, and the GGUF-like classes (K = 576: SmolLM2's width)
+FORMATS = [QuantFormat(8, -1, True), QuantFormat(8, 128, False), QuantFormat(8, 32, True), QuantFormat(4, 32, True),
+           QuantFormat(4, 32, False), QuantFormat(4, 128, False), QuantFormat(3, 64, False)]
+
+
+@pytest.mark.parametrize("caps", [ZEN3, ZEN5, XEON_AMX], ids=["zen3", "zen5", "xeon-amx"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_every_written_format_decodes_in_its_own_bits(caps, fmt):
+    # AVX-512 with bf16 activations: PyTorch's int4pack streams 4-bit g32 faster (decode_kernels.md);
+    # it needs K to hold two groups per tile (576 = 4.5 x 128 does not for g128).
+    int4pack = caps.avx512 and fmt.bits == 4 and fmt.group_size == 32
+    for rows in (1, 4, Q_ROWS_MAX_ROWS):
+        # AMX CPUs: the AMX 4-bit kernel from 8 rows, where PyTorch's int4pack would run
+        expected = ("amx4" if caps.amx and rows >= 8 else "int4pack") if int4pack else "rows_q"
+        assert quant_kernel(fmt, 576, 1536, rows, BF16, caps) == expected
+        assert quant_kernel(fmt, 576, 1536, rows, torch.float32, caps) == "rows_q"
+    many = quant_kernel(fmt, 576, 1536, 512, BF16, caps)
+    assert many == ("amx4" if caps.amx and fmt.storage_bits == 4 else "dense")  # prefill: compute-bound GEMMs
+
+
+def test_choice_without_the_native_kernels_and_off_the_cpu():
+    assert quant_kernel(QuantFormat(4, 32, True), 576, 1536, 1, BF16, NO_COMPILER) == "int4pack"
+    assert quant_kernel(QuantFormat(8, -1, True), 576, 1536, 1, BF16, NO_COMPILER) == "int8pack"
+    assert quant_kernel(QuantFormat(8, -1, True), 576, 1536, 1, BF16, ZEN5, on_cpu=False) == "int8pack"
+    assert quant_kernel(QuantFormat(8, -1, True), 576, 1536, 1, BF16, ZEN5, act_quant=True) == "int_mm"
+    assert quant_kernel(QuantFormat(8, -1, True), 576, 1536, 1, BF16, ZEN3, act_quant=True) == "w8a8_float"
+    assert quant_kernel(QuantFormat(4, 32, True), 576, 1536, 1, torch.float16, ZEN5) == "int4pack"
+    assert quant_kernel(QuantFormat(2, 64, True, "ternary"), 576, 1536, 1, BF16, ZEN5) == "dense"
+    assert quant_kernel(QuantFormat(4, 32, True), 560, 1536, 1, BF16, ZEN5) != "rows_q"  # K not in 32-blocks
+
+
+def test_bf16_rows_kernel_runs_on_avx512_bf16_without_amx():
+    assert bf16_rows_fits(1, 576, BF16, BF16, ZEN5) and bf16_rows_fits(BF16_ROWS_MAX_ROWS, 576, BF16, BF16, ZEN5)
+    assert not bf16_rows_fits(BF16_ROWS_MAX_ROWS + 1, 576, BF16, BF16, ZEN5)
+    assert not bf16_rows_fits(1, 576, BF16, BF16, XEON_AMX)  # oneDNN's packed AMX matmul there
+    assert not bf16_rows_fits(1, 576, BF16, BF16, ZEN3) and not bf16_rows_fits(1, 576, torch.float32, BF16, ZEN5)
+
+
+@pytest.fixture(scope="module")
+def caps():
+    if native_op("linear_q_rows") is None:
+        assert shutil.which("c++") is None, "a C++ compiler is here, but the kernels did not build"
+        pytest.skip("no C++ compiler: the PyTorch kernels serve")
+    if not this_cpu().avx2:
+        pytest.skip("the few-row kernels need AVX2")
+    return this_cpu()
+
+
+def _layer(fmt: QuantFormat, k: int = 576, n: int = 200, bias: bool = True) -> QuantLinear:
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    layer = QuantLinear(k, n, bias, fmt)
+    scale, zero = compute_qparams(w, fmt)
+    layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero, torch.randn(n) if bias else None)
+    return layer
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the kernel rounds it: int8 per 32-wide block, scale amax / 127."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).view_as(x)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_q_rows_is_exact_over_int8_activations(caps, fmt, dtype):
+    layer = _layer(fmt)
+    x = torch.randn(5, 576).to(dtype)
+    assert layer.kernel_for(5, dtype) == "rows_q"
+    got = layer(x).double()
+    exact = _int8_blocks(x).double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the output
+    assert float((got - exact).abs().max() / exact.abs().max()) < tolerance
+    unrounded = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+    assert float((got - unrounded).abs().max() / unrounded.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(8, 128, False)], ids=str)
+def test_a_row_gets_the_same_bits_alone_or_among_others(caps, fmt):
+    layer = _layer(fmt, n=203)  # not a multiple of the 4-row tile
+    x = torch.randn(Q_ROWS_MAX_ROWS, 576, dtype=BF16)
+    together = layer(x)
+    for i in (0, 7, Q_ROWS_MAX_ROWS - 1):
+        assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
+
+
+def test_bad_q_rows_inputs_are_clear_errors(caps):
+    op = native_op("linear_q_rows")
+    codes, scale = torch.zeros(8, 288, dtype=torch.uint8), torch.ones(8, 18)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        op(torch.zeros(1, 576), codes, scale, scale, 4, 20, None)
+    with pytest.raises(RuntimeError, match="codes"):
+        op(torch.zeros(1, 576), codes[:, :100].contiguous(), scale, scale, 4, 32, None)
+
+
+@pytest.fixture(scope="module")
+def bf16_op():
+    if not (this_cpu().native and this_cpu().avx512_bf16):
+        pytest.skip("linear_bf16_rows needs AVX512-BF16")
+    return native_op("linear_bf16_rows")
+
+
+def test_bf16_rows_matches_float_sums_and_is_batch_invariant(bf16_op):
+    torch.manual_seed(0)
+    w, x, b = torch.randn(203, 576, dtype=BF16), torch.randn(BF16_ROWS_MAX_ROWS, 576, dtype=BF16), torch.randn(203)
+    got = bf16_op(x, w, b)
+    exact = (x.double() @ w.double().t() + b.double()).bfloat16()
+    assert float((got.float() - exact.float()).abs().max() / exact.float().abs().max()) < 8e-3
+    for i in (0, 5, BF16_ROWS_MAX_ROWS - 1):
+        assert torch.equal(bf16_op(x[i:i + 1].contiguous(), w, b), got[i:i + 1])
