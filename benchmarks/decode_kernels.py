@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vs_llamacpp import machine  # noqa: E402
 from miaotui.kernels import native_op  # noqa: E402
-from miaotui.layers.kernel_choice import bf16_rows_fits, this_cpu  # noqa: E402
+from miaotui.layers.kernel_choice import bf16_rows_fits, int4pack_fits, q_rows_fits, this_cpu  # noqa: E402
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes  # noqa: E402
-from miaotui.layers.quantized_linear import QuantLinear  # noqa: E402
+from miaotui.layers.quantized_linear import QuantLinear, int4pack_layout  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(3072, 576), (576, 1536), (960, 576), (8192, 2048)]  # [N, K]: 135M gate+up, down, qkv; 1B up
-ROWS = [1, 2, 4, 8, 16]
+ROWS = [1, 2, 4, 8, 16, 40]
 COPIES = 30
 FORMATS = {"int4 g32 sym": QuantFormat(4, 32, True), "int4 g32 asym": QuantFormat(4, 32, False),
            "int8 per channel": QuantFormat(8, -1, True), "int8 g32 sym": QuantFormat(8, 32, True),
@@ -56,6 +56,11 @@ def quant_layers(fmt: QuantFormat, n: int, k: int) -> list[QuantLinear]:
         layer = QuantLinear(k, n, False, fmt)
         scale, zero = compute_qparams(w, fmt)
         layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero)
+        # every layout a kernel could use here, also those this CPU's choice leaves unbuilt
+        if q_rows_fits(fmt, k) and native_op("linear_q_rows") is not None:
+            layer._q_affine = layer.scale, (-(layer.zero - fmt.qmin) * layer.scale).contiguous()
+        if int4pack_fits(fmt, k, n) and layer._int4 is None:
+            layer._int4, layer._int4_scales_zeros = int4pack_layout(layer.codes(), fmt, layer.scale, layer.zero)
         out.append(layer)
     return out
 
@@ -80,12 +85,11 @@ def main() -> None:
         for n, k in SHAPES:
             for name, fmt in FORMATS.items():
                 layers = quant_layers(fmt, n, k)
-                nbytes = sum(t.numel() * t.element_size() for t in (layers[0].packed, layers[0].scale, layers[0].zero))
-                kernels = ["rows_q", "dense"] + (["int4pack"] if layers[0]._int4 is not None else []) \
-                    + (["int8pack"] if layers[0]._int8 is not None else [])
+                nbytes = sum(t.numel() * t.element_size() for t in layers[0].decode_tensors())
+                kernels = [name for name, layout in (("tiles_q", layers[0]._q_tiles), ("rows_q", layers[0]._q_affine),
+                                                     ("int4pack", layers[0]._int4), ("int8pack", layers[0]._int8))
+                           if layout is not None] + ["dense"]
                 for kernel in kernels:
-                    if kernel == "rows_q" and layers[0]._q_affine is None:
-                        continue
                     us = [time_calls(forced(kernel), layers, torch.randn(r, k, dtype=torch.bfloat16)) for r in ROWS]
                     chosen = [layers[0].kernel_for(r) == kernel for r in ROWS]
                     results["quant"].append({"shape": [n, k], "format": name, "kernel": kernel, "us": us,

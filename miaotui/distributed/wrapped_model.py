@@ -52,3 +52,7 @@ class WrappedModel(nn.Module):
 
     def weight_bytes(self) -> int:
         return self.transformer.weight_bytes()
+
+    def decode_read_bytes(self) -> int:
+        """This rank's share: the shard's or the stage's weights a one-row decode step reads."""
+        return self.transformer.decode_read_bytes()

@@ -302,6 +302,158 @@ at::Tensor linear_q_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MIAOTUI_Q_TILES 1
+
+// linear_q_tiles: the weights of linear_q_rows, repacked (layers/quantized_linear.py, q_tiles_layout) so
+// that one 64-byte load feeds one VNNI dot product for 16 weight rows at once (int32 lane j = row j):
+//   bits 4: tiles [T, KB, 4, 64] uint8, T = ceil(N / 16) tiles, KB = K / 32 blocks; in chunk p of block b,
+//           byte 4j + t holds row j's code k = 32b + 8p + t (low nibble) and k + 4 (high nibble);
+//   bits 8: tiles [T, KB, 8, 64], byte 4j + t of chunk c holds row j's code k = 32b + 4c + t;
+//   meta [T, G, 2, 16] float32: scale and offset of group g for the tile's 16 rows (padding rows: 0).
+// Activations are quantized per 32-wide block as in linear_q_rows (natural order) and up to kTileRows
+// rows share every weight load. Sums per output in the same fixed order as linear_q_rows' per block
+// terms, so a row's result does not depend on the other rows in the call.
+constexpr int kTileRows = 4;
+constexpr int64_t kPrefetchBytes = 1024;
+
+template <int Bits, int M>
+inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const float* meta, int64_t blocks,
+                     int64_t groups, int64_t per_group, __m512* out) {
+  constexpr int chunks = Bits == 4 ? 4 : 8;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[M];
+    for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t b = g * per_group, end = std::min(blocks, b + per_group); b < end; ++b) {
+      const uint8_t* w = tile + b * chunks * 64;
+      // the weight stream is read once: prefetch a fixed distance ahead, every line (DRAM latency
+      // outlasts the arithmetic of a block)
+      for (int c = 0; c < chunks; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + c * 64 + kPrefetchBytes, _MM_HINT_T0);
+      // two independent int32 sums per activation row (shorter dependency chains; integer sums are
+      // exact, so the split does not change a bit)
+      __m512i dot[M][2];
+      for (int m = 0; m < M; ++m) dot[m][0] = dot[m][1] = _mm512_setzero_si512();
+      for (int c = 0; c < chunks; ++c) {
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        if constexpr (Bits == 4) {
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xr[m].q.data() + b * kBlock + c * 8;
+            int32_t x0, x1;
+            std::memcpy(&x0, x, 4);
+            std::memcpy(&x1, x + 4, 4);
+            dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_set1_epi32(x0));
+            dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_set1_epi32(x1));
+          }
+        } else {
+          for (int m = 0; m < M; ++m) {
+            int32_t x0;
+            std::memcpy(&x0, xr[m].q.data() + b * kBlock + c * 4, 4);
+            dot[m][c & 1] = _mm512_dpbusd_epi32(dot[m][c & 1], v, _mm512_set1_epi32(x0));
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])),
+                                  _mm512_set1_ps(xr[m].sx[b]), part[m]);
+    }
+    const __m512 scale = _mm512_loadu_ps(meta + g * 32);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
+  }
+  for (int64_t g = 0; g < groups; ++g) {  // offsets: one dot product of length G per output
+    const __m512 offset = _mm512_loadu_ps(meta + g * 32 + 16);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xr[m].group_sums[g]), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) out[m] = acc[m];
+}
+
+inline void store16(__m512 v, const float* bias, int64_t count, float* y) {
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
+  _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << count) - 1), v);
+}
+
+inline void store16(__m512 v, const float* bias, int64_t count, c10::BFloat16* y) {
+  alignas(64) float tmp[16];
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
+  _mm512_store_ps(tmp, v);
+  for (int64_t j = 0; j < count; ++j) store_out(tmp[j], y + j);
+}
+
+template <typename T, int Bits>
+void q_tiles(const T* x, const uint8_t* tiles, const float* meta, const float* bias, T* y, int64_t m, int64_t n,
+             int64_t k, int64_t groups, int64_t per_group) {
+  std::vector<QuantizedRow> rows(m);
+  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, rows[i]);
+  const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8, tile_count = (n + 15) / 16;
+  at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) {
+    __m512 sums[kTileRows];
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = tiles + t * tile_bytes;
+      const float* tile_meta = meta + t * groups * 32;
+      const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
+      const float* b = bias ? bias + n0 : nullptr;
+      for (int64_t i = 0; i < m; i += kTileRows) {
+        const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
+        switch (rows_here) {
+          case 1: q_tile16<Bits, 1>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
+          case 2: q_tile16<Bits, 2>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
+          case 3: q_tile16<Bits, 3>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
+          default: q_tile16<Bits, 4>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
+        }
+        for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, y + (i + r) * n + n0);
+      }
+    }
+  });
+}
+
+at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& meta, int64_t n,
+                          int64_t bits, int64_t group_width, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous bf16 or float32 [M, K]");
+  const int64_t m = x.size(0), k = x.size(1), tile_count = (n + 15) / 16;
+  TORCH_CHECK(k % kBlock == 0 && group_width % kBlock == 0 && group_width > 0, "K and the group width must be multiples of 32");
+  const int64_t groups = (k + group_width - 1) / group_width, per_group = group_width / kBlock;
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == tile_count && tiles.size(1) == k / kBlock && tiles.size(2) == (bits == 4 ? 4 : 8) &&
+                  tiles.size(3) == 64, "tiles: contiguous uint8 [ceil(N / 16), K / 32, 32 * bits / 64, 64]");
+  TORCH_CHECK(meta.scalar_type() == at::kFloat && meta.is_contiguous() && meta.dim() == 4 && meta.size(0) == tile_count &&
+                  meta.size(1) == groups && meta.size(2) == 2 && meta.size(3) == 16,
+              "meta: contiguous float32 [ceil(N / 16), G, 2, 16]");
+  const at::Tensor bias_f = float_bias(bias, n);
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = at::empty({m, n}, x.options());
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const float* mp = meta.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    if (bits == 4) q_tiles<float, 4>(x.data_ptr<float>(), w, mp, b, y.data_ptr<float>(), m, n, k, groups, per_group);
+    else q_tiles<float, 8>(x.data_ptr<float>(), w, mp, b, y.data_ptr<float>(), m, n, k, groups, per_group);
+  } else {
+    auto* xp = x.data_ptr<c10::BFloat16>();
+    auto* yp = y.data_ptr<c10::BFloat16>();
+    if (bits == 4) q_tiles<c10::BFloat16, 4>(xp, w, mp, b, yp, m, n, k, groups, per_group);
+    else q_tiles<c10::BFloat16, 8>(xp, w, mp, b, yp, m, n, k, groups, per_group);
+  }
+  return y;
+}
+#else
+at::Tensor linear_q_tiles(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                          const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_q_tiles needs a CPU with AVX512-VNNI");
+}
+#endif
+
+bool has_q_tiles() {
+#if defined(MIAOTUI_Q_TILES)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_bf16_rows() {
 #if defined(MIAOTUI_BF16_ROWS)
   return true;
@@ -326,9 +478,12 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
         "Tensor? bias) -> Tensor");
   m.def("has_bf16_rows() -> bool", &has_bf16_rows);
   m.def("has_int8_dot() -> bool", &has_int8_dot);
+  m.def("linear_q_tiles(Tensor x, Tensor tiles, Tensor meta, int n, int bits, int group_width, Tensor? bias) -> Tensor");
+  m.def("has_q_tiles() -> bool", &has_q_tiles);
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("linear_bf16_rows", &linear_bf16_rows);
   m.impl("linear_q_rows", &linear_q_rows);
+  m.impl("linear_q_tiles", &linear_q_tiles);
 }

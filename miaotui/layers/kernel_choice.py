@@ -3,9 +3,10 @@ rows in the call, the activations' dtype and what the CPU can do (CpuCaps), so t
 pinned by tests for every CPU kind we run on (a slow path cannot come back unnoticed).
 
 Decode-sized calls (a few rows) are bound by memory: every weight byte is read once per call. On
-x86 CPUs with AVX2 the native few-row kernels (kernels/decode_matmul.cpp) stream the weight in its
-own bits: integer weights at 4 or 8 bits against int8-quantized activations (linear_q_rows), bf16
-weights with AVX512-BF16 dot products (linear_bf16_rows). Their sums run in one fixed order per
+x86 CPUs the native few-row kernels (kernels/decode_matmul.cpp) stream the weight in its own bits:
+integer weights at 4 or 8 bits against int8-quantized activations, in 16-row tiles with AVX512-VNNI
+(linear_q_tiles) or row by row with AVX2 (linear_q_rows); bf16 weights with AVX512-BF16 dot
+products (linear_bf16_rows). Their sums run in one fixed order per
 output element, so a row gets the same bits whatever else shares the call: a verification pass of
 drafted tokens agrees with a one-token step, and that is why their row limits cover a wide
 verification pass even where a GEMM would be a little faster.
@@ -24,6 +25,7 @@ from miaotui.layers.quant_formats import QuantFormat
 # Up to these many rows the native few-row kernels run (docs/kernels.md: measured per call against
 # the packed PyTorch kernels and dequantize + GEMM).
 Q_ROWS_MAX_ROWS = 16
+Q_TILES_MAX_ROWS = 40
 BF16_ROWS_MAX_ROWS = 8
 _INT4_INNER_K_TILES = 2
 # From here the AMX 4-bit kernel runs (bf16 activations, AMX CPUs; quantized_linear.py).
@@ -36,7 +38,7 @@ class CpuCaps:
     avx2: bool = False
     avx512: bool = False
     avx512_bf16: bool = False
-    int8_dot: bool = False  # AVX512-VNNI or AMX-INT8: fast int8 x int8 products
+    int8_dot: bool = False  # AVX512-VNNI or AMX-INT8: fast int8 x int8 products (linear_q_tiles)
     amx: bool = False  # AMX tiles, permitted by the OS
     native: bool = False  # miaotui's native kernels were built (kernels/)
 
@@ -61,6 +63,12 @@ def q_rows_fits(fmt: QuantFormat, in_features: int) -> bool:
     """linear_q_rows takes integer codes stored at 4 or 8 bits in groups of whole 32-wide blocks."""
     return (fmt.kind == "int" and fmt.storage_bits in (4, 8) and in_features % 32 == 0
             and fmt.group_width(in_features) % 32 == 0)
+
+
+def q_tiles_fits(caps: CpuCaps) -> bool:
+    """linear_q_tiles (16-row tiles, VNNI dot products) is built on AVX-512 CPUs with VNNI; it takes
+    every format linear_q_rows takes (q_rows_fits)."""
+    return caps.native and caps.avx512 and caps.int8_dot
 
 
 def int8pack_fits(fmt: QuantFormat) -> bool:
@@ -95,13 +103,17 @@ def quant_kernel(fmt: QuantFormat, in_features: int, out_features: int, rows: in
         # Same W8A8 arithmetic either way; without int8 dot-product units the int8 x int8 kernel is
         # ~30x slower than a float GEMM over the same integer values.
         return "int_mm" if not on_cpu or caps.int8_dot else "w8a8_float"
+    native_few_rows = on_cpu and caps.native and q_rows_fits(fmt, in_features) \
+        and dtype in (torch.bfloat16, torch.float32)
+    if native_few_rows and q_tiles_fits(caps) and rows <= Q_TILES_MAX_ROWS:
+        return "tiles_q"
+    native_few_rows = native_few_rows and rows <= Q_ROWS_MAX_ROWS
     low_precision = dtype in (torch.bfloat16, torch.float16) or not on_cpu
-    # 4-bit with bf16/fp16 activations on AVX-512: PyTorch's int4pack streams faster than linear_q_rows
+    # 4-bit with bf16/fp16 activations on AVX-512 without VNNI: int4pack streams faster than linear_q_rows
     # at every row count measured (1B up 8192x2048 g32: 1 row 0.60 vs 1.00 ms, 16 rows 4.2 vs 7.0 ms).
     int4pack_first = (on_cpu and caps.avx512 and low_precision and rows <= packed_kernel_max_rows(4, caps)
                       and int4pack_fits(fmt, in_features, out_features))
-    if on_cpu and caps.native and caps.avx2 and rows <= Q_ROWS_MAX_ROWS and q_rows_fits(fmt, in_features) \
-            and dtype in (torch.bfloat16, torch.float32) and not int4pack_first:
+    if native_few_rows and caps.avx2 and not int4pack_first:
         return "rows_q"
     if on_cpu and caps.amx and dtype == torch.bfloat16 and rows >= INT4_AMX_MIN_ROWS \
             and amx4_fits(fmt, in_features, out_features):

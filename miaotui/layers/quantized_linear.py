@@ -2,6 +2,8 @@
 
 Storage (saved): `packed` codes (uint8, 1/2/4/8 bits each), `scale` and `zero` [N, groups].
 Kernels (layouts built at load, not saved), chosen per call by kernel_choice.quant_kernel:
+- "tiles_q":  the native few-row kernel on AVX512-VNNI CPUs (linear_q_tiles): as rows_q, with the codes
+              repacked in 16-row tiles (q_tiles_layout), one VNNI dot product per 64 bytes; decode
 - "rows_q":   the native few-row kernel (kernels/decode_matmul.cpp, linear_q_rows): 4- and 8-bit codes
               in their own bits against int8-quantized activations (as llama.cpp's Q8_0); decode
 - "int8pack": torch._weight_int8pack_mm (int8 per-channel weights; few rows)
@@ -30,6 +32,7 @@ from miaotui.layers.kernel_choice import (
     int8pack_fits,
     note_kernel,
     q_rows_fits,
+    q_tiles_fits,
     quant_kernel,
     this_cpu,
 )
@@ -58,6 +61,38 @@ def amx_int4_layout(nibbles: torch.Tensor, scale: torch.Tensor,
     return wq, torch.stack(per_chunk, dim=2).contiguous()
 
 
+def int4pack_layout(codes: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor,
+                    zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU int4pack layout: (packed weight, scales_zeros [G, N, 2]). codes: [N, K] signed
+    (symmetric) or unsigned codes; the kernel computes w = (q - 8) * s + z with q in [0, 15]."""
+    shift = 8 if fmt.symmetric else 0
+    q = (codes + shift).to(torch.int32).contiguous()
+    z = (8 - (zero + shift)) * scale
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES),
+            torch.stack([scale.t(), z.t()], dim=-1).contiguous())
+
+
+def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor,
+                   offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_q_tiles' layout (kernels/decode_matmul.cpp): 16 weight rows per tile, each 64-byte chunk
+    one VNNI dot product for all 16. codes: [N, K] uint8 stored codes (w = u * scale + offset per
+    group); scale, offset: [N, G] float32 -> (tiles [ceil(N/16), K/32, 32*bits/64, 64] uint8,
+    meta [ceil(N/16), G, 2, 16] float32); padding rows have zero codes, scales and offsets."""
+    n, k = codes.shape
+    tiles, pad = -(-n // 16), -n % 16
+    u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
+    if bits == 4:
+        # k = 32 b + 8 p + 4 h + t -> chunk p, byte 4 j + t, nibble h
+        u = u.view(tiles, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        packed = (u[..., 0] | (u[..., 1] << 4)).reshape(tiles, k // 32, 4, 64)
+    else:
+        # k = 32 b + 4 c + t -> chunk c, byte 4 j + t
+        packed = u.view(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // 32, 8, 64)
+    meta = torch.stack([F.pad(t.float(), (0, 0, 0, pad)).view(tiles, 16, -1).transpose(1, 2)
+                        for t in (scale, offset)], dim=2)
+    return packed.contiguous(), meta.contiguous()
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: QuantFormat,
                  act_quant: bool = False) -> None:
@@ -79,6 +114,7 @@ class QuantLinear(nn.Module):
         self._log_name = f"{fmt.kind}{fmt.bits if fmt.kind == 'int' else ''} g{fmt.group_size}"  # for KernelLog
         # rows_q: w = stored code * scale + offset per group, ([N, G], [N, G]) fp32
         self._q_affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._q_tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # tiles_q: (tiles, meta), q_tiles_layout
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bias: torch.Tensor | None = None) -> None:
@@ -98,13 +134,17 @@ class QuantLinear(nn.Module):
         """Build the kernel-specific layouts from the stored codes (after loading or quantizing)."""
         fmt, cpu, k = self.fmt, self.packed.device.type == "cpu", self.in_features
         self._int8 = self._int4 = self._int4_scales_zeros = self._nibble_affine = self._amx4 = None
-        self._q_affine = None
+        self._q_affine = self._q_tiles = None
         self._cast_cache = {}
         if fmt.kind == "int" and fmt.storage_bits in (4, 8):
             # stored u = code - qmin, so w = (code - zero) * scale = u * scale - (zero - qmin) * scale
             scale = self.scale.float().contiguous()
             offset = (-(self.zero.float() - fmt.qmin) * scale).contiguous()
-            if cpu and q_rows_fits(fmt, k) and this_cpu().native:
+            if cpu and q_rows_fits(fmt, k) and q_tiles_fits(this_cpu()):
+                codes = self.packed if fmt.storage_bits == 8 else \
+                    torch.stack([self.packed & 15, self.packed >> 4], dim=-1).view(self.out_features, k)
+                self._q_tiles = q_tiles_layout(codes, fmt.storage_bits, scale, offset)
+            elif cpu and q_rows_fits(fmt, k) and this_cpu().native:
                 self._q_affine = scale, offset
             if fmt.storage_bits == 4 and k % fmt.group_width(k) == 0:
                 self._nibble_affine = scale[..., None], offset[..., None]
@@ -113,14 +153,9 @@ class QuantLinear(nn.Module):
                     self._amx4 = amx_int4_layout(nibbles, scale, offset)
         if int8pack_fits(fmt):
             self._int8 = self.codes().to(torch.int8).contiguous()
-        elif cpu and int4pack_fits(fmt, k, self.out_features):
-            # The kernel computes w = (q - 8) * s + z with q in [0, 15].
-            shift = 8 if fmt.symmetric else 0
-            q = (self.codes() + shift).to(torch.int32)
-            self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INT4_INNER_K_TILES)
-            zero_u = self.zero + shift
-            z = (8 - zero_u) * self.scale
-            self._int4_scales_zeros = torch.stack([self.scale.t(), z.t()], dim=-1).contiguous()
+        elif cpu and int4pack_fits(fmt, k, self.out_features) and self._q_tiles is None:
+            # (with the tiles, int4pack would run nowhere: linear_q_tiles takes every few-row call)
+            self._int4, self._int4_scales_zeros = int4pack_layout(self.codes(), self.fmt, self.scale, self.zero)
 
     def _in_dtype(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """t (the kernel input `name`) cast to the activations' dtype, once: a per-call cast copies."""
@@ -128,12 +163,29 @@ class QuantLinear(nn.Module):
             self._cast_cache[name, dtype] = t.to(dtype).contiguous()
         return self._cast_cache[name, dtype]
 
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """The kernel layouts built at load (held beside the stored codes; weight-bytes accounting)."""
+        held = [self._int8, self._int4, self._int4_scales_zeros, *(self._amx4 or ()), *(self._q_tiles or ())]
+        return [t for t in held if t is not None]
+
+    def decode_tensors(self) -> list[torch.Tensor]:
+        """What a one-row call reads: the layout of the kernel it runs (memory traffic of a decode step)."""
+        kernel = self.kernel_for(1)
+        if kernel == "tiles_q":
+            return list(self._q_tiles)
+        if kernel == "int8pack":
+            return [self._int8, self.scale]
+        if kernel == "int4pack":
+            return [self._int4, self._int4_scales_zeros]
+        return [self.packed, self.scale, self.zero]
+
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
         """The kernel a call of `rows` rows runs here (kernel_choice.quant_kernel, for this CPU)."""
         cpu = self.packed.device.type == "cpu"
         kernel = quant_kernel(self.fmt, self.in_features, self.out_features, rows, dtype, this_cpu(), cpu,
                               self.act_quant)
-        if (kernel == "rows_q" and self._q_affine is None) or (kernel == "amx4" and self._amx4 is None):
+        if (kernel == "rows_q" and self._q_affine is None) or (kernel == "amx4" and self._amx4 is None) \
+                or (kernel == "tiles_q" and self._q_tiles is None):
             return "dense"  # layouts not built (a layer moved off the CPU and back)
         return kernel
 
@@ -142,9 +194,13 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         kernel = self.kernel_for(x2.shape[0], x.dtype)
-        if kernel in ("amx4", "rows_q") and torch.is_grad_enabled() and x.requires_grad:
+        if kernel in ("amx4", "rows_q", "tiles_q") and torch.is_grad_enabled() and x.requires_grad:
             kernel = "dense"  # the native kernels have no backward
         note_kernel(self._log_name, kernel)
+        if kernel == "tiles_q":  # as rows_q
+            y = native_op("linear_q_tiles")(x2.contiguous(), *self._q_tiles, self.out_features, self.fmt.storage_bits,
+                                            self.fmt.group_width(self.in_features), self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
         if kernel == "rows_q":
             # bias added inside, in float32 before the one rounding: return at once
             y = native_op("linear_q_rows")(x2.contiguous(), self.packed, *self._q_affine, self.fmt.storage_bits,

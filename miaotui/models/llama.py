@@ -16,6 +16,7 @@ from miaotui.layers.kernel_choice import note_kernel, quant_kernel, this_cpu
 from miaotui.layers.linear import Linear, make_linear, mixed_linear, pack_bf16_weight
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
+from miaotui.layers.quantized_linear import QuantLinear, q_tiles_layout
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
 
@@ -68,9 +69,11 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.lm_head_narrow: torch.Tensor | None = None  # decode copy of a tied head
         self.head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [V, D], row scales [V])
-        # The same int8 head for the native few-row kernel (layers/kernel_choice.py: rows_q), where it
-        # runs: (codes + 127 [V, D] uint8, scale [V, 1], offset -127 * scale [V, 1]) float32
-        self.head_q: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The same int8 head for the native few-row kernels (layers/kernel_choice.py), where they run:
+        # rows_q: (codes + 127 [V, D] uint8, scale [V, 1], offset -127 * scale [V, 1]) float32;
+        # tiles_q: those in q_tiles_layout (tiles, meta)
+        self.head_q: tuple[torch.Tensor, ...] | None = None
+        self.head_q_kernel, self.head_q_rows = "rows_q", 0
         self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of a tied bf16 head (AMX)
 
     def materialize_rotary(self, device: str | torch.device) -> None:
@@ -107,10 +110,14 @@ class Transformer(nn.Module):
         fmt = QuantFormat(8, -1, True)  # per output row, symmetric: the int8pack kernel's format
         scale, zero = compute_qparams(head.detach(), fmt)
         codes = quantize_codes(head.detach(), scale, zero, fmt)
-        if head.device.type == "cpu" and quant_kernel(fmt, head.shape[1], head.shape[0], 1, head.dtype,
-                                                      this_cpu()) == "rows_q":
+        kernel = quant_kernel(fmt, head.shape[1], head.shape[0], 1, head.dtype, this_cpu()) \
+            if head.device.type == "cpu" else "int8pack"
+        if kernel in ("rows_q", "tiles_q"):
             scale = scale.float().contiguous()
-            self.head_q = (codes.to(torch.int16) + 127).to(torch.uint8), scale, (-127 * scale).contiguous()
+            stored = (codes.to(torch.int16) + 127).to(torch.uint8)  # w = stored * scale - 127 * scale
+            offset = (-127 * scale).contiguous()
+            self.head_q_kernel, self.head_q_rows = kernel, head.shape[0]  # (a tensor-parallel shard's rows)
+            self.head_q = (stored, scale, offset) if kernel == "rows_q" else q_tiles_layout(stored, 8, scale, offset)
         else:
             self.head_int8 = codes, scale[:, 0].to(head.dtype).contiguous()
 
@@ -143,9 +150,12 @@ class Transformer(nn.Module):
         """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
         rows = hidden.numel() // hidden.shape[-1]
         if self.head_q is not None and rows <= HEAD_Q_MAX_ROWS and hidden.dtype == torch.bfloat16:
-            note_kernel("int8 head", "rows_q")
-            out = native_op("linear_q_rows")(hidden.reshape(rows, -1).contiguous(), *self.head_q, 8,
-                                             hidden.shape[-1], None)
+            note_kernel("int8 head", self.head_q_kernel)
+            x = hidden.reshape(rows, -1).contiguous()
+            if self.head_q_kernel == "tiles_q":
+                out = native_op("linear_q_tiles")(x, *self.head_q, self.head_q_rows, 8, hidden.shape[-1], None)
+            else:
+                out = native_op("linear_q_rows")(x, *self.head_q, 8, hidden.shape[-1], None)
             out = out.view(*hidden.shape[:-1], -1)
         elif self.head_int8 is not None and rows <= INT8_HEAD_MAX_ROWS and hidden.dtype != torch.float32:
             # Memory-bound few-row calls read the int8 copy (1 row: 0.66 vs 1.79 ms for the bf16
@@ -186,8 +196,6 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         """Logical weights: a quantized matrix counts its out x in entries, not its packed bytes."""
-        from miaotui.layers.quantized_linear import QuantLinear
-
         quantized = [m for m in self.modules() if isinstance(m, QuantLinear)]
         return sum(p.numel() for p in self.parameters()) + sum(
             m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in quantized)
@@ -197,12 +205,11 @@ class Transformer(nn.Module):
         few-row kernel uses; one embedding row and the norms are left out): bytes x steps/s is the
         memory traffic a decode achieves, as gpt-fast reports it."""
         from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS
-        from miaotui.layers.quantized_linear import QuantLinear
 
         total = 0
         for module in self.layers.modules():
             if isinstance(module, QuantLinear):
-                total += sum(t.numel() * t.element_size() for t in (module.packed, module.scale, module.zero))
+                total += sum(t.numel() * t.element_size() for t in module.decode_tensors())
             elif isinstance(module, Linear):
                 narrow = module.narrow_weight is not None and NARROW_MATMUL_MAX_ROWS >= 1
                 weight = module.narrow_weight if narrow else module.weight
@@ -221,6 +228,7 @@ class Transformer(nn.Module):
             tensors.append(self.lm_head_narrow)
         for copy in (self.head_int8, self.head_q):
             tensors += [] if copy is None else list(copy)
+        tensors += [t for m in self.modules() if isinstance(m, QuantLinear) for t in m.kernel_tensors()]
         packed = [m.packed_weight for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None]
         packed += [] if self.lm_head_packed is None else [self.lm_head_packed]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(torch.ops.mkldnn._nbytes(t) for t in packed)

@@ -1,7 +1,7 @@
 """The few-row matmul kernels (kernels/decode_matmul.cpp) and which kernel runs for which call.
 
 The choice is pinned for each CPU kind we run on (simulated caps), so a format that would decode
-through dequantize-per-token (the 2.3 tok/s int8 g128 of old) fails a test, not a benchmark."""
+through dequantize-per-token (int8 g128 once ran so at 2.3 tok/s) fails a test, not a benchmark."""
 
 import shutil
 
@@ -12,8 +12,10 @@ from miaotui.kernels import native_op
 from miaotui.layers.kernel_choice import (
     BF16_ROWS_MAX_ROWS,
     Q_ROWS_MAX_ROWS,
+    Q_TILES_MAX_ROWS,
     CpuCaps,
     bf16_rows_fits,
+    q_tiles_fits,
     quant_kernel,
     this_cpu,
 )
@@ -33,16 +35,25 @@ FORMATS = [QuantFormat(8, -1, True), QuantFormat(8, 128, False), QuantFormat(8, 
 @pytest.mark.parametrize("caps", [ZEN3, ZEN5, XEON_AMX], ids=["zen3", "zen5", "xeon-amx"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_every_written_format_decodes_in_its_own_bits(caps, fmt):
-    # AVX-512 with bf16 activations: PyTorch's int4pack streams 4-bit g32 faster (decode_kernels.md);
-    # it needs K to hold two groups per tile (576 = 4.5 x 128 does not for g128).
-    int4pack = caps.avx512 and fmt.bits == 4 and fmt.group_size == 32
-    for rows in (1, 4, Q_ROWS_MAX_ROWS):
-        # AMX CPUs: the AMX 4-bit kernel from 8 rows, where PyTorch's int4pack would run
-        expected = ("amx4" if caps.amx and rows >= 8 else "int4pack") if int4pack else "rows_q"
-        assert quant_kernel(fmt, 576, 1536, rows, BF16, caps) == expected
-        assert quant_kernel(fmt, 576, 1536, rows, torch.float32, caps) == "rows_q"
+    for rows in (1, 4, Q_ROWS_MAX_ROWS, Q_TILES_MAX_ROWS):
+        for dtype in (BF16, torch.float32):
+            got = quant_kernel(fmt, 576, 1536, rows, dtype, caps)
+            if caps.int8_dot:  # AVX512-VNNI: 16-row tiles, one dot product per 64 bytes, up to 40 rows
+                assert got == "tiles_q"
+            elif rows <= Q_ROWS_MAX_ROWS:  # AVX2: row by row
+                assert got == "rows_q"
     many = quant_kernel(fmt, 576, 1536, 512, BF16, caps)
     assert many == ("amx4" if caps.amx and fmt.storage_bits == 4 else "dense")  # prefill: compute-bound GEMMs
+
+
+AVX512_NO_VNNI = CpuCaps.from_flags({"avx2", "avx512f"}, native=True)
+
+
+def test_avx512_without_vnni_takes_pytorch_int4pack_for_4_bit():
+    # 4-bit with bf16 activations: int4pack streams faster there than the AVX2 row kernel (decode_kernels.md)
+    assert quant_kernel(QuantFormat(4, 32, True), 576, 1536, 1, BF16, AVX512_NO_VNNI) == "int4pack"
+    assert quant_kernel(QuantFormat(4, 32, True), 576, 1536, 1, torch.float32, AVX512_NO_VNNI) == "rows_q"
+    assert quant_kernel(QuantFormat(8, 128, False), 576, 1536, 1, BF16, AVX512_NO_VNNI) == "rows_q"
 
 
 def test_choice_without_the_native_kernels_and_off_the_cpu():
@@ -53,7 +64,8 @@ def test_choice_without_the_native_kernels_and_off_the_cpu():
     assert quant_kernel(QuantFormat(8, -1, True), 576, 1536, 1, BF16, ZEN3, act_quant=True) == "w8a8_float"
     assert quant_kernel(QuantFormat(4, 32, True), 576, 1536, 1, torch.float16, ZEN5) == "int4pack"
     assert quant_kernel(QuantFormat(2, 64, True, "ternary"), 576, 1536, 1, BF16, ZEN5) == "dense"
-    assert quant_kernel(QuantFormat(4, 32, True), 560, 1536, 1, BF16, ZEN5) != "rows_q"  # K not in 32-blocks
+    assert quant_kernel(QuantFormat(4, 32, True), 560, 1536, 1, BF16, ZEN5) == "dense"  # K not in 32-blocks
+    assert quant_kernel(QuantFormat(8, 128, False), 576, 1536, 1, torch.float16, ZEN5) == "dense"
 
 
 def test_bf16_rows_kernel_runs_on_avx512_bf16_without_amx():
@@ -94,7 +106,7 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 def test_q_rows_is_exact_over_int8_activations(caps, fmt, dtype):
     layer = _layer(fmt)
     x = torch.randn(5, 576).to(dtype)
-    assert layer.kernel_for(5, dtype) == "rows_q"
+    assert layer.kernel_for(5, dtype) == ("tiles_q" if q_tiles_fits(caps) else "rows_q")
     got = layer(x).double()
     exact = _int8_blocks(x).double() @ layer.dequantized_weight().double().t() + layer.bias.double()
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the output
@@ -112,6 +124,21 @@ def test_a_row_gets_the_same_bits_alone_or_among_others(caps, fmt):
         assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_row_and_tile_kernels_agree(caps, fmt):
+    # both native kernels on this CPU (the AVX2 row kernel is what Zen 3 runs): same int8 block sums
+    if not q_tiles_fits(caps):
+        pytest.skip("linear_q_tiles needs AVX512-VNNI")
+    layer = _layer(fmt, n=203)
+    x = torch.randn(6, 576)
+    scale = layer.scale.float()
+    offset = -(layer.zero.float() - fmt.qmin) * scale
+    rows = native_op("linear_q_rows")(x, layer.packed, scale, offset, fmt.storage_bits,
+                                      fmt.group_width(576), layer.bias)
+    assert layer.kernel_for(6, torch.float32) == "tiles_q"
+    assert float((layer(x) - rows).abs().max() / rows.abs().max()) < 1e-5
+
+
 def test_bad_q_rows_inputs_are_clear_errors(caps):
     op = native_op("linear_q_rows")
     codes, scale = torch.zeros(8, 288, dtype=torch.uint8), torch.ones(8, 18)
@@ -119,6 +146,20 @@ def test_bad_q_rows_inputs_are_clear_errors(caps):
         op(torch.zeros(1, 576), codes, scale, scale, 4, 20, None)
     with pytest.raises(RuntimeError, match="codes"):
         op(torch.zeros(1, 576), codes[:, :100].contiguous(), scale, scale, 4, 32, None)
+
+
+def test_bad_q_tiles_inputs_are_clear_errors(caps):
+    if not q_tiles_fits(caps):
+        pytest.skip("linear_q_tiles needs AVX512-VNNI")
+    op = native_op("linear_q_tiles")
+    tiles, meta = torch.zeros(1, 18, 4, 64, dtype=torch.uint8), torch.zeros(1, 18, 2, 16)
+    assert op(torch.zeros(1, 576), tiles, meta, 16, 4, 32, None).shape == (1, 16)
+    with pytest.raises(RuntimeError, match="tiles"):
+        op(torch.zeros(1, 576), tiles, meta, 17, 4, 32, None)  # 17 rows need two tiles
+    with pytest.raises(RuntimeError, match="meta"):
+        op(torch.zeros(1, 576), tiles, meta, 16, 4, 64, None)  # 9 groups of 64, meta has 18
+    with pytest.raises(RuntimeError, match="bf16 or float32"):
+        op(torch.zeros(1, 576, dtype=torch.float16), tiles, meta, 16, 4, 32, None)
 
 
 @pytest.fixture(scope="module")

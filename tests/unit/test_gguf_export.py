@@ -7,6 +7,7 @@ import torch
 from miaotui.cli import main
 from miaotui.compress.quantize.apply import quantize_model
 from miaotui.layers.quant_formats import QuantFormat
+from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.loaders.gguf_export import export_gguf
 from miaotui.loaders.load import load_model
 
@@ -37,7 +38,17 @@ def test_export_of_a_quantized_model(tiny_hf_dir, tmp_path):
     src = load_model(tiny_hf_dir, torch.float32)
     quantize_model(src.model, "rtn", QuantFormat(8, -1, True))
     path = export_gguf(src.model, src.tokenizer, tmp_path / "q.gguf", "f32")
-    torch.testing.assert_close(_logits(load_model(path, torch.float32)), _logits(src), rtol=1e-4, atol=1e-4)
+    back = load_model(path, torch.float32)
+    # The file holds the dequantized weights exactly ...
+    quantized = {n: m for n, m in src.model.named_modules() if isinstance(m, QuantLinear)}
+    dense = dict(back.model.named_modules())
+    assert quantized
+    for name, module in quantized.items():
+        torch.testing.assert_close(dense[name].weight, module.dequantized_weight(), rtol=0, atol=0)
+    # ... and computes the same model; the quantized source's few-row kernels take int8-quantized
+    # activations (as llama.cpp's do), so the logits agree to that precision, not to float rounding.
+    ref = _logits(src)
+    assert float((_logits(back) - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_cli_export_gguf(tiny_hf_dir, tmp_path, capsys):

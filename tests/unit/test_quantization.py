@@ -10,7 +10,13 @@ from miaotui.compress.calibration import load_calibration
 from miaotui.compress.quantize.apply import quantize_model
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
 from miaotui.errors import MiaotuiError
-from miaotui.layers.kernel_choice import Q_ROWS_MAX_ROWS, packed_kernel_max_rows, this_cpu
+from miaotui.layers.kernel_choice import (
+    Q_ROWS_MAX_ROWS,
+    Q_TILES_MAX_ROWS,
+    packed_kernel_max_rows,
+    q_tiles_fits,
+    this_cpu,
+)
 from miaotui.layers.quant_formats import (
     QuantFormat,
     compute_qparams,
@@ -66,19 +72,25 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
     assert torch.allclose(layer._dense_weight(torch.float32), layer.dequantized_weight(), rtol=0, atol=1e-6)
     assert torch.allclose(layer._dense_weight(torch.bfloat16).float(), layer.dequantized_weight(), rtol=8e-3, atol=1e-6)
     # from here dequantize + GEMM wins (CPU-dependent)
-    many = max(packed_kernel_max_rows(fmt.bits, this_cpu()), Q_ROWS_MAX_ROWS) + 1
+    many = max(packed_kernel_max_rows(fmt.bits, this_cpu()), Q_ROWS_MAX_ROWS, Q_TILES_MAX_ROWS) + 1
     for rows in (1, 3, 40, many):
         x = torch.randn(rows, 256)
         ref = x @ layer.dequantized_weight().t() + layer.bias
         # W8A8 and the few-row native kernel also round the activations (to int8 per token or per 32)
-        tolerance = 2e-2 if act_quant or layer.kernel_for(rows, torch.float32) == "rows_q" else 1e-5
+        tolerance = 2e-2 if act_quant or layer.kernel_for(rows, torch.float32) in ("rows_q", "tiles_q") \
+            else 1e-5
         assert float((layer(x) - ref).abs().max() / ref.abs().max()) < tolerance, layer.kernel_for(rows)
         # bf16 activations take the few-row kernels, then (many rows) the fast dequantize + bf16 GEMM
         got = layer(x.bfloat16()).float()
         assert float((got - ref).abs().max() / ref.abs().max()) < 3e-2, layer.kernel_for(rows, torch.bfloat16)
-    # 4-bit on AVX-512 (bf16 activations): PyTorch's int4pack, faster there than the native kernel
-    native = this_cpu().native and this_cpu().avx2 and not (fmt.bits == 4 and this_cpu().avx512)
-    few_rows = "rows_q" if native else {8: "int8pack", 4: "int4pack"}.get(fmt.bits)
+    # AVX512-VNNI: the tile kernel; AVX-512 without it, 4-bit: PyTorch's int4pack; else the row kernel
+    cpu = this_cpu()
+    if q_tiles_fits(cpu):
+        few_rows = "tiles_q"
+    elif cpu.native and cpu.avx2 and not (fmt.bits == 4 and cpu.avx512):
+        few_rows = "rows_q"
+    else:
+        few_rows = {8: "int8pack", 4: "int4pack"}.get(fmt.bits)
     if fmt.bits in (4, 8) and not act_quant:
         # AMX CPUs: the native 4-bit AMX kernel past the few-row kernel
         assert layer.kernel_for(1) == few_rows
