@@ -38,8 +38,9 @@ def train_tokenizer(vocab_size: int = 420) -> Tokenizer:
 
 
 def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: int = 0,
-                 rope_scaling: dict | None = None, vocab_size: int = 420) -> Path:
-    """A tiny checkpoint saved by transformers itself, plus a trained byte-level BPE tokenizer."""
+                 rope_scaling: dict | None = None, vocab_size: int = 420, **shape: int) -> Path:
+    """A tiny checkpoint saved by transformers itself, plus a trained byte-level BPE tokenizer.
+    shape: config fields to override (hidden_size=128 gives 32-wide heads, as the native kernels want)."""
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: i
     tok.save(str(directory / "tokenizer.json"))
     common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2) | shape
     if arch == "llama":
         config = transformers.LlamaConfig(rope_theta=10000.0, rope_scaling=rope_scaling, **common)
         cls = transformers.LlamaForCausalLM

@@ -78,14 +78,19 @@ class PackedLayerView:
         """A step of few-token rows, all alike (one group), from the qkv projection in one native op:
         rope, pool writes and attention, with the bits of the unfused native path. qkv: [N, (H + 2 KV)
         hd] bf16 (rotated in place); cos, sin: [N, hd] -> [N, H hd], or None: use attend()."""
+        args = self.fused_qkv_args(heads)
+        return None if args is None else self.fused(qkv, cos, sin, *args, heads, self.k_pool.shape[3] ** -0.5)
+
+    def fused_qkv_args(self, heads: int) -> tuple[torch.Tensor, ...] | None:
+        """paged_attention_qkv's cache arguments (k_pool, v_pool [S, KV, hd], slots, gather, lengths)
+        for this step, or None where it does not run (several groups, long rows, no AVX512-BF16)."""
         if self.fused is None or len(self.groups) != 1:
             return None
         g = self.groups[0]
         if g.token_index.shape[1] > NATIVE_MAX_NEW_TOKENS or heads % self.k_pool.shape[2] != 0:
             return None
         kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
-        return self.fused(qkv, cos, sin, self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd), self.slots,
-                          g.gather, g.lengths, heads, hd ** -0.5)
+        return self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd), self.slots, g.gather, g.lengths
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].

@@ -310,16 +310,27 @@ at::Tensor linear_q_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&
 //   bits 4: tiles [T, KB, 4, 64] uint8, T = ceil(N / 16) tiles, KB = K / 32 blocks; in chunk p of block b,
 //           byte 4j + t holds row j's code k = 32b + 8p + t (low nibble) and k + 4 (high nibble);
 //   bits 8: tiles [T, KB, 8, 64], byte 4j + t of chunk c holds row j's code k = 32b + 4c + t;
-//   meta [T, G, 2, 16] float32: scale and offset of group g for the tile's 16 rows (padding rows: 0).
+//   meta [T, G, 2, 16] float16: scale and offset of group g for the tile's 16 rows (padding rows: 0),
+//     or [T, G, 1, 16]: the scales alone, for weights whose offset is -zero_code * scale (symmetric
+//     formats: one code is the zero), stored as llama.cpp's Q4_0 / Q8_0 blocks are: 2 bytes a group;
+//     both times 2^exponent, so that any layer's scales keep fp16's 11 bits (the sums are scaled
+//     back by 2^-exponent, exactly).
 // Activations are quantized per 32-wide block as in linear_q_rows (natural order) and up to kTileRows
 // rows share every weight load. Sums per output in the same fixed order as linear_q_rows' per block
 // terms, so a row's result does not depend on the other rows in the call.
 constexpr int kTileRows = 4;
 constexpr int64_t kPrefetchBytes = 1024;
 
+inline __m512 load_half16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Offsets: with meta offsets (zero_code < 0) one dot product of length G per output after the
+// scaled sums; symmetric, -zero_code * XS[g] joins each group's sum before its scale.
 template <int Bits, int M>
-inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const float* meta, int64_t blocks,
-                     int64_t groups, int64_t per_group, __m512* out) {
+inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half* meta, int64_t blocks,
+                     int64_t groups, int64_t per_group, int64_t zero_code, float unit, __m512* out) {
+  const int64_t meta_stride = zero_code < 0 ? 32 : 16;  // halves of meta per group
   constexpr int chunks = Bits == 4 ? 4 : 8;
   const __m512i low4 = _mm512_set1_epi8(15);
   __m512 acc[M];
@@ -360,14 +371,20 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const float* m
         part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])),
                                   _mm512_set1_ps(xr[m].sx[b]), part[m]);
     }
-    const __m512 scale = _mm512_loadu_ps(meta + g * 32);
+    const __m512 scale = load_half16(meta + g * meta_stride);
+    if (zero_code >= 0) {
+      const float z = static_cast<float>(zero_code);
+      for (int m = 0; m < M; ++m) part[m] = _mm512_sub_ps(part[m], _mm512_set1_ps(z * xr[m].group_sums[g]));
+    }
     for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
   }
-  for (int64_t g = 0; g < groups; ++g) {  // offsets: one dot product of length G per output
-    const __m512 offset = _mm512_loadu_ps(meta + g * 32 + 16);
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xr[m].group_sums[g]), acc[m]);
+  if (zero_code < 0) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 offset = load_half16(meta + g * meta_stride + 16);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xr[m].group_sums[g]), acc[m]);
+    }
   }
-  for (int m = 0; m < M; ++m) out[m] = acc[m];
+  for (int m = 0; m < M; ++m) out[m] = _mm512_mul_ps(acc[m], _mm512_set1_ps(unit));
 }
 
 inline void store16(__m512 v, const float* bias, int64_t count, float* y) {
@@ -383,8 +400,8 @@ inline void store16(__m512 v, const float* bias, int64_t count, c10::BFloat16* y
 }
 
 template <typename T, int Bits>
-void q_tiles(const T* x, const uint8_t* tiles, const float* meta, const float* bias, T* y, int64_t m, int64_t n,
-             int64_t k, int64_t groups, int64_t per_group) {
+void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y, int64_t m, int64_t n,
+             int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit) {
   std::vector<QuantizedRow> rows(m);
   for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, rows[i]);
   const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8, tile_count = (n + 15) / 16;
@@ -392,16 +409,16 @@ void q_tiles(const T* x, const uint8_t* tiles, const float* meta, const float* b
     __m512 sums[kTileRows];
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* tile = tiles + t * tile_bytes;
-      const float* tile_meta = meta + t * groups * 32;
+      const at::Half* tile_meta = meta + t * groups * (zero_code < 0 ? 32 : 16);
       const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
       const float* b = bias ? bias + n0 : nullptr;
       for (int64_t i = 0; i < m; i += kTileRows) {
         const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
         switch (rows_here) {
-          case 1: q_tile16<Bits, 1>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
-          case 2: q_tile16<Bits, 2>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
-          case 3: q_tile16<Bits, 3>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
-          default: q_tile16<Bits, 4>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, sums); break;
+          case 1: q_tile16<Bits, 1>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
+          case 2: q_tile16<Bits, 2>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
+          case 3: q_tile16<Bits, 3>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
+          default: q_tile16<Bits, 4>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
         }
         for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, y + (i + r) * n + n0);
       }
@@ -410,7 +427,8 @@ void q_tiles(const T* x, const uint8_t* tiles, const float* meta, const float* b
 }
 
 at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& meta, int64_t n,
-                          int64_t bits, int64_t group_width, const c10::optional<at::Tensor>& bias) {
+                          int64_t bits, int64_t group_width, int64_t zero_code, int64_t exponent,
+                          const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
               "x: contiguous bf16 or float32 [M, K]");
@@ -420,28 +438,32 @@ at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at
   TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 4 &&
                   tiles.size(0) == tile_count && tiles.size(1) == k / kBlock && tiles.size(2) == (bits == 4 ? 4 : 8) &&
                   tiles.size(3) == 64, "tiles: contiguous uint8 [ceil(N / 16), K / 32, 32 * bits / 64, 64]");
-  TORCH_CHECK(meta.scalar_type() == at::kFloat && meta.is_contiguous() && meta.dim() == 4 && meta.size(0) == tile_count &&
-                  meta.size(1) == groups && meta.size(2) == 2 && meta.size(3) == 16,
-              "meta: contiguous float32 [ceil(N / 16), G, 2, 16]");
+  TORCH_CHECK(meta.scalar_type() == at::kHalf && meta.is_contiguous() && meta.dim() == 4 && meta.size(0) == tile_count &&
+                  meta.size(1) == groups && meta.size(2) == (zero_code < 0 ? 2 : 1) && meta.size(3) == 16,
+              "meta: contiguous float16 [ceil(N / 16), G, 2, 16], or [.., 1, 16] with a zero code");
+  TORCH_CHECK(zero_code < (bits == 4 ? 16 : 256) && exponent > -100 && exponent < 100, "zero code or exponent out of range");
+  const float unit = std::ldexp(1.f, static_cast<int>(-exponent));
   const at::Tensor bias_f = float_bias(bias, n);
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = at::empty({m, n}, x.options());
   const uint8_t* w = tiles.data_ptr<uint8_t>();
-  const float* mp = meta.data_ptr<float>();
+  const at::Half* mp = meta.data_ptr<at::Half>();
   if (x.scalar_type() == at::kFloat) {
-    if (bits == 4) q_tiles<float, 4>(x.data_ptr<float>(), w, mp, b, y.data_ptr<float>(), m, n, k, groups, per_group);
-    else q_tiles<float, 8>(x.data_ptr<float>(), w, mp, b, y.data_ptr<float>(), m, n, k, groups, per_group);
+    auto* xp = x.data_ptr<float>();
+    auto* yp = y.data_ptr<float>();
+    if (bits == 4) q_tiles<float, 4>(xp, w, mp, b, yp, m, n, k, groups, per_group, zero_code, unit);
+    else q_tiles<float, 8>(xp, w, mp, b, yp, m, n, k, groups, per_group, zero_code, unit);
   } else {
     auto* xp = x.data_ptr<c10::BFloat16>();
     auto* yp = y.data_ptr<c10::BFloat16>();
-    if (bits == 4) q_tiles<c10::BFloat16, 4>(xp, w, mp, b, yp, m, n, k, groups, per_group);
-    else q_tiles<c10::BFloat16, 8>(xp, w, mp, b, yp, m, n, k, groups, per_group);
+    if (bits == 4) q_tiles<c10::BFloat16, 4>(xp, w, mp, b, yp, m, n, k, groups, per_group, zero_code, unit);
+    else q_tiles<c10::BFloat16, 8>(xp, w, mp, b, yp, m, n, k, groups, per_group, zero_code, unit);
   }
   return y;
 }
 #else
-at::Tensor linear_q_tiles(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                          const c10::optional<at::Tensor>&) {
+at::Tensor linear_q_tiles(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "linear_q_tiles needs a CPU with AVX512-VNNI");
 }
 #endif
@@ -478,7 +500,8 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
         "Tensor? bias) -> Tensor");
   m.def("has_bf16_rows() -> bool", &has_bf16_rows);
   m.def("has_int8_dot() -> bool", &has_int8_dot);
-  m.def("linear_q_tiles(Tensor x, Tensor tiles, Tensor meta, int n, int bits, int group_width, Tensor? bias) -> Tensor");
+  m.def("linear_q_tiles(Tensor x, Tensor tiles, Tensor meta, int n, int bits, int group_width, int zero_code, "
+        "int exponent, Tensor? bias) -> Tensor");
   m.def("has_q_tiles() -> bool", &has_q_tiles);
 }
 

@@ -28,6 +28,8 @@ class KVView(Protocol):
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
                    ) -> torch.Tensor | None: ...
 
+    def fused_qkv_args(self, heads: int) -> tuple[torch.Tensor, ...] | None: ...
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:

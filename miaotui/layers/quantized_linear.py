@@ -18,7 +18,9 @@ Not for producing codes (compress/quantize/).
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +74,28 @@ def int4pack_layout(codes: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor,
             torch.stack([scale.t(), z.t()], dim=-1).contiguous())
 
 
-def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor,
-                   offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear_q_tiles' layout (kernels/decode_matmul.cpp): 16 weight rows per tile, each 64-byte chunk
-    one VNNI dot product for all 16. codes: [N, K] uint8 stored codes (w = u * scale + offset per
-    group); scale, offset: [N, G] float32 -> (tiles [ceil(N/16), K/32, 32*bits/64, 64] uint8,
-    meta [ceil(N/16), G, 2, 16] float32); padding rows have zero codes, scales and offsets."""
+@dataclass(frozen=True, slots=True)
+class QTiles:
+    """linear_q_tiles' weight (kernels/decode_matmul.cpp): 16 weight rows per tile, each 64-byte chunk
+    one VNNI dot product for all 16; scales (and offsets) in float16 times 2^exponent."""
+    tiles: torch.Tensor  # [ceil(N/16), K/32, 32*bits/64, 64] uint8
+    meta: torch.Tensor  # [ceil(N/16), G, 2, 16] float16 (scale, offset), or [.., 1, 16] (scale) with zero_code
+    zero_code: int  # offset = -zero_code * scale (symmetric formats), or -1: the offsets are in meta
+    exponent: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tiles, self.meta]
+
+    def __call__(self, x: torch.Tensor, n: int, bits: int, group_width: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        return native_op("linear_q_tiles")(x, self.tiles, self.meta, n, bits, group_width, self.zero_code,
+                                           self.exponent, bias)
+
+
+def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor) -> QTiles:
+    """codes: [N, K] uint8 stored codes (w = u * scale + offset per group); scale, offset: [N, G]
+    float32. Padding rows have zero codes, scales and offsets. Where every offset is -z * scale for
+    one code z (symmetric formats) only the scales are kept: 2 bytes a group, as in GGUF's Q4_0."""
     n, k = codes.shape
     tiles, pad = -(-n // 16), -n % 16
     u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
@@ -88,9 +106,17 @@ def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor,
     else:
         # k = 32 b + 4 c + t -> chunk c, byte 4 j + t
         packed = u.view(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // 32, 8, 64)
-    meta = torch.stack([F.pad(t.float(), (0, 0, 0, pad)).view(tiles, 16, -1).transpose(1, 2)
-                        for t in (scale, offset)], dim=2)
-    return packed.contiguous(), meta.contiguous()
+    scale, offset = scale.float(), offset.float()
+    used = scale != 0  # (rows of zeros say nothing of the zero code)
+    z = round(float((-offset[used] / scale[used])[0])) if used.any() else 0
+    symmetric = 0 <= z < 2 ** bits and bool(torch.equal(offset, -z * scale))
+    parts = (scale,) if symmetric else (scale, offset)
+    # fp16 keeps 11 bits over 2^-14..65504: bring the largest value near 2^14 by a power of two
+    largest = max(float(t.abs().max()) for t in parts) if scale.numel() else 0.0
+    exponent = 14 - math.frexp(largest)[1] if largest > 0 else 0
+    meta = torch.stack([F.pad(torch.ldexp(t, torch.tensor(float(exponent))), (0, 0, 0, pad)).view(tiles, 16, -1)
+                        .transpose(1, 2) for t in parts], dim=2).half()
+    return QTiles(packed.contiguous(), meta.contiguous(), z if symmetric else -1, exponent)
 
 
 class QuantLinear(nn.Module):
@@ -114,7 +140,7 @@ class QuantLinear(nn.Module):
         self._log_name = f"{fmt.kind}{fmt.bits if fmt.kind == 'int' else ''} g{fmt.group_size}"  # for KernelLog
         # rows_q: w = stored code * scale + offset per group, ([N, G], [N, G]) fp32
         self._q_affine: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._q_tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # tiles_q: (tiles, meta), q_tiles_layout
+        self._q_tiles: QTiles | None = None  # tiles_q: q_tiles_layout
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bias: torch.Tensor | None = None) -> None:
@@ -165,14 +191,15 @@ class QuantLinear(nn.Module):
 
     def kernel_tensors(self) -> list[torch.Tensor]:
         """The kernel layouts built at load (held beside the stored codes; weight-bytes accounting)."""
-        held = [self._int8, self._int4, self._int4_scales_zeros, *(self._amx4 or ()), *(self._q_tiles or ())]
+        held = [self._int8, self._int4, self._int4_scales_zeros, *(self._amx4 or ()),
+                *(self._q_tiles.tensors() if self._q_tiles else ())]
         return [t for t in held if t is not None]
 
     def decode_tensors(self) -> list[torch.Tensor]:
         """What a one-row call reads: the layout of the kernel it runs (memory traffic of a decode step)."""
         kernel = self.kernel_for(1)
         if kernel == "tiles_q":
-            return list(self._q_tiles)
+            return self._q_tiles.tensors()
         if kernel == "int8pack":
             return [self._int8, self.scale]
         if kernel == "int4pack":
@@ -198,8 +225,8 @@ class QuantLinear(nn.Module):
             kernel = "dense"  # the native kernels have no backward
         note_kernel(self._log_name, kernel)
         if kernel == "tiles_q":  # as rows_q
-            y = native_op("linear_q_tiles")(x2.contiguous(), *self._q_tiles, self.out_features, self.fmt.storage_bits,
-                                            self.fmt.group_width(self.in_features), self.bias)
+            y = self._q_tiles(x2.contiguous(), self.out_features, self.fmt.storage_bits,
+                              self.fmt.group_width(self.in_features), self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         if kernel == "rows_q":
             # bias added inside, in float32 before the one rounding: return at once

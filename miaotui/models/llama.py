@@ -16,9 +16,10 @@ from miaotui.layers.kernel_choice import note_kernel, quant_kernel, this_cpu
 from miaotui.layers.linear import Linear, make_linear, mixed_linear, pack_bf16_weight
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
-from miaotui.layers.quantized_linear import QuantLinear, q_tiles_layout
+from miaotui.layers.quantized_linear import QTiles, QuantLinear, q_tiles_layout
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
+from miaotui.models.fused_decode import FusedDecode
 
 RESCORED_CANDIDATES = 8  # logits recomputed in float32 per position (Transformer.logits)
 INT8_HEAD_MAX_ROWS = 4  # up to here the int8 head copy beats the bf16 head (docs/kernels.md)
@@ -71,10 +72,11 @@ class Transformer(nn.Module):
         self.head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes [V, D], row scales [V])
         # The same int8 head for the native few-row kernels (layers/kernel_choice.py), where they run:
         # rows_q: (codes + 127 [V, D] uint8, scale [V, 1], offset -127 * scale [V, 1]) float32;
-        # tiles_q: those in q_tiles_layout (tiles, meta)
-        self.head_q: tuple[torch.Tensor, ...] | None = None
+        # tiles_q: those in q_tiles_layout
+        self.head_q: tuple[torch.Tensor, ...] | QTiles | None = None
         self.head_q_kernel, self.head_q_rows = "rows_q", 0
         self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of a tied bf16 head (AMX)
+        self.fused_decode = FusedDecode()  # decode steps of a layer in one native op, where they fit
 
     def materialize_rotary(self, device: str | torch.device) -> None:
         """The rope buffer is derived from the config, never stored: compute it after a meta-device build."""
@@ -142,8 +144,10 @@ class Transformer(nn.Module):
         plain causal attention over the given tokens alone (perplexity, calibration, training)."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
+        fused = self.fused_decode if self.fused_decode.step_fits(x, cos, kv_views) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv_views is None else kv_views[i])
+            out = None if fused is None else fused.run(i, layer, x, cos, sin, kv_views[i])
+            x = layer(x, cos, sin, None if kv_views is None else kv_views[i]) if out is None else out
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,7 @@ class Transformer(nn.Module):
             note_kernel("int8 head", self.head_q_kernel)
             x = hidden.reshape(rows, -1).contiguous()
             if self.head_q_kernel == "tiles_q":
-                out = native_op("linear_q_tiles")(x, *self.head_q, self.head_q_rows, 8, hidden.shape[-1], None)
+                out = self.head_q(x, self.head_q_rows, 8, hidden.shape[-1], None)
             else:
                 out = native_op("linear_q_rows")(x, *self.head_q, 8, hidden.shape[-1], None)
             out = out.view(*hidden.shape[:-1], -1)
@@ -214,11 +218,16 @@ class Transformer(nn.Module):
                 narrow = module.narrow_weight is not None and NARROW_MATMUL_MAX_ROWS >= 1
                 weight = module.narrow_weight if narrow else module.weight
                 total += weight.numel() * weight.element_size()
-        head = self.head_q or self.head_int8 or (None if self.lm_head_narrow is None else (self.lm_head_narrow,))
+        head = self._head_q_tensors() or self.head_int8 or (
+            None if self.lm_head_narrow is None else (self.lm_head_narrow,))
         if head is None:
             module = self.embed_tokens if self.lm_head is None else self.lm_head
             head = (*module.buffers(), *module.parameters())
         return total + sum(t.numel() * t.element_size() for t in head)
+
+    def _head_q_tensors(self) -> list[torch.Tensor] | None:
+        return None if self.head_q is None else \
+            self.head_q.tensors() if isinstance(self.head_q, QTiles) else list(self.head_q)
 
     def weight_bytes(self) -> int:
         """Bytes of all weights held, decode copies included."""
@@ -226,7 +235,7 @@ class Transformer(nn.Module):
         tensors += [m.narrow_weight for m in self.modules() if isinstance(m, Linear) and m.narrow_weight is not None]
         if self.lm_head_narrow is not None:
             tensors.append(self.lm_head_narrow)
-        for copy in (self.head_int8, self.head_q):
+        for copy in (self.head_int8, self._head_q_tensors()):
             tensors += [] if copy is None else list(copy)
         tensors += [t for m in self.modules() if isinstance(m, QuantLinear) for t in m.kernel_tensors()]
         packed = [m.packed_weight for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None]

@@ -101,6 +101,25 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).view_as(x)
 
 
+def _stored_half(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """t as the tiles hold it: float16 of t * 2^exponent, scaled back."""
+    return torch.ldexp(torch.ldexp(t, torch.tensor(float(exponent))).half().float(), torch.tensor(float(-exponent)))
+
+
+def _kernel_weight(layer: QuantLinear, fmt: QuantFormat) -> torch.Tensor:
+    """[N, K] float64: the weight the layer's few-row kernel multiplies by (tiles: float16 scales)."""
+    if layer._q_tiles is None:
+        return layer.dequantized_weight().double()
+    scale = layer.scale.float()
+    offset = -(layer.zero.float() - fmt.qmin) * scale
+    scale_h = _stored_half(scale, layer._q_tiles.exponent)
+    offset_h = -(layer.zero.float() - fmt.qmin) * scale_h if fmt.symmetric else \
+        _stored_half(offset, layer._q_tiles.exponent)
+    group = torch.arange(layer.in_features) // fmt.group_width(layer.in_features)  # the last group may be short
+    u = (layer.codes() - fmt.qmin).double()
+    return u * scale_h.double()[:, group] + offset_h.double()[:, group]
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_q_rows_is_exact_over_int8_activations(caps, fmt, dtype):
@@ -108,7 +127,8 @@ def test_q_rows_is_exact_over_int8_activations(caps, fmt, dtype):
     x = torch.randn(5, 576).to(dtype)
     assert layer.kernel_for(5, dtype) == ("tiles_q" if q_tiles_fits(caps) else "rows_q")
     got = layer(x).double()
-    exact = _int8_blocks(x).double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+    weight = _kernel_weight(layer, fmt)
+    exact = _int8_blocks(x).double() @ weight.t() + layer.bias.double()
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the output
     assert float((got - exact).abs().max() / exact.abs().max()) < tolerance
     unrounded = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
@@ -131,12 +151,21 @@ def test_row_and_tile_kernels_agree(caps, fmt):
         pytest.skip("linear_q_tiles needs AVX512-VNNI")
     layer = _layer(fmt, n=203)
     x = torch.randn(6, 576)
-    scale = layer.scale.float()
-    offset = -(layer.zero.float() - fmt.qmin) * scale
+    tiles = layer._q_tiles
+    # the tiles keep scales (and offsets) in float16 times 2^exponent; symmetric formats keep no offsets
+    assert tiles.meta.dtype == torch.float16 and tiles.meta.shape[2] == (1 if fmt.symmetric else 2)
+    assert (tiles.zero_code == -fmt.qmin) if fmt.symmetric else tiles.zero_code == -1
+
+    scale = _stored_half(layer.scale.float(), tiles.exponent)
+    offset = -(layer.zero.float() - fmt.qmin) * scale if fmt.symmetric else \
+        _stored_half(-(layer.zero.float() - fmt.qmin) * layer.scale.float(), tiles.exponent)
     rows = native_op("linear_q_rows")(x, layer.packed, scale, offset, fmt.storage_bits,
                                       fmt.group_width(576), layer.bias)
     assert layer.kernel_for(6, torch.float32) == "tiles_q"
     assert float((layer(x) - rows).abs().max() / rows.abs().max()) < 1e-5
+    exact = native_op("linear_q_rows")(x, layer.packed, layer.scale.float(), -(layer.zero.float() - fmt.qmin)
+                                       * layer.scale.float(), fmt.storage_bits, fmt.group_width(576), layer.bias)
+    assert float((layer(x) - exact).abs().max() / exact.abs().max()) < 1e-3  # float16's 11 bits
 
 
 def test_bad_q_rows_inputs_are_clear_errors(caps):
@@ -152,14 +181,20 @@ def test_bad_q_tiles_inputs_are_clear_errors(caps):
     if not q_tiles_fits(caps):
         pytest.skip("linear_q_tiles needs AVX512-VNNI")
     op = native_op("linear_q_tiles")
-    tiles, meta = torch.zeros(1, 18, 4, 64, dtype=torch.uint8), torch.zeros(1, 18, 2, 16)
-    assert op(torch.zeros(1, 576), tiles, meta, 16, 4, 32, None).shape == (1, 16)
+    tiles, meta = torch.zeros(1, 18, 4, 64, dtype=torch.uint8), torch.zeros(1, 18, 2, 16, dtype=torch.float16)
+    assert op(torch.zeros(1, 576), tiles, meta, 16, 4, 32, -1, 0, None).shape == (1, 16)
     with pytest.raises(RuntimeError, match="tiles"):
-        op(torch.zeros(1, 576), tiles, meta, 17, 4, 32, None)  # 17 rows need two tiles
+        op(torch.zeros(1, 576), tiles, meta, 17, 4, 32, -1, 0, None)  # 17 rows need two tiles
     with pytest.raises(RuntimeError, match="meta"):
-        op(torch.zeros(1, 576), tiles, meta, 16, 4, 64, None)  # 9 groups of 64, meta has 18
+        op(torch.zeros(1, 576), tiles, meta, 16, 4, 64, -1, 0, None)  # 9 groups of 64, meta has 18
+    with pytest.raises(RuntimeError, match="meta"):
+        op(torch.zeros(1, 576), tiles, meta, 16, 4, 32, 8, 0, None)  # a zero code: scales only
+    with pytest.raises(RuntimeError, match="meta"):
+        op(torch.zeros(1, 576), tiles, meta.float(), 16, 4, 32, -1, 0, None)
+    with pytest.raises(RuntimeError, match="zero code"):
+        op(torch.zeros(1, 576), tiles, meta[:, :, :1].contiguous(), 16, 4, 32, 16, 0, None)
     with pytest.raises(RuntimeError, match="bf16 or float32"):
-        op(torch.zeros(1, 576, dtype=torch.float16), tiles, meta, 16, 4, 32, None)
+        op(torch.zeros(1, 576, dtype=torch.float16), tiles, meta, 16, 4, 32, -1, 0, None)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+// decode_layer: one decoder layer's step for a few bf16 rows (batch-1 decode, small batches,
+// speculative verification) in one call, where the Python path makes ~15 module calls and ops per
+// layer. At SmolLM2-135M's size a layer's weights stream in ~130 us, and that per-call overhead
+// cost more than the weights (models/fused_decode.py decides where it runs).
+//
+// It runs the ops the Python path runs, in the same order, with the same arguments, so a row gets
+// the same bits either way (tested):
+//   h = x + o(paged_attention_qkv(qkv(rms_norm(x, ln1))))
+//   y = h + down(silu_mul(gate_up(rms_norm(h, ln2))))
+// Each linear is given as a kernel id and its tensors (linear_info: 6 ints per linear, in the order
+// qkv, o, gate_up, down: kernel, out features, bits, group width, zero code, exponent):
+//   kernel 0, linear_q_tiles: tensors (tiles, meta);  kernel 1, linear_bf16_rows: tensors (weight).
+// Only the qkv projection may have a bias (Qwen2). The ops are called through the dispatcher (they
+// live in cpu_kernels.cpp and decode_matmul.cpp); a call costs ~1 us there against ~10 us from Python.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> miaotui_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+at::Tensor run_linear(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef info, const OptTensor& bias) {
+  static const auto tiles =
+      miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, const OptTensor&)>("miaotui::linear_q_tiles");
+  static const auto bf16_rows =
+      miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("miaotui::linear_bf16_rows");
+  const int64_t kernel = info[0];
+  if (kernel == 0) {
+    TORCH_CHECK(tensors.size() == 2, "a linear_q_tiles linear takes (tiles, meta)");
+    return tiles.call(x, tensors[0], tensors[1], info[1], info[2], info[3], info[4], info[5], bias);
+  }
+  TORCH_CHECK(kernel == 1 && tensors.size() == 1, "linear kernel must be 0 (tiles, meta) or 1 (bf16 weight)");
+  return bf16_rows.call(x, tensors[0], bias);
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& ln2, double eps,
+                        at::TensorList qkv_w, const OptTensor& qkv_bias, at::TensorList o_w, at::TensorList gate_up_w,
+                        at::TensorList down_w, at::IntArrayRef linear_info, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slots,
+                        const at::Tensor& gather, const at::Tensor& lengths, int64_t heads, double scale) {
+  static const auto norm = miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("miaotui::rms_norm_bf16");
+  static const auto attention =
+      miaotui_op<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>(
+          "miaotui::paged_attention_qkv");
+  static const auto silu_mul = miaotui_op<at::Tensor(const at::Tensor&)>("miaotui::silu_mul_bf16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [M, D]");
+  TORCH_CHECK(linear_info.size() == 24, "linear_info: 6 ints for each of qkv, o, gate_up, down");
+  const OptTensor none;
+  at::Tensor qkv = run_linear(norm.call(x, ln1, eps), qkv_w, linear_info.slice(0, 6), qkv_bias);
+  const at::Tensor attended = attention.call(qkv, cos, sin, k_pool, v_pool, slots, gather, lengths, heads, scale);
+  const at::Tensor h = x + run_linear(attended, o_w, linear_info.slice(6, 6), none);
+  const at::Tensor gate_up = run_linear(norm.call(h, ln2, eps), gate_up_w, linear_info.slice(12, 6), none);
+  return h + run_linear(silu_mul.call(gate_up), down_w, linear_info.slice(18, 6), none);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(miaotui, m) {
+  m.def("decode_layer(Tensor x, Tensor ln1, Tensor ln2, float eps, Tensor[] qkv, Tensor? qkv_bias, Tensor[] o, "
+        "Tensor[] gate_up, Tensor[] down, int[] linear_info, Tensor cos, Tensor sin, Tensor(a!) k_pool, "
+        "Tensor(b!) v_pool, Tensor slots, Tensor gather, Tensor lengths, int heads, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(miaotui, CPU, m) { m.impl("decode_layer", &decode_layer); }

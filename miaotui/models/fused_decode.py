@@ -1,0 +1,133 @@
+"""A decoder layer's decode step as one native op (kernels/decode_layer.cpp), where every part of
+the layer has a native few-row kernel: bf16 activations, integer weights on linear_q_tiles or bf16
+weights on linear_bf16_rows, and the paged cache's fused attention. The op runs the same kernels
+in the same order as DecoderLayer.forward, so the bits do not change; it only removes the
+per-module and per-op Python overhead (~15 calls a layer), which at small model sizes costs more
+than streaming the weights.
+
+Not for choosing kernels (layers/kernel_choice.py) or for prefill (long rows run the modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from miaotui.kernels import native_op
+from miaotui.layers.attention import Attention, KVView
+from miaotui.layers.kernel_choice import bf16_rows_fits, note_kernel, this_cpu
+from miaotui.layers.linear import Linear
+from miaotui.layers.norm import RMSNorm
+from miaotui.layers.quantized_linear import QuantLinear
+
+TILES, BF16_ROWS = 0, 1  # kernel ids of decode_layer's linear_info
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """decode_layer's weight arguments for one layer and row count."""
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    qkv: list[torch.Tensor]
+    qkv_bias: torch.Tensor | None
+    o: list[torch.Tensor]
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+    linear_info: list[int]
+    heads: int
+
+
+def _linear(module: nn.Module, rows: int) -> tuple[list[torch.Tensor], list[int]] | None:
+    """(tensors, [kernel, out features, bits, group width, zero code, exponent]) of one linear, or None."""
+    if _hooked(module):
+        return None
+    if type(module) is QuantLinear:
+        if module.act_quant or module.kernel_for(rows, torch.bfloat16) != "tiles_q":
+            return None
+        fmt = module.fmt
+        tiles = module._q_tiles
+        return tiles.tensors(), [TILES, module.out_features, fmt.storage_bits, fmt.group_width(module.in_features),
+                                 tiles.zero_code, tiles.exponent]
+    if type(module) is Linear:
+        weight = module.weight
+        if module.packed_weight is not None or not weight.is_contiguous() or not bf16_rows_fits(
+                rows, module.in_features, torch.bfloat16, weight.dtype, this_cpu()):
+            return None
+        return [weight], [BF16_ROWS, module.out_features, 16, 0, 0, 0]
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks (tensor parallelism's all-reduce) must run: such layers keep the modules."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
+    """The plan for a decode step of `rows` rows, or None where the layer must run its modules."""
+    from miaotui.models.llama import DecoderLayer, SwiGLU
+
+    if type(layer) is not DecoderLayer or rows > 8:  # 8: linear_bf16_rows' limit, the lowest of the kernels'
+        return None
+    attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+    if type(attn) is not Attention or type(mlp) is not SwiGLU or type(ln1) is not RMSNorm \
+            or type(ln2) is not RMSNorm or any(_hooked(m) for m in (layer, attn, mlp, ln1, ln2)):
+        return None
+    if ln1.weight.dtype != torch.bfloat16 or ln2.weight.dtype != torch.bfloat16 or ln1.eps != ln2.eps:
+        return None
+    parts = [_linear(m, rows) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(p is None for p in parts) or any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj,
+                                                                          mlp.down_proj)):
+        return None
+    (qkv, qkv_info), (o, o_info), (gate_up, gu_info), (down, down_info) = parts
+    return LayerPlan(ln1.weight, ln2.weight, ln1.eps, qkv, attn.qkv_proj.bias, o, gate_up, down,
+                     qkv_info + o_info + gu_info + down_info, attn.num_heads)
+
+
+def _sources(layer: nn.Module) -> tuple[object, ...]:
+    """What a plan depends on, by identity: the layouts of the four linears and the norm weights."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return tuple(getattr(m, "_q_tiles", None) if type(m) is QuantLinear else getattr(m, "weight", None)
+                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)) \
+        + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+
+
+class FusedDecode:
+    """The plans of one model's layers, built on first use per row count and rebuilt when a layer's
+    layouts change (quantization, loading)."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int], tuple[tuple[object, ...], LayerPlan | None]] = {}
+        self._op = None
+
+    def step_fits(self, x: torch.Tensor, cos: torch.Tensor, kv_views: list[KVView] | None) -> bool:
+        """Whether this step may run fused: an engine step of few bf16 rows, no autograd."""
+        if kv_views is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[0] != 1 \
+                or x.shape[1] > 8 or torch.is_grad_enabled() or cos.dtype != torch.bfloat16 \
+                or not cos.is_contiguous():
+            return False
+        if self._op is None:
+            self._op = native_op("decode_layer") or False
+        return bool(self._op)
+
+    def run(self, index: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            kv_view: KVView) -> torch.Tensor | None:
+        """x: [1, S, D] -> the layer's output [1, S, D], or None: run the modules instead."""
+        if type(layer).__name__ != "DecoderLayer":
+            return None
+        seq = x.shape[1]
+        sources = _sources(layer)
+        cached = self._plans.get((index, seq))
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
+            cached = self._plans[index, seq] = sources, layer_plan(layer, seq)
+        plan = cached[1]
+        cache = None if plan is None else kv_view.fused_qkv_args(plan.heads)
+        if cache is None:
+            return None
+        note_kernel("decoder layer", "fused")
+        out = self._op(x.view(seq, -1), plan.ln1, plan.ln2, plan.eps, plan.qkv, plan.qkv_bias, plan.o, plan.gate_up,
+                       plan.down, plan.linear_info, cos.view(seq, -1), sin.view(seq, -1), *cache, plan.heads,
+                       cache[0].shape[2] ** -0.5)
+        return out.view(x.shape)

@@ -1,0 +1,65 @@
+"""A decoder layer's decode step as one native op (models/fused_decode.py): it runs for bf16 decode
+steps where every part of the layer has a native kernel, and gives the bits of the module path."""
+
+import pytest
+import torch
+
+from miaotui import LLM, SamplingParams
+from miaotui.cli import main
+from miaotui.kernels import native_op
+from miaotui.layers.kernel_choice import KernelLog, q_tiles_fits, this_cpu
+from miaotui.models.fused_decode import FusedDecode
+from miaotui.models.llama import Transformer
+from tests.tiny_models import write_hf_dir
+
+pytestmark = pytest.mark.skipif(
+    native_op("decode_layer") is None or not this_cpu().avx512_bf16 or this_cpu().amx or not q_tiles_fits(this_cpu()),
+    reason="the fused decode step needs the native kernels, AVX512-BF16 and VNNI (and bf16 rows: no AMX)")
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 11], [8, 9], [30, 31, 32, 33]]
+QUANTIZE = {"bf16": None, "int4-g32-sym": ["--bits", "4", "--group-size", "32", "--symmetric"],
+            "int8-per-channel": ["--bits", "8", "--group-size", "-1", "--symmetric"],
+            "int8-g128-asym": ["--bits", "8", "--group-size", "128"]}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def wide_dir(request, tmp_path_factory):
+    # 32-wide heads (the native attention's block), a qkv bias with qwen2
+    return write_hf_dir(tmp_path_factory.mktemp(f"wide-{request.param}"), arch=request.param, hidden_size=128,
+                        intermediate_size=256)
+
+
+def _hidden_per_step(llm: LLM, monkeypatch, fused: bool) -> tuple[list[torch.Tensor], list, dict]:
+    """The final hidden states of every engine step, the outputs, and the kernels that ran."""
+    seen = []
+    logits = Transformer.logits
+
+    def record(self, hidden):
+        seen.append(hidden.clone())
+        return logits(self, hidden)
+
+    monkeypatch.setattr(Transformer, "logits", record)
+    if not fused:
+        monkeypatch.setattr(FusedDecode, "step_fits", lambda *args: False)
+    with KernelLog() as log:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    monkeypatch.undo()
+    return seen, [o.outputs[0].token_ids for o in outs], log.calls
+
+
+@pytest.mark.parametrize("weights", list(QUANTIZE), ids=str)
+def test_fused_decode_step_gives_the_module_path_bits(wide_dir, weights, tmp_path, monkeypatch):
+    path = wide_dir
+    if QUANTIZE[weights] is not None:
+        path = tmp_path / weights
+        assert main(["quantize", "-m", str(wide_dir), "--method", "rtn", *QUANTIZE[weights], "-o", str(path)]) == 0
+    llm = LLM(str(path), dtype="bfloat16")
+    fused_hidden, fused_ids, fused_kernels = _hidden_per_step(llm, monkeypatch, fused=True)
+    module_hidden, module_ids, module_kernels = _hidden_per_step(llm, monkeypatch, fused=False)
+    # decode steps (3 rows, then 1-3 as requests end) ran fused, every layer; prefill did not
+    assert fused_kernels.get("decoder layer fused", 0) >= 2 * 5
+    assert "decoder layer fused" not in module_kernels
+    assert fused_ids == module_ids
+    assert len(fused_hidden) == len(module_hidden)
+    for a, b in zip(fused_hidden, module_hidden, strict=True):
+        assert torch.equal(a, b)
