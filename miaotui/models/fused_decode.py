@@ -17,12 +17,13 @@ from torch import nn
 
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention, KVView
-from miaotui.layers.kernel_choice import bf16_rows_fits, note_kernel, this_cpu
+from miaotui.layers.kernel_choice import BF16_ROWS_MAX_ROWS, bf16_rows_fits, note_kernel, this_cpu
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quantized_linear import QuantLinear
 
 TILES, BF16_ROWS = 0, 1  # kernel ids of decode_layer's linear_info
+FUSED_MAX_ROWS = BF16_ROWS_MAX_ROWS  # the lowest row limit of the kernels the op runs (tiles: 40, attention: 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
     """The plan for a decode step of `rows` rows, or None where the layer must run its modules."""
     from miaotui.models.llama import DecoderLayer, SwiGLU
 
-    if type(layer) is not DecoderLayer or rows > 8:  # 8: linear_bf16_rows' limit, the lowest of the kernels'
+    if type(layer) is not DecoderLayer or rows > FUSED_MAX_ROWS:
         return None
     attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
     if type(attn) is not Attention or type(mlp) is not SwiGLU or type(ln1) is not RMSNorm \
@@ -105,7 +106,7 @@ class FusedDecode:
     def step_fits(self, x: torch.Tensor, cos: torch.Tensor, kv_views: list[KVView] | None) -> bool:
         """Whether this step may run fused: an engine step of few bf16 rows, no autograd."""
         if kv_views is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[0] != 1 \
-                or x.shape[1] > 8 or torch.is_grad_enabled() or cos.dtype != torch.bfloat16 \
+                or x.shape[1] > FUSED_MAX_ROWS or torch.is_grad_enabled() or cos.dtype != torch.bfloat16 \
                 or not cos.is_contiguous():
             return False
         if self._op is None:
