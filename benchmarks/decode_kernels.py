@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vs_llamacpp import machine  # noqa: E402
 from miaotui.kernels import native_op  # noqa: E402
-from miaotui.layers.kernel_choice import bf16_rows_fits, int4pack_fits, q_rows_fits, this_cpu  # noqa: E402
+from miaotui.layers.kernel_choice import bf16_kernel, int4pack_fits, q_rows_fits, this_cpu  # noqa: E402
+from miaotui.layers.linear import bf16_tiles_layout, tiled_linear  # noqa: E402
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes  # noqa: E402
 from miaotui.layers.quantized_linear import QuantLinear, int4pack_layout  # noqa: E402
 
@@ -96,13 +97,15 @@ def main() -> None:
                                              "chosen": chosen, "gb_s_1_row": nbytes / us[0] / 1e3})
                     print(f"{n}x{k} {name:16s} {kernel:9s} " + " ".join(f"{u:8.1f}" for u in us), flush=True)
             weights = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(COPIES)]
-            variants = {"F.linear": lambda w, x: F.linear(x, w)}
-            if native_op("linear_bf16_rows") is not None and caps.avx512_bf16:
-                variants["rows_bf16"] = lambda w, x: native_op("linear_bf16_rows")(x, w, None)
-            for kernel, fn in variants.items():
-                us = [time_calls(fn, weights, torch.randn(r, k, dtype=torch.bfloat16)) for r in ROWS]
-                chosen = [bf16_rows_fits(r, k, torch.bfloat16, torch.bfloat16, caps) == (kernel == "rows_bf16")
-                          for r in ROWS]
+            variants = {"gemm": (weights, lambda w, x: F.linear(x, w))}
+            if native_op("linear_bf16_tiles") is not None and caps.avx512_bf16 and k % 32 == 0:
+                tiles = [bf16_tiles_layout(w) for w in weights]
+                variants["tiles_bf16"] = (tiles, lambda t, x, n=n: tiled_linear(x, t, n, None, "tiles_bf16"))
+                if caps.amx:
+                    variants["amx_bf16"] = (tiles, lambda t, x, n=n: tiled_linear(x, t, n, None, "amx_bf16"))
+            for kernel, (held, fn) in variants.items():
+                us = [time_calls(fn, held, torch.randn(r, k, dtype=torch.bfloat16)) for r in ROWS]
+                chosen = [(bf16_kernel(r, k, torch.bfloat16, torch.bfloat16, caps) or "gemm") == kernel for r in ROWS]
                 results["bf16"].append({"shape": [n, k], "kernel": kernel, "us": us, "chosen": chosen,
                                         "gb_s_1_row": n * k * 2 / us[0] / 1e3})
                 print(f"{n}x{k} bf16             {kernel:9s} " + " ".join(f"{u:8.1f}" for u in us), flush=True)

@@ -87,6 +87,7 @@ class LLM:
                                                          data_parallel_size), device)
         loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype)
         self.model = loaded.model if world == 1 else self._split(loaded.model)
+        self._add_kernel_layouts(self.model)
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.path = loaded.path
@@ -124,12 +125,19 @@ class LLM:
         if config.speculate != "model":
             return None
         draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype)
+        self._add_kernel_layouts(draft.model)
         if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
             raise MiaotuiError("the draft model's tokenizer differs from the target's")
         if draft.config.vocab_size != self.config.vocab_size:
             raise MiaotuiError(f"the draft model's vocabulary has {draft.config.vocab_size:,} rows, the target's "
                                f"{self.config.vocab_size:,}: speculation needs the same")
         return draft.model
+
+    def _add_kernel_layouts(self, net) -> None:
+        """Inference copies of bf16 weights in 16-row tiles, where this CPU has their kernels
+        (layers/linear.py); built on the final (sharded) weights."""
+        if self.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu":
+            net.add_bf16_tiles()
 
     @property
     def speculation_stats(self):

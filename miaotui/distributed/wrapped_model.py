@@ -47,6 +47,9 @@ class WrappedModel(nn.Module):
     def add_decode_weights(self, dtype: torch.dtype) -> None:
         self.transformer.add_decode_weights(dtype)
 
+    def add_bf16_tiles(self) -> None:
+        self.transformer.add_bf16_tiles()
+
     def num_parameters(self) -> int:
         return self.transformer.num_parameters()
 

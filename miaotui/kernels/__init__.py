@@ -49,7 +49,7 @@ def native_ops():
 
 def native_op(name: str) -> Callable | None:
     """One native op (cpu_kernels.cpp: paged_attention, int4_amx_linear, rms_norm_bf16, ...;
-    decode_matmul.cpp: linear_bf16_rows, linear_q_rows) or None.
+    decode_matmul.cpp: linear_bf16_tiles, linear_q_rows, linear_q_tiles) or None.
     Cached: layers ask on every call."""
     op = _ops_by_name.get(name, _MISSING)
     if op is _MISSING:

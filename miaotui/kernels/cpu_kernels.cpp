@@ -515,6 +515,60 @@ inline void store_tile_bf16(const float* acc, uint16_t* y, int rows, int64_t n) 
   }
 }
 
+// y[:, 16 b0 ...) for one panel of `width` (<= kPanel) column blocks whose bf16 weight chunks sit
+// in buf as [block][chunk][16 pair rows][32] (chunks = K/32): every 16-row slice of x against them.
+// `configured` is the row count the tiles are configured for (0: none yet).
+inline void amx_panel(const uint16_t* xs, int64_t m, int64_t k, const uint16_t* buf, int64_t chunks, int64_t width,
+                      uint16_t* y_panel, int64_t n, float* acc, int& configured) {
+  for (int64_t m0 = 0; m0 < m; m0 += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, m - m0));
+    if (rows != configured) {
+      configure_tiles(rows);
+      configured = rows;
+    }
+    const uint16_t* a = xs + m0 * k;
+    uint16_t* y = y_panel + m0 * n;
+    if (width == kPanel) {
+      const uint16_t *w0 = buf, *w1 = buf + chunks * 512, *w2 = buf + 2 * chunks * 512,
+                     *w3 = buf + 3 * chunks * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(4, a + c * 32, k * 2);
+        _tile_loadd(5, w0 + c * 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, w1 + c * 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, w2 + c * 512, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, w3 + c * 512, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, acc, 64);
+      store_tile_bf16(acc, y, rows, n);
+      _tile_stored(1, acc, 64);
+      store_tile_bf16(acc, y + 16, rows, n);
+      _tile_stored(2, acc, 64);
+      store_tile_bf16(acc, y + 32, rows, n);
+      _tile_stored(3, acc, 64);
+      store_tile_bf16(acc, y + 48, rows, n);
+    } else {
+      for (int64_t j = 0; j < width; ++j) {  // the last, narrower panel: one chain per block
+        _tile_zero(0);
+        for (int64_t c = 0; c < chunks; ++c) {
+          _tile_loadd(4, a + c * 32, k * 2);
+          _tile_loadd(5, buf + (j * chunks + c) * 512, 64);
+          _tile_dpbf16ps(0, 4, 5);
+        }
+        _tile_stored(0, acc, 64);
+        store_tile_bf16(acc, y + j * 16, rows, n);
+      }
+    }
+  }
+}
+
 at::Tensor int4_amx_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& meta) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
               "x: contiguous bf16 [M, K] on CPU");
@@ -590,59 +644,46 @@ at::Tensor int4_amx_linear(const at::Tensor& x, const at::Tensor& wq, const at::
           dequantize_chunk(q + at * 256, mt + at * 32, buf + (j * chunks + c) * 512);
         }
       }
-      for (int64_t m0 = 0; m0 < m; m0 += 16) {
-        const int rows = static_cast<int>(std::min<int64_t>(16, m - m0));
-        if (rows != configured) {
-          configure_tiles(rows);
-          configured = rows;
-        }
-        const uint16_t* a = xs + m0 * k;
-        uint16_t* y = ys + m0 * n + b0 * 16;
-        if (width == kPanel) {
-          const uint16_t *w0 = buf, *w1 = buf + chunks * 512, *w2 = buf + 2 * chunks * 512,
-                         *w3 = buf + 3 * chunks * 512;
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t c = 0; c < chunks; ++c) {
-            _tile_loadd(4, a + c * 32, k * 2);
-            _tile_loadd(5, w0 + c * 512, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, w1 + c * 512, 64);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(7, w2 + c * 512, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, w3 + c * 512, 64);
-            _tile_dpbf16ps(3, 4, 5);
-          }
-          _tile_stored(0, acc, 64);
-          store_tile_bf16(acc, y, rows, n);
-          _tile_stored(1, acc, 64);
-          store_tile_bf16(acc, y + 16, rows, n);
-          _tile_stored(2, acc, 64);
-          store_tile_bf16(acc, y + 32, rows, n);
-          _tile_stored(3, acc, 64);
-          store_tile_bf16(acc, y + 48, rows, n);
-        } else {
-          for (int64_t j = 0; j < width; ++j) {  // the last, narrower panel: one chain per block
-            _tile_zero(0);
-            for (int64_t c = 0; c < chunks; ++c) {
-              _tile_loadd(4, a + c * 32, k * 2);
-              _tile_loadd(5, buf + (j * chunks + c) * 512, 64);
-              _tile_dpbf16ps(0, 4, 5);
-            }
-            _tile_stored(0, acc, 64);
-            store_tile_bf16(acc, y + j * 16, rows, n);
-          }
-        }
-      }
+      amx_panel(xs, m, k, buf, chunks, width, ys + b0 * 16, n, acc, configured);
     }
     if (configured) _tile_release();
   });
   return out;
 }
+
+// linear_bf16_amx: y [M, N] bf16 = x [M, K] bf16 . W^T for a bf16 weight in linear_bf16_tiles' layout
+// (kernels/decode_matmul.cpp: [ceil(N/16), K/32, 16, 32], each [16, 32] block a VNNI B tile), by
+// AMX: panels of four 16-column blocks, every 16-row slice of x against them, float32 sums over
+// K in 32-wide steps, one rounding. The weight is read in place: no per-call re-layout.
+at::Tensor linear_bf16_amx(const at::Tensor& x, const at::Tensor& tiles, int64_t n) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous bf16 [M, K] on CPU");
+  const int64_t m = x.size(0), k = x.size(1), blocks = (n + 15) / 16, chunks = k / 32;
+  TORCH_CHECK(k % 32 == 0 && tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == blocks && tiles.size(1) == chunks && tiles.size(2) == 16 && tiles.size(3) == 32,
+              "tiles: contiguous bf16 [ceil(N / 16), K / 32, 16, 32]");
+  TORCH_CHECK(amx_permitted(), "the kernel did not grant this process the AMX tile state");
+  auto out = at::empty({m, blocks * 16}, x.options());
+  if (m == 0) return out.narrow(1, 0, n).contiguous();
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  auto* ys = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  const auto* w = reinterpret_cast<const uint16_t*>(tiles.data_ptr<c10::BFloat16>());
+  const int64_t panels = (blocks + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[16 * 16];
+    int configured = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = p * kPanel, width = std::min(kPanel, blocks - b0);
+      amx_panel(xs, m, k, w + b0 * chunks * 512, chunks, width, ys + b0 * 16, blocks * 16, acc, configured);
+    }
+    if (configured) _tile_release();
+  });
+  return blocks * 16 == n ? out : out.narrow(1, 0, n).contiguous();
+}
 #else
+at::Tensor linear_bf16_amx(const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "linear_bf16_amx: built without AMX (this CPU has no AMX-BF16)");
+}
 at::Tensor int4_amx_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "int4_amx_linear: built without AMX (this CPU has no AMX-BF16)");
 }
@@ -886,6 +927,7 @@ TORCH_LIBRARY(miaotui, m) {
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_bf16_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("int4_amx_linear(Tensor x, Tensor wq, Tensor meta) -> Tensor");
+  m.def("linear_bf16_amx(Tensor x, Tensor tiles, int n) -> Tensor");
   m.def("top_candidates(Tensor x, int k) -> Tensor");
   m.def("row_argmax(Tensor x) -> Tensor");
   m.def("silu_mul_bf16(Tensor x) -> Tensor");
@@ -900,6 +942,7 @@ TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16_", &rope_bf16_);
   m.impl("int4_amx_linear", &int4_amx_linear);
+  m.impl("linear_bf16_amx", &linear_bf16_amx);
   m.impl("top_candidates", &top_candidates);
   m.impl("row_argmax", &row_argmax);
   m.impl("silu_mul_bf16", &silu_mul_bf16);

@@ -9,7 +9,7 @@
 //   y = h + down(silu_mul(gate_up(rms_norm(h, ln2))))
 // Each linear is given as a kernel id and its tensors (linear_info: 6 ints per linear, in the order
 // qkv, o, gate_up, down: kernel, out features, bits, group width, zero code, exponent):
-//   kernel 0, linear_q_tiles: tensors (tiles, meta);  kernel 1, linear_bf16_rows: tensors (weight).
+//   kernel 0, linear_q_tiles: tensors (tiles, meta);  kernel 1, linear_bf16_tiles: tensors (tiles).
 // Only the qkv projection may have a bias (Qwen2). The ops are called through the dispatcher (they
 // live in cpu_kernels.cpp and decode_matmul.cpp); a call costs ~1 us there against ~10 us from Python.
 #include <ATen/ATen.h>
@@ -29,15 +29,15 @@ at::Tensor run_linear(const at::Tensor& x, at::TensorList tensors, at::IntArrayR
   static const auto tiles =
       miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
                             int64_t, const OptTensor&)>("miaotui::linear_q_tiles");
-  static const auto bf16_rows =
-      miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("miaotui::linear_bf16_rows");
+  static const auto bf16_tiles = miaotui_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&)>(
+      "miaotui::linear_bf16_tiles");
   const int64_t kernel = info[0];
   if (kernel == 0) {
     TORCH_CHECK(tensors.size() == 2, "a linear_q_tiles linear takes (tiles, meta)");
     return tiles.call(x, tensors[0], tensors[1], info[1], info[2], info[3], info[4], info[5], bias);
   }
-  TORCH_CHECK(kernel == 1 && tensors.size() == 1, "linear kernel must be 0 (tiles, meta) or 1 (bf16 weight)");
-  return bf16_rows.call(x, tensors[0], bias);
+  TORCH_CHECK(kernel == 1 && tensors.size() == 1, "linear kernel must be 0 (tiles, meta) or 1 (bf16 tiles)");
+  return bf16_tiles.call(x, tensors[0], info[1], bias);
 }
 
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& ln2, double eps,

@@ -7,8 +7,8 @@
 // bits whatever other rows share the call and however the threads split the work (speculative
 // verification stays lossless; a request's tokens do not depend on the batch).
 //
-// linear_bf16_rows(x, w, bias): y [M, N] bf16 = x [M, K] . w^T (+ bias), x and w bf16, float32
-//   sums (AVX512-BF16 pair dot products), one rounding to bf16. K % 32 == 0.
+// linear_bf16_tiles(x, tiles, n, bias): y [M, N] bf16 = x [M, K] . w^T (+ bias) for a bf16 weight in
+//   16-row tiles (below), float32 sums (AVX512-BF16 pair dot products), one rounding. K % 32 == 0.
 // linear_q_rows(x, codes, scale, offset, bits, group_width, bias): y [M, N] in x's dtype (bf16 or
 //   float32) for an integer weight w = u * scale + offset per group, u the stored unsigned codes
 //   (layers/quant_formats.py):
@@ -63,62 +63,96 @@ inline at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
 inline void store_out(float v, float* y) { *y = v; }
 inline void store_out(float v, c10::BFloat16* y) { reinterpret_cast<uint16_t*>(y)[0] = float_to_bf16_bits(v); }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define MIAOTUI_BF16_ROWS 1
-
-// Rows [n0, n0 + R) of w against one x row: R sums of K products, two accumulators per weight row
-// (even and odd 32-wide steps) so the dot-product latency is hidden; combined in a fixed order.
-template <int R>
-inline void bf16_tile(const uint16_t* x, const uint16_t* w, int64_t k, float* out) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 * kBlock <= k; i += 2 * kBlock) {
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i);
-    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + i + kBlock);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(w + r * k + i), x0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(w + r * k + i + kBlock), x1);
-    }
-  }
-  if (i < k) {
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i);
-    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(w + r * k + i), x0);
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+#if defined(__AVX512F__)
+// 16 float32 sums (+ bias) -> y[0, count) in the activations' dtype.
+inline void store16(__m512 v, const float* bias, int64_t count, float* y) {
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
+  _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << count) - 1), v);
 }
 
-at::Tensor linear_bf16_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 && w.dim() == 2 &&
-                  x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % kBlock == 0,
-              "x [M, K], w [N, K]: contiguous bf16 with K % 32 == 0");
-  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+inline void store16(__m512 v, const float* bias, int64_t count, c10::BFloat16* y) {
+  alignas(64) float tmp[16];
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
+  _mm512_store_ps(tmp, v);
+  for (int64_t j = 0; j < count; ++j) store_out(tmp[j], y + j);
+}
+
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define MIAOTUI_BF16_TILES 1
+
+constexpr int kBf16TileRows = 8;
+
+// linear_bf16_tiles: a bf16 weight repacked (layers/linear.py, bf16_tiles_layout) so that one 64-byte
+// load feeds one AVX512-BF16 pair dot product for 16 weight rows at once (float32 lane j = row j):
+//   tiles [T, K/32, 16, 32] bf16, T = ceil(N / 16); element [t, b, p, 2j + h] = w[16t + j, 32b + 2p + h]
+//   (padding rows 0). Each [16, 32] block is also AMX's VNNI layout of a 32 x 16 B tile.
+// The weight streams once in one sequential pass, with no horizontal sums; up to kBf16TileRows activation
+// rows share each weight load. Each output sums its K products in one fixed order (two float32
+// chains, even and odd pairs, added at the end), whatever the rows in the call.
+template <int M>
+inline void bf16_tile16(const uint16_t* const* x, const uint16_t* tile, int64_t blocks, __m512* out) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* w = tile + b * 512;
+    for (int c = 0; c < 16; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * 32) + 8192, _MM_HINT_T1);
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(w + p * 32);
+      for (int m = 0; m < M; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x[m] + b * kBlock + 2 * p, 4);
+        acc[m][p & 1] = _mm512_dpbf16_ps(acc[m][p & 1], v, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = _mm512_add_ps(acc[m][0], acc[m][1]);
+}
+
+at::Tensor linear_bf16_tiles(const at::Tensor& x, const at::Tensor& tiles, int64_t n,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0,
+              "x: contiguous bf16 [M, K], K % 32 == 0");
+  const int64_t m = x.size(0), k = x.size(1), tile_count = (n + 15) / 16, blocks = k / kBlock;
+  TORCH_CHECK(tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == tile_count && tiles.size(1) == blocks && tiles.size(2) == 16 && tiles.size(3) == 32,
+              "tiles: contiguous bf16 [ceil(N / 16), K / 32, 16, 32]");
   const at::Tensor bias_f = float_bias(bias, n);
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = at::empty({m, n}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(tiles.data_ptr<c10::BFloat16>());
   auto* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    float sums[kTile];
+  at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) {
+    __m512 sums[kBf16TileRows];
+    const uint16_t* rows[kBf16TileRows];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile, rows = std::min(kTile, n - n0);
-      for (int64_t i = 0; i < m; ++i) {
-        if (rows == kTile) {
-          bf16_tile<kTile>(xp + i * k, wp + n0 * k, k, sums);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) bf16_tile<1>(xp + i * k, wp + (n0 + r) * k, k, sums + r);
+      const uint16_t* tile = wp + t * blocks * 512;
+      const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
+      const float* b = bp ? bp + n0 : nullptr;
+      for (int64_t i = 0; i < m; i += kBf16TileRows) {
+        const int64_t rows_here = std::min<int64_t>(kBf16TileRows, m - i);
+        for (int64_t r = 0; r < rows_here; ++r) rows[r] = xp + (i + r) * k;
+        switch (rows_here) {
+          case 1: bf16_tile16<1>(rows, tile, blocks, sums); break;
+          case 2: bf16_tile16<2>(rows, tile, blocks, sums); break;
+          case 3: bf16_tile16<3>(rows, tile, blocks, sums); break;
+          case 4: bf16_tile16<4>(rows, tile, blocks, sums); break;
+          case 5: bf16_tile16<5>(rows, tile, blocks, sums); break;
+          case 6: bf16_tile16<6>(rows, tile, blocks, sums); break;
+          case 7: bf16_tile16<7>(rows, tile, blocks, sums); break;
+          default: bf16_tile16<8>(rows, tile, blocks, sums); break;
         }
-        for (int64_t r = 0; r < rows; ++r) store_out(sums[r] + (b ? b[n0 + r] : 0.f), yp + i * n + n0 + r);
+        for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, yp + (i + r) * n + n0);
       }
     }
   });
   return y;
 }
 #else
-at::Tensor linear_bf16_rows(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "linear_bf16_rows needs a CPU with AVX512-BF16");
+at::Tensor linear_bf16_tiles(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_bf16_tiles needs a CPU with AVX512-BF16");
 }
 #endif
 
@@ -319,7 +353,7 @@ at::Tensor linear_q_rows(const at::Tensor&, const at::Tensor&, const at::Tensor&
 // rows share every weight load. Sums per output in the same fixed order as linear_q_rows' per block
 // terms, so a row's result does not depend on the other rows in the call.
 constexpr int kTileRows = 4;
-constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline __m512 load_half16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -342,7 +376,7 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
       const uint8_t* w = tile + b * chunks * 64;
       // the weight stream is read once: prefetch a fixed distance ahead, every line (DRAM latency
       // outlasts the arithmetic of a block)
-      for (int c = 0; c < chunks; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + c * 64 + kPrefetchBytes, _MM_HINT_T0);
+      for (int c = 0; c < chunks; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + c * 64 + kPrefetchBytes, _MM_HINT_T1);
       // two independent int32 sums per activation row (shorter dependency chains; integer sums are
       // exact, so the split does not change a bit)
       __m512i dot[M][2];
@@ -385,18 +419,6 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
     }
   }
   for (int m = 0; m < M; ++m) out[m] = _mm512_mul_ps(acc[m], _mm512_set1_ps(unit));
-}
-
-inline void store16(__m512 v, const float* bias, int64_t count, float* y) {
-  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
-  _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << count) - 1), v);
-}
-
-inline void store16(__m512 v, const float* bias, int64_t count, c10::BFloat16* y) {
-  alignas(64) float tmp[16];
-  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), bias));
-  _mm512_store_ps(tmp, v);
-  for (int64_t j = 0; j < count; ++j) store_out(tmp[j], y + j);
 }
 
 template <typename T, int Bits>
@@ -476,8 +498,8 @@ bool has_q_tiles() {
 #endif
 }
 
-bool has_bf16_rows() {
-#if defined(MIAOTUI_BF16_ROWS)
+bool has_bf16_tiles() {
+#if defined(MIAOTUI_BF16_TILES)
   return true;
 #else
   return false;
@@ -495,10 +517,10 @@ bool has_int8_dot() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(miaotui, m) {
-  m.def("linear_bf16_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_bf16_tiles(Tensor x, Tensor tiles, int n, Tensor? bias) -> Tensor");
   m.def("linear_q_rows(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int group_width, "
         "Tensor? bias) -> Tensor");
-  m.def("has_bf16_rows() -> bool", &has_bf16_rows);
+  m.def("has_bf16_tiles() -> bool", &has_bf16_tiles);
   m.def("has_int8_dot() -> bool", &has_int8_dot);
   m.def("linear_q_tiles(Tensor x, Tensor tiles, Tensor meta, int n, int bits, int group_width, int zero_code, "
         "int exponent, Tensor? bias) -> Tensor");
@@ -506,7 +528,7 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
-  m.impl("linear_bf16_rows", &linear_bf16_rows);
+  m.impl("linear_bf16_tiles", &linear_bf16_tiles);
   m.impl("linear_q_rows", &linear_q_rows);
   m.impl("linear_q_tiles", &linear_q_tiles);
 }

@@ -5,8 +5,9 @@ pinned by tests for every CPU kind we run on (a slow path cannot come back unnot
 Decode-sized calls (a few rows) are bound by memory: every weight byte is read once per call. On
 x86 CPUs the native few-row kernels (kernels/decode_matmul.cpp) stream the weight in its own bits:
 integer weights at 4 or 8 bits against int8-quantized activations, in 16-row tiles with AVX512-VNNI
-(linear_q_tiles) or row by row with AVX2 (linear_q_rows); bf16 weights with AVX512-BF16 dot
-products (linear_bf16_rows). Their sums run in one fixed order per
+(linear_q_tiles) or row by row with AVX2 (linear_q_rows); bf16 weights in 16-row tiles with
+AVX512-BF16 dot products (linear_bf16_tiles; AMX multiplies the same tiles for longer calls).
+Their sums run in one fixed order per
 output element, so a row gets the same bits whatever else shares the call: a verification pass of
 drafted tokens agrees with a one-token step, and that is why their row limits cover a wide
 verification pass even where a GEMM would be a little faster.
@@ -26,7 +27,10 @@ from miaotui.layers.quant_formats import QuantFormat
 # the packed PyTorch kernels and dequantize + GEMM).
 Q_ROWS_MAX_ROWS = 16
 Q_TILES_MAX_ROWS = 40
-BF16_ROWS_MAX_ROWS = 8
+BF16_TILES_MAX_ROWS = 8
+# Up to here AMX multiplies bf16 tiles faster than PyTorch's GEMM (which re-lays the weight out per
+# call; from ~128 rows the re-layout is paid back: docs/kernels.md).
+AMX_BF16_MAX_ROWS = 64
 _INT4_INNER_K_TILES = 2
 # From here the AMX 4-bit kernel runs (bf16 activations, AMX CPUs; quantized_linear.py).
 INT4_AMX_MIN_ROWS = 8
@@ -128,12 +132,24 @@ def quant_kernel(fmt: QuantFormat, in_features: int, out_features: int, rows: in
     return "dense"
 
 
-def bf16_rows_fits(rows: int, in_features: int, dtype: torch.dtype, weight_dtype: torch.dtype,
-                   caps: CpuCaps, on_cpu: bool = True) -> bool:
-    """Whether a float Linear call runs linear_bf16_rows: bf16 activations and weight, few rows, on
-    AVX512-BF16 CPUs without AMX (AMX CPUs run oneDNN's packed bf16 matmul: linear.py)."""
-    return (on_cpu and caps.native and caps.avx512_bf16 and not caps.amx and dtype == torch.bfloat16
-            and weight_dtype == torch.bfloat16 and rows <= BF16_ROWS_MAX_ROWS and in_features % 32 == 0)
+def bf16_tiles_fits(in_features: int, caps: CpuCaps) -> bool:
+    """Whether bf16 weights get the 16-row tile layout (layers/linear.py, bf16_tiles_layout):
+    AVX512-BF16 CPUs with the native kernels, K in whole 32-wide blocks."""
+    return caps.native and caps.avx512_bf16 and in_features % 32 == 0
+
+
+def bf16_kernel(rows: int, in_features: int, dtype: torch.dtype, weight_dtype: torch.dtype, caps: CpuCaps,
+                on_cpu: bool = True) -> str | None:
+    """The kernel of a bf16 x bf16 inference call on a tiled weight: "tiles_bf16" (few rows,
+    memory-bound: the weight streams once; one kernel for every decode-sized call, so a row's bits
+    do not depend on the batch), "amx_bf16" (batched decode on AMX CPUs), or None: PyTorch's matmul
+    on the plain weight (prefill)."""
+    if not (on_cpu and dtype == torch.bfloat16 and weight_dtype == torch.bfloat16
+            and bf16_tiles_fits(in_features, caps)):
+        return None
+    if rows <= BF16_TILES_MAX_ROWS:
+        return "tiles_bf16"
+    return "amx_bf16" if caps.amx and rows <= AMX_BF16_MAX_ROWS else None
 
 
 class KernelLog:

@@ -6,12 +6,12 @@ decode, speculative verification) are still memory-bound: float32 as W @ x^T, wh
 big matrix once instead of repacking it as the B operand of a skinny GEMM. Many rows (prefill)
 are compute-bound: the ordinary GEMM. The narrow
 copy costs memory (+50% for float32 weights) and is an option (`decode_weight_dtype`).
-On AVX512-BF16 CPUs without AMX, few-row bf16 calls run the native linear_bf16_rows
-(kernels/decode_matmul.cpp), which streams the weight once with bf16 dot products (PyTorch's
-bf16 GEMM reached under half the memory bandwidth for decode-sized calls: docs/kernels.md).
-On CPUs with AMX, a bf16 weight is also kept in oneDNN's blocked layout (`pack_bf16_weight`):
-a plain bf16 matmul re-lays the weight out on every call, which made it twice as slow as the
-memory bound for decode-sized calls (docs/kernels.md). The packed matmul gives the same bits.
+On AVX512-BF16 CPUs a bf16 weight is also kept in 16-row tiles (`bf16_tiles_layout`): few-row
+calls stream it once with bf16 pair dot products, 16 outputs per 64-byte load (linear_bf16_tiles,
+kernels/decode_matmul.cpp), and on AMX CPUs every other call multiplies the same tiles with AMX
+(linear_bf16_amx): PyTorch's bf16 matmul re-lays a plain weight out on every call, which made
+decode-sized calls twice as slow as the memory bound (docs/kernels.md). The tiles cost one more
+copy of the weight.
 Not for quantization algorithms: they produce weights; this module multiplies them.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.kernels import native_op
-from miaotui.layers.kernel_choice import bf16_rows_fits, note_kernel, this_cpu
+from miaotui.layers.kernel_choice import bf16_kernel, bf16_tiles_fits, note_kernel, this_cpu
 
 # Measured on AVX2 (Zen 3), 2 threads, 30 different 3072x576 weights so they stream from DRAM as
 # in a real model (us per call):   rows:      1     2     4    16    64
@@ -32,44 +32,42 @@ SKINNY_MATMUL_MAX_ROWS = 64  # up to here W @ x^T wins
 _FP16_SAFE = 60000.0  # activations beyond this would overflow float16: use the wide weight
 
 
-def cpu_packs_bf16(dtype: torch.dtype, device: str | torch.device) -> bool:
-    """Whether bf16 weights on this device go to oneDNN's packed layout (CPUs with AMX-BF16)."""
-    from miaotui.runtime import cpu_flags
-
-    return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and "amx_bf16" in cpu_flags()
-            and torch.backends.mkldnn.is_available())
-
-
-def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] bf16 -> an opaque oneDNN tensor for packed_linear (a copy: inference only)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+def bf16_tiles_layout(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] bf16 -> tiles [ceil(N/16), K/32, 16, 32] bf16 with [t, b, p, 2j + h] =
+    weight[16t + j, 32b + 2p + h] (padding rows 0): 16 rows' K-pairs per 64 bytes, each [16, 32]
+    block an AMX B tile (kernels/decode_matmul.cpp, linear_bf16_tiles). A copy: inference only."""
+    n, k = weight.shape
+    tiles = -(-n // 16)
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % 16))
+    return padded.view(tiles, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(tiles, k // 32, 16, 32).contiguous()
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b with a weight from pack_bf16_weight. x: [..., in] bf16."""
+def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, n: int, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """y = x W^T + b for W in bf16_tiles_layout, by `kernel` (kernel_choice.bf16_kernel). x: [..., K] bf16."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(x2 if x2.is_contiguous() else x2.contiguous(), packed, bias,
-                                           "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    if kernel == "tiles_bf16":  # bias added in float32 before the one rounding
+        y = native_op("linear_bf16_tiles")(x2, tiles, n, bias)
+    else:
+        y = native_op("linear_bf16_amx")(x2, tiles, n)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], n)
 
 
 def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 narrow: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b in x's dtype. x: [..., in]; weight, narrow: [out, in]; packed: the weight
-    from pack_bf16_weight (used for bf16 inputs when no gradient is wanted)."""
+                 narrow: torch.Tensor | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b in x's dtype. x: [..., in]; weight, narrow: [out, in]; tiles: the weight in
+    bf16_tiles_layout (used for bf16 inputs when no gradient is wanted, where bf16_kernel says)."""
     rows = x.numel() // x.shape[-1]
     grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     on_cpu = x.device.type == "cpu"
     kind = f"{str(weight.dtype).removeprefix('torch.')} linear"
-    if packed is not None and x.dtype == torch.bfloat16 and not grad:
-        note_kernel(kind, "onednn_packed")
-        return packed_linear(x, packed, bias)
-    if not grad and weight.is_contiguous() and bf16_rows_fits(rows, x.shape[-1], x.dtype, weight.dtype, this_cpu(),
-                                                              on_cpu):
-        note_kernel(kind, "rows_bf16")
-        x2 = x.reshape(rows, x.shape[-1])
-        y = native_op("linear_bf16_rows")(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
+    if tiles is not None and not grad:
+        kernel = bf16_kernel(rows, x.shape[-1], x.dtype, weight.dtype, this_cpu(), on_cpu)
+        if kernel is not None:
+            note_kernel(kind, kernel)
+            return tiled_linear(x, tiles, weight.shape[0], bias, kernel)
     if narrow is not None and rows <= NARROW_MATMUL_MAX_ROWS \
             and (narrow.dtype != torch.float16 or x.abs().max() < _FP16_SAFE):
         note_kernel(kind, f"narrow_{str(narrow.dtype).removeprefix('torch.')}")
@@ -105,21 +103,22 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.narrow_weight: torch.Tensor | None = None  # optional decode copy, not saved
-        self.packed_weight: torch.Tensor | None = None  # optional oneDNN layout (AMX), not saved
+        self.tiles: torch.Tensor | None = None  # optional bf16_tiles_layout copy, not saved
 
     def add_narrow_weight(self, dtype: torch.dtype) -> None:
         self.narrow_weight = self.weight.detach().to(dtype)
 
-    def add_packed_weight(self) -> None:
-        if self.weight.dtype == torch.bfloat16:
-            self.packed_weight = pack_bf16_weight(self.weight)
+    def add_bf16_tiles(self) -> None:
+        if self.weight.dtype == torch.bfloat16 and bf16_tiles_fits(self.in_features, this_cpu()) \
+                and self.weight.device.type == "cpu":
+            self.tiles = bf16_tiles_layout(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mixed_linear(x, self.weight, self.bias, self.narrow_weight, self.packed_weight)
+        return mixed_linear(x, self.weight, self.bias, self.narrow_weight, self.tiles)
 
     def extra_repr(self) -> str:
         narrow = f", decode copy {self.narrow_weight.dtype}" if self.narrow_weight is not None else ""
-        packed = ", packed (oneDNN)" if self.packed_weight is not None else ""
+        packed = ", bf16 tiles" if self.tiles is not None else ""
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{narrow}{packed}"
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from miaotui.errors import MiaotuiError
-from miaotui.layers.linear import cpu_packs_bf16
 from miaotui.loaders.gguf import load_gguf
 from miaotui.loaders.gguf_file import GGUF_MAGIC
 from miaotui.loaders.hf import load_hf_dir
@@ -50,8 +49,6 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
     if fmt != "miaotui":
         net = build_transformer(config, tensors, dtype=dtype, device=device)
         del tensors
-    if decode_weight_dtype is not None and cpu_packs_bf16(dtype, device):
-        net.pack_bf16_weights()  # inference copies in oneDNN's layout (layers/linear.py)
     if decode_weight_dtype is not None and decode_weight_dtype != dtype:
         net.add_decode_weights(decode_weight_dtype)
     return LoadedModel(net, tokenizer, config, path, fmt)

@@ -1,6 +1,6 @@
 """A decoder layer's decode step as one native op (kernels/decode_layer.cpp), where every part of
 the layer has a native few-row kernel: bf16 activations, integer weights on linear_q_tiles or bf16
-weights on linear_bf16_rows, and the paged cache's fused attention. The op runs the same kernels
+weights on linear_bf16_tiles, and the paged cache's fused attention. The op runs the same kernels
 in the same order as DecoderLayer.forward, so the bits do not change; it only removes the
 per-module and per-op Python overhead (~15 calls a layer), which at small model sizes costs more
 than streaming the weights.
@@ -17,13 +17,13 @@ from torch import nn
 
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention, KVView
-from miaotui.layers.kernel_choice import BF16_ROWS_MAX_ROWS, bf16_rows_fits, note_kernel, this_cpu
+from miaotui.layers.kernel_choice import BF16_TILES_MAX_ROWS, bf16_kernel, note_kernel, this_cpu
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quantized_linear import QuantLinear
 
-TILES, BF16_ROWS = 0, 1  # kernel ids of decode_layer's linear_info
-FUSED_MAX_ROWS = BF16_ROWS_MAX_ROWS  # the lowest row limit of the kernels the op runs (tiles: 40, attention: 16)
+Q_TILES, BF16_TILES = 0, 1  # kernel ids of decode_layer's linear_info
+FUSED_MAX_ROWS = BF16_TILES_MAX_ROWS  # the lowest row limit of the kernels the op runs (q tiles: 40, attention: 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +50,13 @@ def _linear(module: nn.Module, rows: int) -> tuple[list[torch.Tensor], list[int]
             return None
         fmt = module.fmt
         tiles = module._q_tiles
-        return tiles.tensors(), [TILES, module.out_features, fmt.storage_bits, fmt.group_width(module.in_features),
+        return tiles.tensors(), [Q_TILES, module.out_features, fmt.storage_bits, fmt.group_width(module.in_features),
                                  tiles.zero_code, tiles.exponent]
     if type(module) is Linear:
-        weight = module.weight
-        if module.packed_weight is not None or not weight.is_contiguous() or not bf16_rows_fits(
-                rows, module.in_features, torch.bfloat16, weight.dtype, this_cpu()):
+        if module.tiles is None or bf16_kernel(rows, module.in_features, torch.bfloat16, module.weight.dtype,
+                                               this_cpu()) != "tiles_bf16":
             return None
-        return [weight], [BF16_ROWS, module.out_features, 16, 0, 0, 0]
+        return [module.tiles], [BF16_TILES, module.out_features, 16, 0, 0, 0]
     return None
 
 
@@ -90,7 +89,7 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
 def _sources(layer: nn.Module) -> tuple[object, ...]:
     """What a plan depends on, by identity: the layouts of the four linears and the norm weights."""
     attn, mlp = layer.self_attn, layer.mlp
-    return tuple(getattr(m, "_q_tiles", None) if type(m) is QuantLinear else getattr(m, "weight", None)
+    return tuple(getattr(m, "_q_tiles", None) if type(m) is QuantLinear else getattr(m, "tiles", None)
                  for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)) \
         + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
 

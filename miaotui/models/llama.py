@@ -12,8 +12,8 @@ from torch import nn
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention
-from miaotui.layers.kernel_choice import note_kernel, quant_kernel, this_cpu
-from miaotui.layers.linear import Linear, make_linear, mixed_linear, pack_bf16_weight
+from miaotui.layers.kernel_choice import bf16_tiles_fits, note_kernel, quant_kernel, this_cpu
+from miaotui.layers.linear import Linear, bf16_tiles_layout, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
 from miaotui.layers.quantized_linear import QTiles, QuantLinear, q_tiles_layout
@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         # tiles_q: those in q_tiles_layout
         self.head_q: tuple[torch.Tensor, ...] | QTiles | None = None
         self.head_q_kernel, self.head_q_rows = "rows_q", 0
-        self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of a tied bf16 head (AMX)
+        self.lm_head_tiles: torch.Tensor | None = None  # bf16_tiles_layout of a tied bf16 head
         self.fused_decode = FusedDecode()  # decode steps of a layer in one native op, where they fit
 
     def materialize_rotary(self, device: str | torch.device) -> None:
@@ -95,15 +95,17 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             self.lm_head_narrow = self.embed_tokens.weight.detach().to(dtype)
 
-    def pack_bf16_weights(self) -> None:
-        """Keep every bf16 matmul weight (tied head included) in oneDNN's packed layout too, for
-        inference on AMX CPUs (layers/linear.py): the same bits, up to 2x faster few-row calls."""
+    def add_bf16_tiles(self) -> None:
+        """Keep every bf16 matmul weight (tied head included) in 16-row tiles too, for inference on
+        AVX512-BF16 CPUs (layers/linear.py): decode-sized calls stream them at memory speed, and
+        AMX multiplies them in place for longer calls."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.add_packed_weight()
+                module.add_bf16_tiles()
         head = self._dense_head()
-        if self.lm_head is None and head is not None and head.dtype == torch.bfloat16:
-            self.lm_head_packed = pack_bf16_weight(head)
+        if self.lm_head is None and head is not None and head.dtype == torch.bfloat16 \
+                and bf16_tiles_fits(head.shape[1], this_cpu()) and head.device.type == "cpu":
+            self.lm_head_tiles = bf16_tiles_layout(head)
 
     def _add_int8_head(self) -> None:
         head = self._dense_head()
@@ -169,7 +171,7 @@ class Transformer(nn.Module):
             out = torch._weight_int8pack_mm(hidden.reshape(rows, -1).contiguous(), codes, scale)
             out = out.view(*hidden.shape[:-1], -1)
         elif self.lm_head is None:
-            out = mixed_linear(hidden, self.embed_tokens.weight, None, self.lm_head_narrow, self.lm_head_packed)
+            out = mixed_linear(hidden, self.embed_tokens.weight, None, self.lm_head_narrow, self.lm_head_tiles)
         else:
             out = self.lm_head(hidden)
         if out.dtype in (torch.bfloat16, torch.float16):
@@ -216,7 +218,7 @@ class Transformer(nn.Module):
                 total += sum(t.numel() * t.element_size() for t in module.decode_tensors())
             elif isinstance(module, Linear):
                 narrow = module.narrow_weight is not None and NARROW_MATMUL_MAX_ROWS >= 1
-                weight = module.narrow_weight if narrow else module.weight
+                weight = module.tiles if module.tiles is not None else module.narrow_weight if narrow else module.weight
                 total += weight.numel() * weight.element_size()
         head = self._head_q_tensors() or self.head_int8 or (
             None if self.lm_head_narrow is None else (self.lm_head_narrow,))
@@ -238,9 +240,9 @@ class Transformer(nn.Module):
         for copy in (self.head_int8, self._head_q_tensors()):
             tensors += [] if copy is None else list(copy)
         tensors += [t for m in self.modules() if isinstance(m, QuantLinear) for t in m.kernel_tensors()]
-        packed = [m.packed_weight for m in self.modules() if isinstance(m, Linear) and m.packed_weight is not None]
-        packed += [] if self.lm_head_packed is None else [self.lm_head_packed]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(torch.ops.mkldnn._nbytes(t) for t in packed)
+        tensors += [m.tiles for m in self.modules() if isinstance(m, Linear) and m.tiles is not None]
+        tensors += [] if self.lm_head_tiles is None else [self.lm_head_tiles]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -10,11 +10,12 @@ import torch
 
 from miaotui.kernels import native_op
 from miaotui.layers.kernel_choice import (
-    BF16_ROWS_MAX_ROWS,
+    AMX_BF16_MAX_ROWS,
+    BF16_TILES_MAX_ROWS,
     Q_ROWS_MAX_ROWS,
     Q_TILES_MAX_ROWS,
     CpuCaps,
-    bf16_rows_fits,
+    bf16_kernel,
     q_tiles_fits,
     quant_kernel,
     this_cpu,
@@ -68,11 +69,18 @@ def test_choice_without_the_native_kernels_and_off_the_cpu():
     assert quant_kernel(QuantFormat(8, 128, False), 576, 1536, 1, torch.float16, ZEN5) == "dense"
 
 
-def test_bf16_rows_kernel_runs_on_avx512_bf16_without_amx():
-    assert bf16_rows_fits(1, 576, BF16, BF16, ZEN5) and bf16_rows_fits(BF16_ROWS_MAX_ROWS, 576, BF16, BF16, ZEN5)
-    assert not bf16_rows_fits(BF16_ROWS_MAX_ROWS + 1, 576, BF16, BF16, ZEN5)
-    assert not bf16_rows_fits(1, 576, BF16, BF16, XEON_AMX)  # oneDNN's packed AMX matmul there
-    assert not bf16_rows_fits(1, 576, BF16, BF16, ZEN3) and not bf16_rows_fits(1, 576, torch.float32, BF16, ZEN5)
+def test_bf16_weights_take_the_tile_kernels_on_avx512_bf16():
+    for rows in (1, 4, BF16_TILES_MAX_ROWS):  # decode-sized: the weight streams once, in tiles
+        assert bf16_kernel(rows, 576, BF16, BF16, ZEN5) == bf16_kernel(rows, 576, BF16, BF16, XEON_AMX) == "tiles_bf16"
+    for rows in (BF16_TILES_MAX_ROWS + 1, 16, AMX_BF16_MAX_ROWS):  # AMX multiplies the same tiles; elsewhere PyTorch
+        assert bf16_kernel(rows, 576, BF16, BF16, XEON_AMX) == "amx_bf16"
+        assert bf16_kernel(rows, 576, BF16, BF16, ZEN5) is None
+    assert bf16_kernel(AMX_BF16_MAX_ROWS + 1, 576, BF16, BF16, XEON_AMX) is None  # prefill: PyTorch's GEMM
+    assert bf16_kernel(1, 576, BF16, BF16, ZEN3) is None and bf16_kernel(1, 576, BF16, BF16, NO_COMPILER) is None
+    assert bf16_kernel(1, 576, torch.float32, BF16, ZEN5) is None
+    assert bf16_kernel(1, 576, BF16, torch.float32, ZEN5) is None
+    assert bf16_kernel(1, 560, BF16, BF16, ZEN5) is None  # K not in 32-blocks
+    assert bf16_kernel(1, 576, BF16, BF16, ZEN5, on_cpu=False) is None
 
 
 @pytest.fixture(scope="module")
@@ -198,17 +206,25 @@ def test_bad_q_tiles_inputs_are_clear_errors(caps):
 
 
 @pytest.fixture(scope="module")
-def bf16_op():
+def bf16_tiles_op():
     if not (this_cpu().native and this_cpu().avx512_bf16):
-        pytest.skip("linear_bf16_rows needs AVX512-BF16")
-    return native_op("linear_bf16_rows")
+        pytest.skip("linear_bf16_tiles needs AVX512-BF16")
+    return native_op("linear_bf16_tiles")
 
 
-def test_bf16_rows_matches_float_sums_and_is_batch_invariant(bf16_op):
+def test_bf16_tiles_match_float_sums_and_are_batch_invariant(bf16_tiles_op):
+    from miaotui.layers.linear import bf16_tiles_layout
+
     torch.manual_seed(0)
-    w, x, b = torch.randn(203, 576, dtype=BF16), torch.randn(BF16_ROWS_MAX_ROWS, 576, dtype=BF16), torch.randn(203)
-    got = bf16_op(x, w, b)
+    w, x, b = torch.randn(203, 576, dtype=BF16), torch.randn(BF16_TILES_MAX_ROWS, 576, dtype=BF16), torch.randn(203)
+    tiles = bf16_tiles_layout(w)  # 203 rows: the last tile is padded
+    assert tiles.shape == (13, 18, 16, 32)
+    got = bf16_tiles_op(x, tiles, 203, b)
     exact = (x.double() @ w.double().t() + b.double()).bfloat16()
     assert float((got.float() - exact.float()).abs().max() / exact.float().abs().max()) < 8e-3
-    for i in (0, 5, BF16_ROWS_MAX_ROWS - 1):
-        assert torch.equal(bf16_op(x[i:i + 1].contiguous(), w, b), got[i:i + 1])
+    for i in (0, 5, BF16_TILES_MAX_ROWS - 1):
+        assert torch.equal(bf16_tiles_op(x[i:i + 1].contiguous(), tiles, 203, b), got[i:i + 1])
+    with pytest.raises(RuntimeError, match="tiles: contiguous bf16"):
+        bf16_tiles_op(x, tiles, 300, b)
+    with pytest.raises(RuntimeError, match="K % 32"):
+        bf16_tiles_op(x[:, :100].contiguous(), tiles, 203, b)

@@ -125,6 +125,25 @@ def test_bf16_paged_attention_matches_sdpa_and_is_batch_independent(op, block_al
     assert torch.equal(alone, got[2:3])
 
 
+@pytest.mark.skipif(not _has_amx(), reason="the AMX bf16 kernel needs AMX-BF16")
+def test_amx_bf16_linear_on_tiles_matches_the_plain_matmul():
+    """linear_bf16_amx multiplies a weight in bf16_tiles_layout in place: float32 sums over K as a
+    plain bf16 GEMM, one rounding; a row's bits do not depend on the rows beside it."""
+    from miaotui.layers.linear import bf16_tiles_layout
+
+    torch.manual_seed(0)
+    w, x = torch.randn(200, 576, dtype=torch.bfloat16), torch.randn(70, 576, dtype=torch.bfloat16)  # 13 tiles
+    tiles = bf16_tiles_layout(w)
+    got = native_op("linear_bf16_amx")(x, tiles, 200)
+    exact = (x.double() @ w.double().t()).bfloat16()
+    assert got.shape == (70, 200)
+    assert float((got.float() - exact.float()).abs().max() / exact.float().abs().max()) < 8e-3
+    for rows in (1, 9, 16, 17):
+        assert torch.equal(native_op("linear_bf16_amx")(x[:rows].contiguous(), tiles, 200), got[:rows])
+    with pytest.raises(RuntimeError, match="tiles: contiguous bf16"):
+        native_op("linear_bf16_amx")(x, tiles, 300)
+
+
 @pytest.mark.skipif(not _has_amx(), reason="the AMX 4-bit kernel needs AMX-BF16")
 def test_amx_int4_linear_matches_dequantize_then_matmul():
     """int4_amx_linear multiplies by the dequantized weight (the bits of dequantize_4bit), summing

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS, Linear, cpu_packs_bf16
+from miaotui.layers.kernel_choice import KernelLog, bf16_kernel, bf16_tiles_fits, this_cpu
+from miaotui.layers.linear import NARROW_MATMUL_MAX_ROWS, Linear
 
 
 def _layer() -> Linear:
@@ -71,24 +72,30 @@ def test_int8_head_copy_keeps_the_best_logits_exact(tiny_hf_dir):
     torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.skipif(not cpu_packs_bf16(torch.bfloat16, "cpu"), reason="oneDNN packing is for CPUs with AMX-BF16")
-def test_packed_bf16_weights_give_the_bits_of_the_plain_matmul(tiny_hf_dir):
-    """On AMX CPUs inference loads keep bf16 weights in oneDNN's layout too (2x faster decode-sized
-    calls): the logits are bit for bit the plain model's, for any number of rows."""
+@pytest.mark.skipif(not bf16_tiles_fits(64, this_cpu()), reason="bf16 tiles need AVX512-BF16 and the native kernels")
+def test_tiled_bf16_weights_serve_inference_and_agree_with_the_plain_matmul(tiny_hf_dir):
+    """On AVX512-BF16 CPUs inference loads keep bf16 weights in 16-row tiles too: the calls run the
+    tile kernels (few rows; AMX for more where the CPU has it), with float32 sums as the plain matmul,
+    and autograd still multiplies the plain weight."""
     from miaotui.loaders.load import load_model
 
     plain = load_model(tiny_hf_dir, torch.bfloat16).model
-    packed = load_model(tiny_hf_dir, torch.bfloat16, decode_weight_dtype=torch.int8).model
-    assert packed.lm_head_packed is not None
-    packed.head_int8 = packed.head_q = None  # (few-row calls would read the int8 head copy: tested above)
-    assert packed.weight_bytes() > plain.weight_bytes()
+    tiled = load_model(tiny_hf_dir, torch.bfloat16).model
+    tiled.add_bf16_tiles()  # (LLM does this for bf16 inference)
+    assert tiled.lm_head_tiles is not None and all(
+        m.tiles is not None for m in tiled.modules() if isinstance(m, Linear))
+    assert tiled.weight_bytes() > plain.weight_bytes()
     torch.manual_seed(0)
-    for rows in (1, 2, 5, 16, 70):
+    for rows in (1, 2, 5, 8, 16, 70):
         tokens = torch.randint(0, plain.config.vocab_size, (1, rows))
         positions = torch.arange(rows)[None]
+        with torch.no_grad(), KernelLog() as log:
+            got = tiled(tokens, positions)
+        kernel = bf16_kernel(rows, 64, torch.bfloat16, torch.bfloat16, this_cpu())
+        assert log.calls.get(f"bfloat16 linear {kernel or 'gemm'}", 0) >= 2 * 4  # every linear of both layers
         with torch.no_grad():
-            assert torch.equal(packed(tokens, positions), plain(tokens, positions))
-    layer = packed.layers[0].mlp.down_proj  # with autograd the plain weight serves: gradients flow
+            torch.testing.assert_close(got, plain(tokens, positions), rtol=0.02, atol=0.03)
+    layer = tiled.layers[0].mlp.down_proj  # with autograd the plain weight serves: gradients flow
     layer.weight.requires_grad_(True)
     layer(torch.randn(3, layer.in_features, dtype=torch.bfloat16)).sum().backward()
     assert layer.weight.grad is not None
