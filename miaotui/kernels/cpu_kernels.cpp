@@ -1,7 +1,7 @@
 // Native CPU kernels (built on first use by miaotui/kernels/__init__.py). Each op's comment below
-// gives its shapes: paged_attention and paged_attention_qkv (decode attention), dequantize_4bit and
-// int4_amx_linear (4-bit weights), rms_norm_bf16, rope_bf16_, silu_mul_bf16, top_candidates and
-// row_argmax (logits), has_amx.
+// gives its shapes: paged_attention and paged_attention_qkv (decode attention), dequantize_4bit,
+// dequantize_8bit and int4_amx_linear (4- and 8-bit weights), linear_bf16_amx (bf16 tiles),
+// rms_norm_bf16, rope_bf16_, silu_mul_bf16, top_candidates and row_argmax (logits), has_amx.
 //
 // paged_attention: attention for few-token rows (decode steps, speculative verification).
 //
@@ -478,6 +478,53 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& scale, const at
   }
 }
 
+// dequantize_8bit: an 8-bit layer's weight for one GEMM (prefill), written into `out` [N, K]:
+// w = code * scale + offset per group of group_width weights (the last group may be shorter), in
+// float32, rounded once to out's dtype.
+template <typename T>
+void dequantize_rows_8bit(const uint8_t* codes, const float* scale, const float* offset, T* out, int64_t n,
+                          int64_t k, int64_t groups, int64_t width) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint8_t* __restrict src = codes + row * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scale[row * groups + g], o = offset[row * groups + g];
+        const int64_t j0 = g * width, j1 = std::min(k, j0 + width);
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          uint16_t* __restrict dst = reinterpret_cast<uint16_t*>(out + row * k);
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dst[j] = static_cast<uint16_t>(bf16_bits(static_cast<float>(src[j]) * s + o));
+        } else {
+          T* __restrict dst = out + row * k;
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) store(static_cast<float>(src[j]) * s + o, dst + j);
+        }
+      }
+    }
+  });
+}
+
+void dequantize_8bit(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t group_width,
+                     at::Tensor& out) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
+              "codes: contiguous uint8 [N, K] on CPU");
+  const int64_t n = codes.size(0), k = codes.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  offset.is_contiguous() && scale.sizes() == offset.sizes() && scale.dim() == 2 && scale.size(0) == n &&
+                  group_width > 0 && scale.size(1) == (k + group_width - 1) / group_width,
+              "scale, offset: contiguous float32 [N, ceil(K / group_width)]");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == k, "out: contiguous [N, K]");
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float *s = scale.data_ptr<float>(), *o = offset.data_ptr<float>();
+  const int64_t groups = scale.size(1);
+  switch (out.scalar_type()) {
+    case at::kFloat: dequantize_rows_8bit(c, s, o, out.data_ptr<float>(), n, k, groups, group_width); break;
+    case at::kBFloat16: dequantize_rows_8bit(c, s, o, out.data_ptr<c10::BFloat16>(), n, k, groups, group_width); break;
+    case at::kHalf: dequantize_rows_8bit(c, s, o, out.data_ptr<c10::Half>(), n, k, groups, group_width); break;
+    default: TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+  }
+}
+
 // ---- 4-bit weights x bf16 activations on AMX ----------------------------------------------------
 // int4_amx_linear: y [M, N] bf16 = x [M, K] bf16 . W^T, W dequantized per 16-column block into a
 // bf16 tile buffer (w = nibble * scale + offset in float32, one rounding: the bits of dequantize_4bit)
@@ -924,6 +971,7 @@ TORCH_LIBRARY(miaotui, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "
         "-> Tensor");
   m.def("dequantize_4bit(Tensor packed, Tensor scale, Tensor offset, Tensor(a!) out) -> ()");
+  m.def("dequantize_8bit(Tensor codes, Tensor scale, Tensor offset, int group_width, Tensor(a!) out) -> ()");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_bf16_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("int4_amx_linear(Tensor x, Tensor wq, Tensor meta) -> Tensor");
@@ -939,6 +987,7 @@ TORCH_LIBRARY(miaotui, m) {
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("dequantize_8bit", &dequantize_8bit);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("rope_bf16_", &rope_bf16_);
   m.impl("int4_amx_linear", &int4_amx_linear);

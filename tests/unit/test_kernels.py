@@ -125,6 +125,31 @@ def test_bf16_paged_attention_matches_sdpa_and_is_batch_independent(op, block_al
     assert torch.equal(alone, got[2:3])
 
 
+def test_dequantize_8bit_gives_the_layer_weight():
+    """The 8-bit prefill path rebuilds the weight in one native pass: w = code * scale + offset per
+    group (576 = 4 x 128 + 64: the last group is shorter), float32 then one rounding."""
+    from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
+    from miaotui.layers.quantized_linear import QuantLinear
+
+    op = native_op("dequantize_8bit")
+    if op is None:
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    for fmt in (QuantFormat(8, 128, False), QuantFormat(8, 32, True), QuantFormat(8, -1, True)):
+        w = torch.randn(96, 576)
+        layer = QuantLinear(576, 96, False, fmt)
+        scale, zero = compute_qparams(w, fmt)
+        layer.set_codes(quantize_codes(w, scale, zero, fmt), scale, zero)
+        exact = layer.dequantized_weight(torch.float32)
+        with torch.no_grad():
+            got32 = layer._dense_weight(torch.float32).clone()
+            got16 = layer._dense_weight(torch.bfloat16).clone()
+        torch.testing.assert_close(got32, exact, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got16, exact.bfloat16(), rtol=2 ** -7, atol=1e-6)  # within one bf16 step
+    with pytest.raises(RuntimeError, match="scale, offset"):
+        op(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.zeros(4, 3), 32, torch.empty(4, 64))
+
+
 @pytest.mark.skipif(not _has_amx(), reason="the AMX bf16 kernel needs AMX-BF16")
 def test_amx_bf16_linear_on_tiles_matches_the_plain_matmul():
     """linear_bf16_amx multiplies a weight in bf16_tiles_layout in place: float32 sums over K as a
