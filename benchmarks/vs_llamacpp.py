@@ -2,7 +2,8 @@
 
 For each model size and GGUF class (Q4_0, Q8_0, BF16):
 - llama.cpp's `llama-bench` at its defaults (weight repacking on; 2 threads) on the GGUF file:
-  pp512 and tg128 (tok/s), peak RSS of its process.
+  pp512 and tg128 (tok/s), peak RSS of its process. It and `miaotui bench` run in turn, one run
+  each, --repeat times (medians), so that both meet the host's load at the same moments.
 - `miaotui bench` (LLM.generate through the engine, batch 1): on the same BF16 GGUF for the BF16
   class; for the integer classes on miaotui's own equivalent of the file's format, quantized from
   that BF16 GGUF (Q4_0 = int4 in symmetric groups of 32, Q8_0 = int8 in symmetric groups of 32).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,28 +94,22 @@ def peak_rss_mb_of(command: list[str]) -> tuple[str, float]:
     out = proc.stdout.read()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(command[:4])} failed: {err[-2000:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise RuntimeError(f"{Path(command[0]).name} {how}: {err[-2000:].strip()}")
     return out, usage.ru_maxrss / 1024
 
 
-def llama_bench(bin_dir: Path, model: Path, repeat: int) -> dict:
-    """pp512 / tg128 at llama-bench's defaults (repack on); repack off only if the default crashes."""
-    for repack in (1, 0):
-        command = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(THREADS), "-p", "512", "-n", "128",
-                   "-r", str(repeat), "-o", "json"] + ([] if repack else ["--repack", "0"])
-        try:
-            out, rss = peak_rss_mb_of(command)
-        except RuntimeError as exc:
-            print(f"llama-bench on {model.name} with repack={repack} failed: {str(exc)[:300]}", flush=True)
-            continue
-        rows = json.loads(out)
-        pp = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
-        tg = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
-        return {"pp512": pp["avg_ts"], "tg128": tg["avg_ts"], "pp512_runs": pp["samples_ts"],
-                "tg128_runs": tg["samples_ts"], "peak_rss_mb": rss, "repack": bool(repack),
-                "build": rows[0]["build_commit"]}
-    raise RuntimeError(f"llama-bench failed on {model} with and without repacking")
+def llama_bench(bin_dir: Path, model: Path, repeat: int, repack: bool) -> dict:
+    """pp512 / tg128 of llama-bench (2 threads; weight repacking on, its default, or off)."""
+    command = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(THREADS), "-p", "512", "-n", "128",
+               "-r", str(repeat), "-o", "json"] + ([] if repack else ["--repack", "0"])
+    out, rss = peak_rss_mb_of(command)
+    rows = json.loads(out)
+    pp = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
+    tg = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
+    return {"pp512": pp["avg_ts"], "tg128": tg["avg_ts"], "peak_rss_mb": rss, "build": rows[0]["build_commit"]}
 
 
 def miaotui_bench(model: Path, repeat: int) -> dict:
@@ -122,6 +118,40 @@ def miaotui_bench(model: Path, repeat: int) -> dict:
     out, rss = peak_rss_mb_of(command)
     result = json.loads(out.strip().splitlines()[-1])
     return result | {"process_peak_rss_mb": rss}
+
+
+def paired_runs(bin_dir: Path, gguf_file: Path, ours: Path, repeat: int) -> tuple[dict, dict]:
+    """llama-bench at its defaults and `miaotui bench`, one run each in turn, `repeat` times (the
+    host's load drifts: interleaving gives both the same conditions); medians of the runs. Weight
+    repacking is turned off for llama.cpp only if its default crashes, and the result says so."""
+    repack, failure = True, None
+    llama_runs, our_runs = [], []
+    for i in range(repeat):
+        for name in ("llama", "miaotui") if i % 2 == 0 else ("miaotui", "llama"):
+            if name == "miaotui":
+                our_runs.append(miaotui_bench(ours, 1))
+                continue
+            try:
+                llama_runs.append(llama_bench(bin_dir, gguf_file, 1, repack))
+            except RuntimeError as exc:
+                if not repack:
+                    raise
+                failure = str(exc).split(":")[0]
+                print(f"llama-bench on {gguf_file.name} at its defaults failed ({failure}); repacking off", flush=True)
+                repack = False
+                llama_runs.append(llama_bench(bin_dir, gguf_file, 1, repack))
+    llama = {"pp512": statistics.median(r["pp512"] for r in llama_runs),
+             "tg128": statistics.median(r["tg128"] for r in llama_runs),
+             "pp512_runs": [r["pp512"] for r in llama_runs], "tg128_runs": [r["tg128"] for r in llama_runs],
+             "peak_rss_mb": max(r["peak_rss_mb"] for r in llama_runs), "repack": repack,
+             "default_failure": failure, "build": llama_runs[0]["build"]}
+    ours_result = dict(our_runs[-1])
+    for key in ("prefill_tok_s", "decode_tok_s", "decode_gb_s", "itl_p50_ms", "ttft_ms"):
+        ours_result[key] = statistics.median(r[key] for r in our_runs)
+    ours_result["decode_tok_s_runs"] = [r["decode_tok_s"] for r in our_runs]
+    ours_result["prefill_tok_s_runs"] = [r["prefill_tok_s"] for r in our_runs]
+    ours_result["process_peak_rss_mb"] = max(r["process_peak_rss_mb"] for r in our_runs)
+    return llama, ours_result
 
 
 def llama_quantize(bin_dir: Path, source: Path, kind: str) -> Path:
@@ -148,21 +178,29 @@ def bf16_gguf(size: str, work: Path) -> Path:
 
 
 def serve_pair(bin_dir: Path, gguf_file: Path, ours: Path, requests: int, repeat: int) -> dict:
-    """One request and 16 at once through llama-server (defaults, 16 slots) and `miaotui serve`,
-    and each one's time from start to healthy."""
+    """One request and 16 at once through llama-server (defaults, 16 slots; weight repacking off only
+    if the default crashes) and `miaotui serve`, and each one's time from start to healthy."""
     out = {}
     llama = [str(bin_dir / "llama-server"), "-m", str(gguf_file), "-t", str(THREADS), "-np", "16", "-c", "16384",
              "--host", "127.0.0.1"]
     mine = [sys.executable, "-m", "miaotui.cli", "serve", "-m", str(ours), "--threads", str(THREADS),
             "--served-model-name", "m", "--kv-cache-mb", "1024", "--max-num-seqs", "64"]
-    for name, command in (("llama_server", llama), ("miaotui", mine)):
-        port = free_port()
-        start = time.perf_counter()
-        with running_http_process(command + ["--port", str(port)], port, name, timeout=600) as (url, _):
-            load_s = time.perf_counter() - start
-            bench_serve(url, [1], 2, 16, 16)  # warm-up
-            out[name] = {"load_s": load_s, "c1": median_run(url, 1, max(4, requests // 4), repeat),
-                         "c16": median_run(url, 16, requests, repeat)}
+    for name, commands in (("llama_server", [llama, llama + ["--no-repack"]]), ("miaotui", [mine])):
+        for attempt, command in enumerate(commands):
+            port = free_port()
+            start = time.perf_counter()
+            try:
+                with running_http_process(command + ["--port", str(port)], port, name, timeout=600) as (url, _):
+                    load_s = time.perf_counter() - start
+                    bench_serve(url, [1], 2, 16, 16)  # warm-up
+                    out[name] = {"load_s": load_s, "c1": median_run(url, 1, max(4, requests // 4), repeat),
+                                 "c16": median_run(url, 16, requests, repeat), "repack": attempt == 0}
+                break
+            except RuntimeError as exc:  # the server process died (llama-server: SIGILL with repacking here)
+                if attempt + 1 == len(commands):
+                    raise
+                print(f"{name} at its defaults failed ({str(exc).splitlines()[0]}); again with --no-repack",
+                      flush=True)
         print(f"serving {gguf_file.name} {name}: load {load_s:.1f} s, 1 request "
               f"{out[name]['c1']['output_tok_s']:.1f} tok/s, 16 at once {out[name]['c16']['output_tok_s']:.1f}",
               flush=True)
@@ -199,7 +237,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="135m,1b", help="comma-separated: 135m, 1b, 8b (8b: 16 GB BF16 file)")
     parser.add_argument("--classes", default="Q4_0,Q8_0,BF16")
     parser.add_argument("--serve-sizes", default="135m", help="sizes also measured through the servers")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each tool, interleaved (medians)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--llama-cpp-bin", default=None, help="directory with llama-bench, llama-server, "
                                                               "llama-quantize (default: build and cache them)")
@@ -225,14 +263,13 @@ def main() -> None:
                 ours = miaotui_quantize(source, method, bits, group, work / f"{source.stem}-miaotui-int{bits}-g{group}")
             row = {"size": size, "class": cls, "gguf": gguf_file.name, "miaotui_model": ours.name,
                    "llama_read_bytes": gguf_read_bytes(gguf_file)}
-            row["llama"] = llama_bench(bin_dir, gguf_file, args.repeat)
-            row["miaotui"] = miaotui_bench(ours, args.repeat)
+            row["llama"], row["miaotui"] = paired_runs(bin_dir, gguf_file, ours, args.repeat)
             row["llama_gb_s"] = row["llama_read_bytes"] * row["llama"]["tg128"] / 1e9
             row["miaotui_gb_s"] = row["miaotui"]["decode_gb_s"]
             row["tg_ratio"] = row["miaotui"]["decode_tok_s"] / row["llama"]["tg128"]
             row["pp_ratio"] = row["miaotui"]["prefill_tok_s"] / row["llama"]["pp512"]
             if size in args.serve_sizes.split(","):
-                row["serving"] = serve_pair(bin_dir, gguf_file, ours, args.requests, args.repeat)
+                row["serving"] = serve_pair(bin_dir, gguf_file, ours, args.requests, min(args.repeat, 3))
             if row["tg_ratio"] < 1.0 and size == "135m":
                 row["miaotui_decode_profile"] = decode_profile(ours)
             results["rows"].append(row)
@@ -241,6 +278,11 @@ def main() -> None:
                   f"vs {row['miaotui']['prefill_tok_s']:.0f} ({row['pp_ratio']:.2f}x); GB/s "
                   f"{row['llama_gb_s']:.1f} vs {row['miaotui_gb_s']:.1f}", flush=True)
             write_results(results)
+    # The bandwidth a decode can reach: the best of a measurement at the start and one at the end
+    # (the host is shared; one reading taken in a busy moment would understate it).
+    results["read_gb_s_runs"] = [results["read_gb_s"], read_bandwidth_gb_s()]
+    results["read_gb_s"] = max(results["read_gb_s_runs"])
+    write_results(results)
 
 
 def write_results(results: dict) -> None:
@@ -254,21 +296,29 @@ def write_results(results: dict) -> None:
              "| llama.cpp pp512 | miaotui pp512 | ratio | peak RSS MB llama.cpp / miaotui |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in results["rows"]:
-        repack = "" if r["llama"]["repack"] else " (repack off: default crashed)"
+        repack = "" if r["llama"]["repack"] else \
+            f" (repack off: the default, repack on, crashed: {r['llama'].get('default_failure') or 'failed'})"
         lines.append(
             f"| {r['size']} | {r['class']} | {r['llama']['tg128']:.1f}{repack} | {r['miaotui']['decode_tok_s']:.1f} | "
             f"{r['tg_ratio']:.2f}× | {r['llama_gb_s']:.1f} ({r['llama_gb_s'] / bw:.0%}) / {r['miaotui_gb_s']:.1f} "
             f"({r['miaotui_gb_s'] / bw:.0%}) | {r['llama']['pp512']:.0f} | {r['miaotui']['prefill_tok_s']:.0f} | "
             f"{r['pp_ratio']:.2f}× | {r['llama']['peak_rss_mb']:.0f} / {r['miaotui']['process_peak_rss_mb']:.0f} |")
+    by_class = {(r["size"], r["class"]): r["miaotui"]["decode_tok_s"] for r in results["rows"]}
+    pairs = [(size, by_class[size, "Q8_0"] / by_class[size, "BF16"]) for size, cls in by_class
+             if cls == "Q8_0" and (size, "BF16") in by_class]
+    if pairs:
+        lines += ["", "miaotui's int8 (Q8_0 class) against its bf16 batch-1 decode, same model: "
+                  + ", ".join(f"{size} {ratio:.2f}×" for size, ratio in pairs) + "."]
     served = [r for r in results["rows"] if "serving" in r]
     if served:
         lines += ["", "| model | class | load s llama-server / miaotui | 1 request tok/s | ratio | 16 at once tok/s "
                   "| ratio |", "|---|---|---|---|---:|---|---:|"]
         for r in served:
             s = r["serving"]
+            repack = "" if s["llama_server"].get("repack", True) else " (repack off: the default crashed)"
             a1, b1 = s["llama_server"]["c1"]["output_tok_s"], s["miaotui"]["c1"]["output_tok_s"]
             a16, b16 = s["llama_server"]["c16"]["output_tok_s"], s["miaotui"]["c16"]["output_tok_s"]
-            lines.append(f"| {r['size']} | {r['class']} | {s['llama_server']['load_s']:.1f} / "
+            lines.append(f"| {r['size']} | {r['class']}{repack} | {s['llama_server']['load_s']:.1f} / "
                          f"{s['miaotui']['load_s']:.1f} | {a1:.1f} / {b1:.1f} | {b1 / a1:.2f}× | {a16:.1f} / "
                          f"{b16:.1f} | {b16 / a16:.2f}× |")
     (RESULTS / "vs_llamacpp.md").write_text("\n".join(lines) + "\n")

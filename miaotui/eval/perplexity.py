@@ -81,3 +81,41 @@ def perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, stride:
     seconds = time.perf_counter() - start
     mean = total_nll / total_count
     return PerplexityResult(math.exp(mean), total_count, seconds, mean, len(plan), ctx, stride, score_from)
+
+
+@torch.inference_mode()
+def decode_perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, score_from: int | None = None,
+                      max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity as the engine's decode steps compute it: each window's unscored head is one
+    prefill step into a paged KV cache, then every scored token is one single-row decode step (the
+    few-row kernels, the fused decode layer, the decode head), teacher-forced. Same windows and
+    targets as perplexity(..., score_from=score_from) (default ctx // 2: llama.cpp's protocol), so
+    the two measure the same predictions through the prefill and the decode kernels."""
+    from miaotui.engine.paged_cache import PagedKVCache
+    from miaotui.engine.step import PackRow, pack_rows, run_model_step
+
+    score_from = ctx // 2 if score_from is None else score_from
+    plan = window_plan(len(token_ids), ctx, ctx, score_from)[:max_windows]
+    if not plan:
+        raise MiaotuiError(f"text too short to score: {len(token_ids)} tokens")
+    block_size = 16
+    table = list(range(-(-ctx // block_size)))
+    cache = PagedKVCache(model.config, len(table), block_size, model.dtype, model.device)
+    total_nll, total_count = 0.0, 0
+    start = time.perf_counter()
+    steps = sum(end - first for _, end, first in plan)
+    with tqdm(total=steps, desc="decode perplexity", unit="token", disable=not progress) as bar:
+        for begin, end, first in plan:
+            window = token_ids[begin:end]
+            pos = first - begin  # the first target's index: predicted from the token before it
+            rows = [PackRow(window[:pos], 0, table)] + [PackRow([window[t]], t, table)
+                                                        for t in range(pos, end - begin - 1)]
+            for t, row in enumerate(rows):
+                step, _, _ = pack_rows([row], block_size)
+                logits, _ = run_model_step(model, cache, step)  # [1, V] float32
+                total_nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor([window[pos + t]])))
+                total_count += 1
+                bar.update(1)
+    seconds = time.perf_counter() - start
+    mean = total_nll / total_count
+    return PerplexityResult(math.exp(mean), total_count, seconds, mean, len(plan), ctx, ctx, score_from)

@@ -45,3 +45,28 @@ def test_value_matches_direct_cross_entropy(tiny_llm):
             count += window.shape[1] - 1
     assert result.tokens == count
     assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype, quantize, tolerance", [
+    ("float32", None, 1e-4),  # the same float32 sums, another order
+    ("bfloat16", None, 0.01),  # bf16 tiles / fused decode layer against bf16 GEMMs
+    ("bfloat16", ["--bits", "4", "--group-size", "32", "--symmetric"], 0.01),  # int8-quantized activations
+])
+def test_decode_steps_score_as_the_prefill_path(tmp_path, dtype, quantize, tolerance):
+    """decode_perplexity scores the same targets through one prefill step and then single-token
+    decode steps (the few-row kernels): it agrees with the one-pass perplexity."""
+    from miaotui import LLM
+    from miaotui.cli import main
+    from miaotui.eval.perplexity import decode_perplexity
+    from tests.tiny_models import write_hf_dir
+
+    path = write_hf_dir(tmp_path / "wide", hidden_size=128, intermediate_size=256)  # 32-wide heads
+    if quantize:
+        assert main(["quantize", "-m", str(path), "--method", "rtn", *quantize, "-o", str(tmp_path / "q")]) == 0
+        path = tmp_path / "q"
+    llm = LLM(str(path), dtype=dtype)
+    ids = torch.randint(0, llm.config.vocab_size, (3 * 64,), generator=torch.Generator().manual_seed(0)).tolist()
+    one_pass = perplexity(llm.model, ids, ctx=64, score_from=32, progress=False)
+    stepped = decode_perplexity(llm.model, ids, ctx=64, progress=False)
+    assert stepped.tokens == one_pass.tokens == 3 * 31
+    assert abs(stepped.ppl / one_pass.ppl - 1) < tolerance
