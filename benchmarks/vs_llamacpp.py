@@ -113,8 +113,10 @@ def llama_bench(bin_dir: Path, model: Path, repeat: int, repack: bool) -> dict:
 
 
 def miaotui_bench(model: Path, repeat: int) -> dict:
+    # decode timed as llama-bench's tg128: 128 tokens from an (almost) empty context
     command = [sys.executable, "-m", "miaotui.cli", "bench", "-m", str(model), "--prompt-tokens", "512",
-               "--gen-tokens", "128", "--batch", "1", "--repeat", str(repeat), "--threads", str(THREADS), "--json"]
+               "--gen-tokens", "128", "--decode-prompt-tokens", "1", "--batch", "1", "--repeat", str(repeat),
+               "--threads", str(THREADS), "--json"]
     out, rss = peak_rss_mb_of(command)
     result = json.loads(out.strip().splitlines()[-1])
     return result | {"process_peak_rss_mb": rss}

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=_positive_int, default=128)
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--repeat", type=_positive_int, default=5)
+    p.add_argument("--decode-prompt-tokens", type=_positive_int, default=None,
+                   help="time decode in runs of its own after prompts of this length (1: from an empty context, "
+                        "as llama-bench's tg test); default: after the --prompt-tokens prompts")
     _add_engine_args(p)
     p.add_argument("--json", action="store_true")
 
@@ -433,9 +436,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise MiaotuiError(f"--batch {args.batch} must be a multiple of --dp {args.dp} (each replica runs "
                            f"batch / dp rows)")
     llm = _load(args)
-    if args.prompt_tokens + args.gen_tokens > llm.max_model_len:
-        raise MiaotuiError(f"--prompt-tokens + --gen-tokens exceed the context length ({llm.max_model_len})")
-    result = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.batch, args.repeat, progress=not args.json)
+    if max(args.prompt_tokens, args.decode_prompt_tokens or 0) + args.gen_tokens > llm.max_model_len:
+        raise MiaotuiError(f"prompt tokens + --gen-tokens exceed the context length ({llm.max_model_len})")
+    result = run_bench(llm, args.prompt_tokens, args.gen_tokens, args.batch, args.repeat, progress=not args.json,
+                       decode_prompt_tokens=args.decode_prompt_tokens)
     if args.json:
         print(json.dumps(result))
     else:

@@ -46,32 +46,40 @@ def run_once(llm: LLM, prompts: list[list[int]], gen_tokens: int) -> dict[str, A
 
 
 def run_bench(llm: LLM, prompt_tokens: int = 512, gen_tokens: int = 128, batch: int = 1, repeat: int = 5,
-              warmup: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """`batch` rows in all: with data parallelism each replica runs batch / dp of them at once."""
+              warmup: int = 1, seed: int = 0, progress: bool = True,
+              decode_prompt_tokens: int | None = None) -> dict[str, Any]:
+    """`batch` rows in all: with data parallelism each replica runs batch / dp of them at once.
+    decode_prompt_tokens: measure decode in runs of their own after prompts of this length (as
+    llama-bench's tg test decodes from an empty context); None: after the prefill runs' prompts."""
     if llm.parallel is not None and llm.parallel.config.dp > 1:
+        if decode_prompt_tokens is not None:
+            raise MiaotuiError("separate decode runs are not supported with data parallelism")
         return _run_bench_data_parallel(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress)
-    return _run_bench_here(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress)
+    return _run_bench_here(llm, prompt_tokens, gen_tokens, batch, repeat, warmup, seed, progress,
+                           decode_prompt_tokens)
 
 
 def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, repeat: int, warmup: int,
-                    seed: int, progress: bool) -> dict[str, Any]:
+                    seed: int, progress: bool, decode_prompt_tokens: int | None = None) -> dict[str, Any]:
     """This process's engine alone (with data parallelism: this replica's)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = llm.config.vocab_size
 
-    def prompts() -> list[list[int]]:  # new ones every run: the prefix cache must not serve a repeat
-        return [torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(batch)]
+    def prompts(length: int = prompt_tokens) -> list[list[int]]:  # new every run: no prefix-cache hits
+        return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch)]
 
     for _ in range(warmup):
         run_once(llm, prompts(), min(gen_tokens, 8))
     with KernelLog() as kernels:
-        runs = [run_once(llm, prompts(), gen_tokens)
+        runs = [run_once(llm, prompts(), gen_tokens if decode_prompt_tokens is None else 1)
                 for _ in tqdm(range(repeat), desc=f"bench b={batch} pp{prompt_tokens} tg{gen_tokens}",
                               unit="run", disable=not progress)]
-    decode_tok_s = statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in runs) \
-        if all(r["decode_seconds"] > 0 for r in runs) else None
+        decode_runs = runs if decode_prompt_tokens is None else \
+            [run_once(llm, prompts(decode_prompt_tokens), gen_tokens) for _ in range(repeat)]
+    decode_tok_s = statistics.median(r["decode_tokens"] / r["decode_seconds"] for r in decode_runs) \
+        if all(r["decode_seconds"] > 0 for r in decode_runs) else None
     read_bytes = llm.model.decode_read_bytes()
-    gaps_ms = [g * 1000 for r in runs for g in r["gaps"]]
+    gaps_ms = [g * 1000 for r in decode_runs for g in r["gaps"]]
     return {
         "model": str(llm.path),
         "dtype": dtype_name(llm.dtype),
@@ -80,6 +88,7 @@ def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, r
         "batch": batch,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
+        "decode_prompt_tokens": prompt_tokens if decode_prompt_tokens is None else decode_prompt_tokens,
         "repeat": repeat,
         "prefill_tok_s": statistics.median(batch * prompt_tokens / r["ttft"] for r in runs),
         "decode_tok_s": decode_tok_s,

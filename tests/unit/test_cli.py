@@ -114,6 +114,23 @@ def test_bench_json_keys(capsys, tiny_gguf):
         assert result[key] > 0, key
 
 
+def test_bench_times_decode_from_an_empty_context_as_llama_bench(capsys, tiny_gguf, monkeypatch):
+    """--decode-prompt-tokens 1: prefill runs of their own, then decode runs after one-token prompts
+    (llama-bench's tg test); each engine run's prompt length is as asked."""
+    from miaotui.eval import bench
+
+    lengths = []
+    run_once = bench.run_once
+    monkeypatch.setattr(bench, "run_once", lambda llm, prompts, gen: lengths.append((len(prompts[0]), gen))
+                        or run_once(llm, prompts, gen))
+    code, out, _ = run_cli(capsys, "bench", "-m", str(tiny_gguf), "--prompt-tokens", "16", "--gen-tokens", "4",
+                           "--repeat", "2", "--decode-prompt-tokens", "1", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0
+    assert result["decode_prompt_tokens"] == 1
+    assert lengths == [(16, 4), (16, 1), (16, 1), (1, 4), (1, 4)]  # warm-up, prefill runs, decode runs
+
+
 def test_console_script_runs_as_a_process(tiny_gguf):
     proc = subprocess.run([sys.executable, "-m", "miaotui.cli", "generate", "-m", str(tiny_gguf), "-p", "",
                            "--max-tokens", "2"], capture_output=True, text=True, timeout=120)
