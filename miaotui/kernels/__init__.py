@@ -22,7 +22,7 @@ from miaotui.runtime import cpu_flags
 
 log = logging.getLogger(__name__)
 # cpu_kernels.cpp: attention, norms, dequantize, AMX; decode_matmul.cpp: few-row matmuls (decode);
-# decode_layer.cpp: a decoder layer's decode step in one op.
+# decode_layer.cpp: the decode step of consecutive decoder layers in one op.
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp", "decode_layer.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -1,9 +1,9 @@
-"""A decoder layer's decode step as one native op (kernels/decode_layer.cpp), where every part of
-the layer has a native few-row kernel: bf16 activations, integer weights on linear_q_tiles or bf16
-weights on linear_bf16_tiles, and the paged cache's fused attention. The op runs the same kernels
-in the same order as DecoderLayer.forward, so the bits do not change; it only removes the
-per-module and per-op Python overhead (~15 calls a layer), which at small model sizes costs more
-than streaming the weights.
+"""The decode step of consecutive decoder layers as one native op (kernels/decode_layer.cpp,
+decode_layers), where every part of each layer has a native few-row kernel: bf16 activations,
+integer weights on linear_q_tiles or bf16 weights on linear_bf16_tiles, and the paged cache's
+fused attention. The op runs the same kernels in the same order as DecoderLayer.forward, so the
+bits do not change; it only removes the per-module and per-op Python overhead (~15 calls a layer,
+and one call per layer), which at small model sizes costs more than streaming the weights.
 
 Not for choosing kernels (layers/kernel_choice.py) or for prefill (long rows run the modules).
 """
@@ -109,25 +109,47 @@ class FusedDecode:
                 or not cos.is_contiguous():
             return False
         if self._op is None:
-            self._op = native_op("decode_layer") or False
+            self._op = native_op("decode_layers") or False
         return bool(self._op)
 
-    def run(self, index: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            kv_view: KVView) -> torch.Tensor | None:
-        """x: [1, S, D] -> the layer's output [1, S, D], or None: run the modules instead."""
+    def _plan(self, index: int, layer: nn.Module, seq: int) -> LayerPlan | None:
         if type(layer).__name__ != "DecoderLayer":
             return None
-        seq = x.shape[1]
         sources = _sources(layer)
         cached = self._plans.get((index, seq))
         if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
             cached = self._plans[index, seq] = sources, layer_plan(layer, seq)
-        plan = cached[1]
-        cache = None if plan is None else kv_view.fused_qkv_args(plan.heads)
-        if cache is None:
-            return None
-        note_kernel("decoder layer", "fused")
-        out = self._op(x.view(seq, -1), plan.ln1, plan.ln2, plan.eps, plan.qkv, plan.qkv_bias, plan.o, plan.gate_up,
-                       plan.down, plan.linear_info, cos.view(seq, -1), sin.view(seq, -1), *cache, plan.heads,
-                       cache[0].shape[2] ** -0.5)
+        return cached[1]
+
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            kv_views: list[KVView]) -> torch.Tensor:
+        """x: [1, S, D] through every layer -> [1, S, D]: runs of consecutive layers that have a plan
+        in one native call each, the other layers through their modules."""
+        seq = x.shape[1]
+        run: list[tuple[LayerPlan, tuple[torch.Tensor, ...]]] = []
+        for i, layer in enumerate(layers):
+            plan = self._plan(i, layer, seq)
+            cache = None if plan is None else kv_views[i].fused_qkv_args(plan.heads)
+            if cache is not None:
+                run.append((plan, cache))
+                continue
+            x = self._run_layers(x, cos, sin, run)
+            run = []
+            x = layer(x, cos, sin, kv_views[i])
+        return self._run_layers(x, cos, sin, run)
+
+    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    run: list[tuple[LayerPlan, tuple[torch.Tensor, ...]]]) -> torch.Tensor:
+        if not run:
+            return x
+        for _ in run:
+            note_kernel("decoder layer", "fused")
+        seq = x.shape[1]
+        plans = [plan for plan, _ in run]
+        first, (_, _, slots, gather, lengths) = plans[0], run[0][1]
+        out = self._op(x.view(seq, -1), [p.ln1 for p in plans], [p.ln2 for p in plans], first.eps,
+                       [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
+                       [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info], cos.view(seq, -1),
+                       sin.view(seq, -1), [c[0] for _, c in run], [c[1] for _, c in run], slots, gather, lengths,
+                       first.heads, run[0][1][0].shape[2] ** -0.5)
         return out.view(x.shape)

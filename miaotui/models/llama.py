@@ -76,7 +76,7 @@ class Transformer(nn.Module):
         self.head_q: tuple[torch.Tensor, ...] | QTiles | None = None
         self.head_q_kernel, self.head_q_rows = "rows_q", 0
         self.lm_head_tiles: torch.Tensor | None = None  # bf16_tiles_layout of a tied bf16 head
-        self.fused_decode = FusedDecode()  # decode steps of a layer in one native op, where they fit
+        self.fused_decode = FusedDecode()  # decode steps of the layers in one native op, where they fit
 
     def materialize_rotary(self, device: str | torch.device) -> None:
         """The rope buffer is derived from the config, never stored: compute it after a meta-device build."""
@@ -146,10 +146,10 @@ class Transformer(nn.Module):
         plain causal attention over the given tokens alone (perplexity, calibration, training)."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
-        fused = self.fused_decode if self.fused_decode.step_fits(x, cos, kv_views) else None
+        if self.fused_decode.step_fits(x, cos, kv_views):
+            return self.norm(self.fused_decode.run(self.layers, x, cos, sin, kv_views))
         for i, layer in enumerate(self.layers):
-            out = None if fused is None else fused.run(i, layer, x, cos, sin, kv_views[i])
-            x = layer(x, cos, sin, None if kv_views is None else kv_views[i]) if out is None else out
+            x = layer(x, cos, sin, None if kv_views is None else kv_views[i])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from miaotui.models.llama import Transformer
 from tests.tiny_models import write_hf_dir
 
 pytestmark = pytest.mark.skipif(
-    native_op("decode_layer") is None or not this_cpu().avx512_bf16 or not q_tiles_fits(this_cpu()),
+    native_op("decode_layers") is None or not this_cpu().avx512_bf16 or not q_tiles_fits(this_cpu()),
     reason="the fused decode step needs the native kernels, AVX512-BF16 and VNNI")
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 11], [8, 9], [30, 31, 32, 33]]
