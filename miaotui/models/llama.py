@@ -96,14 +96,15 @@ class Transformer(nn.Module):
             self.lm_head_narrow = self.embed_tokens.weight.detach().to(dtype)
 
     def add_bf16_tiles(self) -> None:
-        """Keep every bf16 matmul weight (tied head included) in 16-row tiles too, for inference on
-        AVX512-BF16 CPUs (layers/linear.py): decode-sized calls stream them at memory speed, and
-        AMX multiplies them in place for longer calls."""
+        """Keep every bf16 matmul weight in 16-row tiles too, for inference on AVX512-BF16 CPUs
+        (layers/linear.py): decode-sized calls stream them at memory speed, and AMX multiplies them
+        in place for longer calls. A tied head gets tiles on AMX CPUs only: elsewhere they would serve
+        only 5-8 row calls (up to 4 read the int8 head copy, more PyTorch's GEMM)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.add_bf16_tiles()
         head = self._dense_head()
-        if self.lm_head is None and head is not None and head.dtype == torch.bfloat16 \
+        if self.lm_head is None and head is not None and head.dtype == torch.bfloat16 and this_cpu().amx \
                 and bf16_tiles_fits(head.shape[1], this_cpu()) and head.device.type == "cpu":
             self.lm_head_tiles = bf16_tiles_layout(head)
 
