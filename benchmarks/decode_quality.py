@@ -37,7 +37,8 @@ CTX = 512
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=10, help="512-token windows scored (255 targets each)")
+    parser.add_argument("--windows", type=int, default=40, help="512-token windows scored (255 targets each; "
+                        "40: llama-perplexity -c 512 --chunks 40)")
     parser.add_argument("--classes", default="BF16,Q8_0,Q4_0")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -118,8 +118,8 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         narrow = f", decode copy {self.narrow_weight.dtype}" if self.narrow_weight is not None else ""
-        packed = ", bf16 tiles" if self.tiles is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{narrow}{packed}"
+        tiled = ", bf16 tiles" if self.tiles is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{narrow}{tiled}"
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:

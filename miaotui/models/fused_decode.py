@@ -22,7 +22,7 @@ from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quantized_linear import QuantLinear
 
-Q_TILES, BF16_TILES = 0, 1  # kernel ids of decode_layer's linear_info
+Q_TILES, BF16_TILES = 0, 1  # kernel ids of decode_layers' linear_info
 FUSED_MAX_ROWS = BF16_TILES_MAX_ROWS  # the lowest row limit of the kernels the op runs (q tiles: 40, attention: 16)
 
 

@@ -1,4 +1,4 @@
-"""A decoder layer's decode step as one native op (models/fused_decode.py): it runs for bf16 decode
+"""The decode step of the decoder layers as one native op (models/fused_decode.py): it runs for bf16 decode
 steps where every part of the layer has a native kernel, and gives the bits of the module path."""
 
 import pytest
