@@ -41,6 +41,9 @@ def main() -> None:
                         "40: llama-perplexity -c 512 --chunks 40)")
     parser.add_argument("--classes", default="BF16,Q8_0,Q4_0")
     args = parser.parse_args()
+    unknown = [c for c in args.classes.split(",") if c not in CLASSES]
+    if unknown:
+        raise SystemExit(f"unknown class {unknown[0]} ({', '.join(CLASSES)})")
     torch.set_num_threads(2)
     work = cache_dir() / "bench-files"
     work.mkdir(parents=True, exist_ok=True)
@@ -48,8 +51,6 @@ def main() -> None:
     results: dict = {"machine": machine(), "windows": args.windows, "rows": []}
     ids: list[int] | None = None
     for cls in args.classes.split(","):
-        if cls not in CLASSES:
-            raise SystemExit(f"unknown class {cls} ({', '.join(CLASSES)})")
         if CLASSES[cls] is None:
             model, fmt = source, "bf16"
         else:

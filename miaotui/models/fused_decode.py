@@ -101,6 +101,8 @@ class FusedDecode:
     def __init__(self) -> None:
         self._plans: dict[tuple[int, int], tuple[tuple[object, ...], LayerPlan | None]] = {}
         self._op = None
+        # decode_layers' weight arguments for a run of plans, by the plans' identities (derived once)
+        self._flat: dict[tuple[int, ...], tuple[list, ...]] = {}
 
     def step_fits(self, x: torch.Tensor, cos: torch.Tensor, kv_views: list[KVView] | None) -> bool:
         """Whether this step may run fused: an engine step of few bf16 rows, no autograd."""
@@ -146,10 +148,15 @@ class FusedDecode:
             note_kernel("decoder layer", "fused")
         seq = x.shape[1]
         plans = [plan for plan, _ in run]
+        key = tuple(id(p) for p in plans)
+        flat = self._flat.get(key)
+        if flat is None or any(a is not b for a, b in zip(flat[0], plans, strict=True)):
+            flat = self._flat[key] = (plans, [p.ln1 for p in plans], [p.ln2 for p in plans],
+                                      [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
+                                      [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info])
+        _, ln1, ln2, weights, biases, info = flat
         first, (_, _, slots, gather, lengths) = plans[0], run[0][1]
-        out = self._op(x.view(seq, -1), [p.ln1 for p in plans], [p.ln2 for p in plans], first.eps,
-                       [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
-                       [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info], cos.view(seq, -1),
+        out = self._op(x.view(seq, -1), ln1, ln2, first.eps, weights, biases, info, cos.view(seq, -1),
                        sin.view(seq, -1), [c[0] for _, c in run], [c[1] for _, c in run], slots, gather, lengths,
                        first.heads, run[0][1][0].shape[2] ** -0.5)
         return out.view(x.shape)
