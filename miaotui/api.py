@@ -26,6 +26,9 @@ from miaotui.runtime import resolve_dtypes
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 _ENGINE_OPTIONS = {f.name for f in fields(EngineConfig)}
+# gguf_weights -> load_model's keep_quantized: a GGUF file's quantized matrices in their own bits
+# (native) or dequantized (float: the float path); auto: native unless the dtype is float32.
+GGUF_WEIGHTS = {"auto": None, "native": True, "float": False}
 
 
 @dataclass(slots=True)
@@ -64,7 +67,8 @@ class LLM:
     may be given as keywords or as `engine_config`; `speculative_model` is draft_model's vLLM name."""
 
     def __init__(self, model: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 decode_weight_dtype: str | torch.dtype | None = "auto", tensor_parallel_size: int = 1,
+                 decode_weight_dtype: str | torch.dtype | None = "auto", gguf_weights: str = "auto",
+                 tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, data_parallel_size: int = 1, speculative_model: str | None = None,
                  engine_config: EngineConfig | None = None, **engine_options: Any) -> None:
         unknown = sorted(set(engine_options) - _ENGINE_OPTIONS)
@@ -76,6 +80,8 @@ class LLM:
         elif engine_options or speculative_model:
             raise MiaotuiError("give engine options (speculative_model included) either in engine_config or as "
                                "keywords, not both")
+        if gguf_weights not in GGUF_WEIGHTS:
+            raise MiaotuiError(f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got '{gguf_weights}'")
         self.device = torch.device(device)
         self.dtype, self.decode_weight_dtype = resolve_dtypes(dtype, decode_weight_dtype, self.device)
         self.parallel = None
@@ -85,7 +91,9 @@ class LLM:
 
             self.parallel = init_parallel(ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                                          data_parallel_size), device)
-        loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype)
+        self._keep_quantized = GGUF_WEIGHTS[gguf_weights]
+        loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype,
+                            self._keep_quantized)
         self.model = loaded.model if world == 1 else self._split(loaded.model)
         self._add_kernel_layouts(self.model)
         self.tokenizer = loaded.tokenizer
@@ -124,7 +132,7 @@ class LLM:
         """The draft model for speculation (sharing the tokenizer), loaded whole on every rank."""
         if config.speculate != "model":
             return None
-        draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype)
+        draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype, self._keep_quantized)
         self._add_kernel_layouts(draft.model)
         if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
             raise MiaotuiError("the draft model's tokenizer differs from the target's")

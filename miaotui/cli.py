@@ -47,6 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (fastest sound one here), float32, bfloat16")
     p.add_argument("--decode-weight-dtype", default="auto",
                    help="extra narrow weight copy for batch-1 decode: auto, none, float16, bfloat16")
+    p.add_argument("--gguf-weights", default="auto", choices=("auto", "native", "float"),
+                   help="a GGUF file's quantized matrices: native (in their own bits), float (dequantized, "
+                        "the float path); auto: native unless --dtype float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
@@ -276,8 +279,8 @@ def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, device=args.device, decode_weight_dtype=args.decode_weight_dtype,
-               tensor_parallel_size=getattr(args, "tp", 1), pipeline_parallel_size=getattr(args, "pp", 1),
-               data_parallel_size=getattr(args, "dp", 1),
+               gguf_weights=args.gguf_weights, tensor_parallel_size=getattr(args, "tp", 1),
+               pipeline_parallel_size=getattr(args, "pp", 1), data_parallel_size=getattr(args, "dp", 1),
                engine_config=_engine_config(args) if hasattr(args, "kv_cache_mb") else None)
 
 
@@ -583,7 +586,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServerConfig(model=args.model, engine=_engine_config(args), served_model_name=args.served_model_name,
                           api_key=args.api_key or os.environ.get("MIAOTUI_API_KEY"), max_queue=args.max_queue,
                           max_body_bytes=int(args.max_body_mb * 2**20), dtype=args.dtype,
-                          decode_weight_dtype=args.decode_weight_dtype, device=args.device,
+                          decode_weight_dtype=args.decode_weight_dtype, gguf_weights=args.gguf_weights,
+                          device=args.device,
                           tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp)
     if os.environ.get("RANK", "0") != "0":  # a worker: no HTTP; a replica's steps, or a replica's requests
         from miaotui.distributed.serve_worker import connect_replica, serve_replica_leader, serve_replica_worker

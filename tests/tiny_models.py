@@ -134,6 +134,8 @@ def write_gguf_from_hf_dir(hf_dir: Path, path: Path, quant: dict[str, gguf.GGMLQ
         qtype = next((q for suffix, q in (quant or {}).items() if name.endswith(suffix)), None)
         if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, array)
+        elif qtype in K_QUANTIZERS:
+            w.add_tensor(name, K_QUANTIZERS[qtype](array), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     w.write_header_to_file()
@@ -144,3 +146,70 @@ def write_gguf_from_hf_dir(hf_dir: Path, path: Path, quant: dict[str, gguf.GGMLQ
         with open(path, "r+b") as f:
             f.truncate(truncate_to)
     return path
+
+
+# K-quants, which the gguf package reads but does not write: plain round-to-nearest quantizers
+# (llama-quantize searches its scales; the block layouts are the same, checked against gguf's
+# dequantize below).
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)[..., None].view(np.uint8)
+
+
+def _k_quantize_asymmetric(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 256] -> (d, dmin, 12 packed 6-bit scale/min bytes) header [..., 16] and codes [..., 256]:
+    8 groups of 32, w = d sc q - dmin m (Q4_K, Q5_K)."""
+    top = 2 ** bits - 1
+    g = x.reshape(*x.shape[:-1], 8, 32)
+    lo, hi = np.minimum(g.min(-1), 0), g.max(-1)
+    scale, low = (hi - lo) / top, -lo
+    d = np.maximum(scale.max(-1), 1e-8) / 63
+    dmin = np.maximum(low.max(-1), 1e-8) / 63
+    d, dmin = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d[..., None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(low / dmin[..., None]), 0, 63).astype(np.uint8)
+    q = np.clip(np.round((g + (dmin[..., None] * m)[..., None]) / (d[..., None] * sc)[..., None]), 0, top)
+    packed = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+                             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+    header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed], axis=-1)
+    return header, q.astype(np.uint8).reshape(*x.shape)
+
+
+def _k_nibbles(q: np.ndarray) -> np.ndarray:
+    """codes [..., 256] < 16 -> 128 bytes: per 64 values, low nibbles the first 32, high the next 32."""
+    c = q.reshape(*q.shape[:-1], 4, 2, 32)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*q.shape[:-1], 128)
+
+
+def quantize_q4_k(array: np.ndarray) -> np.ndarray:
+    x = array.reshape(array.shape[0], -1, 256)
+    header, q = _k_quantize_asymmetric(x, 4)
+    return np.concatenate([header, _k_nibbles(q)], axis=-1).reshape(array.shape[0], -1)
+
+
+def quantize_q5_k(array: np.ndarray) -> np.ndarray:
+    x = array.reshape(array.shape[0], -1, 256)
+    header, q = _k_quantize_asymmetric(x, 5)
+    high = (q >> 4).reshape(*q.shape[:-1], 8, 32)  # bit j of byte l: value 32 j + l
+    qh = (high << np.arange(8, dtype=np.uint8)[:, None]).sum(-2).astype(np.uint8)
+    return np.concatenate([header, qh, _k_nibbles(q & 15)], axis=-1).reshape(array.shape[0], -1)
+
+
+def quantize_q6_k(array: np.ndarray) -> np.ndarray:
+    """16 groups of 16 per 256, w = d sc (q - 32), sc int8, q 6-bit: ql 128, qh 64, scales 16, d."""
+    x = array.reshape(array.shape[0], -1, 256)
+    g = x.reshape(*x.shape[:-1], 16, 16)
+    scale = np.abs(g).max(-1) / 31
+    d = (np.maximum(scale.max(-1), 1e-8) / 127).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d[..., None]), 1, 127).astype(np.int8)
+    q = (np.clip(np.round(g / (d[..., None] * sc)[..., None]), -32, 31) + 32).astype(np.uint8).reshape(x.shape)
+    v = q.reshape(*q.shape[:-1], 2, 4, 32)  # [half n, quarter t, l]: value 128 n + 32 t + l
+    ql = np.concatenate([(v[..., 0, :] & 15) | ((v[..., 2, :] & 15) << 4),
+                         (v[..., 1, :] & 15) | ((v[..., 3, :] & 15) << 4)], axis=-1)  # [.., 2, 64]
+    qh = (v[..., 0, :] >> 4) | ((v[..., 1, :] >> 4) << 2) | ((v[..., 2, :] >> 4) << 4) | ((v[..., 3, :] >> 4) << 6)
+    blocks = np.concatenate([ql.reshape(*q.shape[:-1], 128), qh.reshape(*q.shape[:-1], 64), sc.view(np.uint8),
+                             _f16_bytes(d)], axis=-1)
+    return blocks.reshape(array.shape[0], -1)
+
+
+K_QUANTIZERS = {gguf.GGMLQuantizationType.Q4_K: quantize_q4_k, gguf.GGMLQuantizationType.Q5_K: quantize_q5_k,
+                gguf.GGMLQuantizationType.Q6_K: quantize_q6_k}

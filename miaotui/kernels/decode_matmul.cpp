@@ -204,12 +204,15 @@ inline float hsum8(__m256 v) {
 
 // One activation row, quantized: blocks of 32 int8 (4-bit weights: even k first, then odd k, the
 // order block_dot unpacks nibbles in), their scales, and per group sx * sum(xq) (plus the residual's).
-// 8-bit weights also get each block's rounding residual, in int8 on a 128 times finer grid:
+// 8-bit weights and float32 activations also get each block's rounding residual, in int8 on a 128
+// times finer grid (in the order of xq):
 // x ~ sx * (xq + xq2 / 128), |xq2| <= 64, so a block's integer sum is 128 * dot(u, xq) + dot(u, xq2)
 // (exact in int32) and costs one more dot product per weight load, nothing more per block. Their
 // own error is small enough that one int8 rounding of the activations would be most of it
 // (SmolLM2-135M int8 g32 decode perplexity +0.48% over the float path with one level, +0.13% with
 // the residual: docs/kernels.md), while the weight stream, not the arithmetic, bounds the call.
+// float32 activations ask for the float path's precision (greedy picks equal to it): 4-bit weights
+// get the residual there too; with bf16 activations their own rounding dominates and they keep one level.
 constexpr float kResidualSteps = 128.f;
 
 struct QuantizedRow {
@@ -242,11 +245,11 @@ void quantize_row(const T* x, int64_t k, int64_t groups, int64_t per_group, bool
       const int code = static_cast<int>(std::nearbyint(scaled));
       sum += code;
       q[nibble_order ? (j % 2) * 16 + j / 2 : j] = static_cast<int8_t>(code);
-      if (residual) {  // natural order (8-bit weights only)
+      if (residual) {
         const float fine = std::nearbyint((scaled - static_cast<float>(code)) * kResidualSteps);
         const int code2 = static_cast<int>(std::clamp(fine, -127.f, 127.f));
         sum2 += code2;
-        out.q2[b * kBlock + j] = static_cast<int8_t>(code2);
+        out.q2[b * kBlock + (nibble_order ? (j % 2) * 16 + j / 2 : j)] = static_cast<int8_t>(code2);
       }
     }
     out.sx[b] = d;
@@ -259,6 +262,7 @@ template <int Bits, int R>
 inline void q_tile(const QuantizedRow& xr, const uint8_t* codes, int64_t row_bytes, const float* scale,
                    const float* offset, int64_t k, int64_t groups, int64_t per_group, float* out) {
   const int64_t blocks = k / kBlock, block_bytes = kBlock * Bits / 8;
+  const bool fine = !xr.q2.empty();
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -270,11 +274,11 @@ inline void q_tile(const QuantizedRow& xr, const uint8_t* codes, int64_t row_byt
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(codes + r * row_bytes + b * block_bytes) + 512, _MM_HINT_T0);
         __m256i d = block_dot<Bits>(codes + r * row_bytes + b * block_bytes, xq);
-        if constexpr (Bits == 8) {  // 128 * dot(u, xq) + dot(u, xq2): the activations' residual (QuantizedRow)
+        if (fine) {  // 128 * dot(u, xq) + dot(u, xq2): the activations' residual (QuantizedRow)
           const __m256i xq2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q2.data() + b * kBlock));
           d = _mm256_add_epi32(_mm256_slli_epi32(d, 7), block_dot<Bits>(codes + r * row_bytes + b * block_bytes, xq2));
         }
-        part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), Bits == 8 ? sx_fine : sx, part[r]);
+        part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), fine ? sx_fine : sx, part[r]);
       }
     }
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(part[r], _mm256_set1_ps(scale[r * groups + g]), acc[r]);
@@ -294,7 +298,8 @@ template <typename T, int Bits>
 void q_rows(const T* x, const uint8_t* codes, const float* scale, const float* offset, const float* bias, T* y,
             int64_t m, int64_t n, int64_t k, int64_t groups, int64_t per_group) {
   std::vector<QuantizedRow> rows(m);
-  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, Bits == 4, Bits == 8, rows[i]);
+  for (int64_t i = 0; i < m; ++i)
+    quantize_row(x + i * k, k, groups, per_group, Bits == 4, Bits == 8 || std::is_same_v<T, float>, rows[i]);
   const int64_t row_bytes = k * Bits / 8, tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     float sums[kTile];
@@ -382,7 +387,7 @@ inline __m512 load_half16(const at::Half* p) {
 
 // Offsets: with meta offsets (zero_code < 0) one dot product of length G per output after the
 // scaled sums; symmetric, -zero_code * XS[g] joins each group's sum before its scale.
-template <int Bits, int M>
+template <int Bits, int M, bool Fine>
 inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half* meta, int64_t blocks,
                      int64_t groups, int64_t per_group, int64_t zero_code, float unit, __m512* out) {
   const int64_t meta_stride = zero_code < 0 ? 32 : 16;  // halves of meta per group
@@ -400,21 +405,27 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
       for (int c = 0; c < chunks; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + c * 64 + kPrefetchBytes, _MM_HINT_T1);
       // two independent int32 sums per activation row (shorter dependency chains; integer sums are
       // exact, so the split does not change a bit)
-      __m512i dot[M][2];
-      for (int m = 0; m < M; ++m) dot[m][0] = dot[m][1] = _mm512_setzero_si512();
+      // 4-bit: dot[m][0..1] sum the low / high nibbles against the activations' int8 values (two
+      // chains; integer sums are exact, so the split does not change a bit), fine[m][0..1] against
+      // their residual (Fine). 8-bit: dot[m][0] the values, dot[m][1] the residual.
+      __m512i dot[M][2], fine[M][2];
+      for (int m = 0; m < M; ++m) dot[m][0] = dot[m][1] = fine[m][0] = fine[m][1] = _mm512_setzero_si512();
       for (int c = 0; c < chunks; ++c) {
         const __m512i v = _mm512_loadu_si512(w + c * 64);
         if constexpr (Bits == 4) {
           const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
           for (int m = 0; m < M; ++m) {
-            const int8_t* x = xr[m].q.data() + b * kBlock + c * 8;
-            int32_t x0, x1;
-            std::memcpy(&x0, x, 4);
-            std::memcpy(&x1, x + 4, 4);
-            dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_set1_epi32(x0));
-            dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_set1_epi32(x1));
+            int32_t x[2];
+            std::memcpy(x, xr[m].q.data() + b * kBlock + c * 8, 8);
+            dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_set1_epi32(x[0]));
+            dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_set1_epi32(x[1]));
+            if constexpr (Fine) {
+              std::memcpy(x, xr[m].q2.data() + b * kBlock + c * 8, 8);
+              fine[m][0] = _mm512_dpbusd_epi32(fine[m][0], lo, _mm512_set1_epi32(x[0]));
+              fine[m][1] = _mm512_dpbusd_epi32(fine[m][1], hi, _mm512_set1_epi32(x[1]));
+            }
           }
-        } else {  // dot[m][0]: the activations' int8 values, dot[m][1]: their residual (QuantizedRow)
+        } else {
           for (int m = 0; m < M; ++m) {
             int32_t x0, x1;
             std::memcpy(&x0, xr[m].q.data() + b * kBlock + c * 4, 4);
@@ -425,12 +436,15 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
         }
       }
       for (int m = 0; m < M; ++m) {
-        if constexpr (Bits == 4) {
+        if constexpr (Bits == 4 && !Fine) {
           part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])),
                                     _mm512_set1_ps(xr[m].sx[b]), part[m]);
         } else {
-          const __m512i fine = _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 7), dot[m][1]);
-          part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fine), _mm512_set1_ps(xr[m].sx[b] / kResidualSteps), part[m]);
+          const __m512i sum = Bits == 4
+              ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(dot[m][0], dot[m][1]), 7),
+                                 _mm512_add_epi32(fine[m][0], fine[m][1]))
+              : _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 7), dot[m][1]);
+          part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xr[m].sx[b] / kResidualSteps), part[m]);
         }
       }
     }
@@ -454,7 +468,8 @@ template <typename T, int Bits>
 void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y, int64_t m, int64_t n,
              int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit) {
   std::vector<QuantizedRow> rows(m);
-  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, Bits == 8, rows[i]);
+  const bool fine = Bits == 8 || std::is_same_v<T, float>;
+  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, fine, rows[i]);
   const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8, tile_count = (n + 15) / 16;
   at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) {
     __m512 sums[kTileRows];
@@ -466,10 +481,18 @@ void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float
       for (int64_t i = 0; i < m; i += kTileRows) {
         const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
         switch (rows_here) {
-          case 1: q_tile16<Bits, 1>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
-          case 2: q_tile16<Bits, 2>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
-          case 3: q_tile16<Bits, 3>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
-          default: q_tile16<Bits, 4>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums); break;
+          case 1: fine ? q_tile16<Bits, 1, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                       : q_tile16<Bits, 1, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                  break;
+          case 2: fine ? q_tile16<Bits, 2, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                       : q_tile16<Bits, 2, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                  break;
+          case 3: fine ? q_tile16<Bits, 3, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                       : q_tile16<Bits, 3, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                  break;
+          default: fine ? q_tile16<Bits, 4, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                       : q_tile16<Bits, 4, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                  break;
         }
         for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, y + (i + r) * n + n0);
       }

@@ -202,3 +202,25 @@ def unpack_codes(packed: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = to
         u = torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)
         u = u.reshape(packed.shape[0], -1)
     return (u.to(torch.int16) * step - offset).to(dtype)
+
+
+@dataclass
+class QuantizedTensor:
+    """An integer weight as QuantLinear.set_codes takes it, before packing (a GGUF file's blocks,
+    loaders/gguf_quant.py): codes [N, K] in fmt's code range, scale and zero [N, groups] float32,
+    w = (code - zero) * scale."""
+    fmt: QuantFormat
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [N, K]
+        return dequantize_codes(self.codes, self.scale, self.zero, self.fmt, dtype)
+
+    def take_rows(self, index: torch.Tensor) -> QuantizedTensor:
+        """Rows in a new order (llama.cpp's q/k row permutation undone)."""
+        return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index])

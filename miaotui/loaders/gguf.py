@@ -1,4 +1,6 @@
-"""Read a GGUF file: config from its metadata, every tensor dequantized to float32, its tokenizer.
+"""Read a GGUF file: config from its metadata, its tensors, its tokenizer. Matrices of the block
+types that map exactly onto miaotui's integer formats stay quantized (gguf_quant.py); every other
+tensor is dequantized to float32, one tensor at a time, from the memory-mapped file.
 
 Not for writing GGUF (export lives with quantization) or for running the model.
 """
@@ -14,6 +16,7 @@ from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.gguf_file import GGUFFile
+from miaotui.loaders.gguf_quant import QuantizedTensor, native_weight
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from miaotui.models.config import ModelConfig
 
@@ -78,8 +81,10 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """-> (config, Hugging Face-named float32 tensors, tokenizer)."""
+def load_gguf(path: str | Path, keep_quantized: bool = True
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedTensor], Tokenizer]:
+    """-> (config, Hugging Face-named tensors, tokenizer). keep_quantized: 2-D weights in a block type
+    with an exact integer mapping come as QuantizedTensor (no float copy); else float32 tensors."""
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     names = {t.name for t in gguf_file.tensors}
@@ -90,16 +95,26 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         factors = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
         config.rope_scaling = {"rope_type": "freq_factors",
                                "factors": dequantize(gguf_file.raw(factors), factors.qtype).astype(np.float32).tolist()}
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | QuantizedTensor] = {}
     for t in gguf_file.tensors:
         hf_name = _hf_name(t.name)
         if hf_name is None:
             continue
-        array = dequantize(gguf_file.raw(t), t.qtype).astype(np.float32, copy=False)
+        heads = None
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = _unpermute_rope_rows(array, config.num_heads)
+            heads = config.num_heads
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = _unpermute_rope_rows(array, config.num_kv_heads)
+            heads = config.num_kv_heads
+        native = native_weight(gguf_file.raw(t), t.qtype, t.shape[-1]) \
+            if keep_quantized and len(t.shape) == 2 else None
+        if native is not None:
+            if heads is not None:
+                native = native.take_rows(torch.from_numpy(_unpermute_rope_rows(np.arange(t.shape[0]), heads)))
+            tensors[hf_name] = native
+            continue
+        array = dequantize(gguf_file.raw(t), t.qtype).astype(np.float32, copy=False)
+        if heads is not None:
+            array = _unpermute_rope_rows(array, heads)
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = array.copy(order="C")  # F32 tensors are read-only views of the memory map
         tensors[hf_name] = torch.from_numpy(array)

@@ -31,7 +31,9 @@ class LoadedModel:
 
 
 def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
-               decode_weight_dtype: torch.dtype | None = None) -> LoadedModel:
+               decode_weight_dtype: torch.dtype | None = None, keep_quantized: bool | None = None) -> LoadedModel:
+    """keep_quantized: a GGUF file's quantized matrices run in their own bits (gguf_quant.py);
+    None: yes unless dtype is float32, the float path (compression, reference perplexity)."""
     path = resolve_model(str(model))
     if is_miaotui_dir(path):
         net, tokenizer, config = load_miaotui_dir(path, dtype, device)
@@ -44,7 +46,8 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
             magic = f.read(4)
         if magic != GGUF_MAGIC and path.suffix != ".gguf":
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
-        config, tensors, tokenizer = load_gguf(path)
+        config, tensors, tokenizer = load_gguf(
+            path, keep_quantized=dtype != torch.float32 if keep_quantized is None else keep_quantized)
         fmt = "gguf"
     if fmt != "miaotui":
         net = build_transformer(config, tensors, dtype=dtype, device=device)

@@ -15,7 +15,7 @@ from miaotui.layers.attention import Attention
 from miaotui.layers.kernel_choice import bf16_tiles_fits, note_kernel, quant_kernel, this_cpu
 from miaotui.layers.linear import Linear, bf16_tiles_layout, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
-from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
+from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor, compute_qparams, quantize_codes
 from miaotui.layers.quantized_linear import QTiles, QuantLinear, q_tiles_layout
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
@@ -246,11 +246,13 @@ class Transformer(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                      device: str | torch.device = "cpu") -> Transformer:
+def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor | QuantizedTensor],
+                      dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
     """Build the model from Hugging Face-named tensors, fusing q/k/v and gate/up.
 
-    Built on the meta device first so no random initialisation runs, then weights are assigned.
+    Built on the meta device first so no random initialisation runs, then weights are assigned. A
+    matrix given as a QuantizedTensor (a GGUF file's own blocks) becomes a QuantLinear in its
+    format, packed from its codes with no float copy; the embedding table is dequantized.
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -259,15 +261,30 @@ def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], 
     missing = sorted(expected - set(state))
     if missing:
         raise MiaotuiError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'")
+    for name in [n for n, t in state.items() if isinstance(t, QuantizedTensor)]:
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name) if name != "embed_tokens.weight" else None
+        if not isinstance(module, Linear) or str(device) != "cpu":
+            state[name] = state[name].dequantize()
+            continue
+        q = state.pop(name)
+        layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, q.fmt)
+        bias = state.pop(module_name + ".bias", None)
+        layer.set_codes(q.codes, q.scale, q.zero, None if bias is None else bias.float())
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    expected = set(model.state_dict()) - {n for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                                          for n in (f"{n}.packed", f"{n}.scale", f"{n}.zero", f"{n}.bias")}
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=False)
     model.materialize_rotary(device)
     return model.eval().requires_grad_(False)
 
 
-def fuse_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fuse_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor | QuantizedTensor]
+                       ) -> dict[str, torch.Tensor | QuantizedTensor]:
     """Map HF Llama names (model.layers.N.self_attn.q_proj.weight, ...) onto this module tree."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | QuantizedTensor] = {}
     out["embed_tokens.weight"] = _take(hf, "model.embed_tokens.weight")
     out["norm.weight"] = _take(hf, "model.norm.weight")
     if not config.tie_word_embeddings:
@@ -275,21 +292,31 @@ def fuse_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        out[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-            [_take(hf, attn + f"{n}_proj.weight") for n in "qkv"], dim=0
+        out[f"layers.{i}.self_attn.qkv_proj.weight"] = _cat_rows(
+            [_take(hf, attn + f"{n}_proj.weight") for n in "qkv"]
         )
         if config.qkv_bias:
-            out[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
-                [_take(hf, attn + f"{n}_proj.bias") for n in "qkv"], dim=0
+            out[f"layers.{i}.self_attn.qkv_proj.bias"] = _cat_rows(
+                [_take(hf, attn + f"{n}_proj.bias") for n in "qkv"]
             )
         out[f"layers.{i}.self_attn.o_proj.weight"] = _take(hf, attn + "o_proj.weight")
-        out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-            [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")], dim=0
+        out[f"layers.{i}.mlp.gate_up_proj.weight"] = _cat_rows(
+            [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")]
         )
         out[f"layers.{i}.mlp.down_proj.weight"] = _take(hf, p + "mlp.down_proj.weight")
         out[f"layers.{i}.input_layernorm.weight"] = _take(hf, p + "input_layernorm.weight")
         out[f"layers.{i}.post_attention_layernorm.weight"] = _take(hf, p + "post_attention_layernorm.weight")
     return out
+
+
+def _cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | QuantizedTensor:
+    """Stack matrices that become one fused layer ([N_i, K] -> [sum N_i, K]). Quantized parts stay
+    quantized when they share one format; mixed parts (a Q4_K_M file's Q6_K v beside Q4_K q and k)
+    are dequantized (float32), since one layer holds one format."""
+    if all(isinstance(p, QuantizedTensor) for p in parts) and len({p.fmt for p in parts}) == 1:
+        return QuantizedTensor(parts[0].fmt, *(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale",
+                                                                                                     "zero")))
+    return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

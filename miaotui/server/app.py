@@ -42,6 +42,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     dtype: str = "auto"
     decode_weight_dtype: str = "auto"
+    gguf_weights: str = "auto"
     device: str = "cpu"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -58,6 +59,7 @@ def load_llm(c: ServerConfig):
     from miaotui.api import LLM
 
     return LLM(c.model, dtype=c.dtype, device=c.device, decode_weight_dtype=c.decode_weight_dtype,
+               gguf_weights=c.gguf_weights,
                tensor_parallel_size=c.tensor_parallel_size, pipeline_parallel_size=c.pipeline_parallel_size,
                data_parallel_size=c.data_parallel_size, engine_config=c.engine)
 

@@ -1,0 +1,123 @@
+"""GGUF quantized blocks -> miaotui's packed integer formats, exactly, with no float copy of the weight.
+
+Each GGUF block type whose weights are w = scale * code + offset per group of 32 maps onto a
+QuantFormat the few-row kernels run (layers/kernel_choice.py):
+
+| GGUF | block | miaotui format | codes |
+|---|---|---|---|
+| Q4_0 | 32: d, 4-bit q; w = d (q - 8) | int4 g32 symmetric | q - 8 |
+| Q4_1 | 32: d, m, 4-bit q; w = d q + m | int4 g32 asymmetric | q |
+| Q8_0 | 32: d, int8 q; w = d q | int8 g32 symmetric | q |
+| Q4_K | 256: d, dmin, 8 x (6-bit sc, 6-bit m), 4-bit q; w = d sc q - dmin m per 32 | int4 g32 asymmetric | q |
+| Q5_0 | 32: d, 5-bit q; w = d (q - 16) | 8-bit slots, g32 symmetric | q - 16 |
+| Q5_1 | 32: d, m, 5-bit q; w = d q + m | 8-bit slots, g32 asymmetric | q |
+| Q5_K | 256: as Q4_K with 5-bit q | 8-bit slots, g32 asymmetric | q |
+
+(5-bit codes sit in 8-bit slots: exact, 34 bytes per 32 weights in memory against the file's 22-24.)
+An asymmetric group's zero point is offset / scale, so (code - zero) * scale gives the block's own
+w = scale * code + offset up to float32 rounding. Other types (Q6_K, Q3_K, Q2_K, IQ*, TQ*) return
+None here: the loader dequantizes those tensors one at a time (loaders/gguf.py).
+Not for reading the file (gguf_file.py) or for writing GGUF (gguf_export.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor
+
+# A group whose scale is 0 holds one value, its offset: a tiny scale keeps offset / scale finite.
+_TINY_SCALE = 1e-30
+
+
+NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block: [..., B] -> float32 [...]."""
+    return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32 values (low nibbles: values 0-15, high: 16-31) -> [..., 32] uint8."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _high_bits_32(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 4 bytes of fifth bits (bit j: value j) -> [..., 32] uint8 of 0 or 16."""
+    bits = np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")  # [..., 32]
+    return (bits << 4).astype(np.uint8)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes -> the 8 sub-blocks' 6-bit scales and mins, each [..., 8] float32."""
+    s = scales.astype(np.uint8)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes per 256 values: 4 chunks of 32 bytes, low nibbles the chunk's first 32
+    values, high nibbles its next 32 -> [..., 256] uint8."""
+    q = qs.reshape(*qs.shape[:-1], 4, 32)
+    return np.stack([q & 15, q >> 4], axis=-2).reshape(*qs.shape[:-1], 256)
+
+
+def _asymmetric(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w = scale * q + offset -> (scale, zero) with w = (q - zero) * scale."""
+    scale = np.where(scale == 0, np.float32(_TINY_SCALE), scale).astype(np.float32)
+    return scale, (-offset / scale).astype(np.float32)
+
+
+def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
+    """raw: uint8 [N, bytes per row] of one GGUF matrix with K = k columns -> its exact
+    QuantizedTensor, or None for a type without a native mapping (or a Q8_0 using code -128,
+    which int8 g32 symmetric cannot hold)."""
+    if qtype not in NATIVE_TYPES or k % 32:
+        return None
+    n = raw.shape[0]
+    per_block = 256 if qtype in (T.Q4_K, T.Q5_K) else 32
+    blocks = np.asarray(raw).reshape(n, k // per_block, -1)
+    if qtype == T.Q4_0:
+        d = _f16(blocks, 0)
+        codes = _nibbles_32(blocks[..., 2:18]).astype(np.int8) - 8
+        return _tensor(QuantFormat(4, 32, True), codes, d, np.zeros_like(d), n, k)
+    if qtype == T.Q4_1:
+        scale, zero = _asymmetric(_f16(blocks, 0), _f16(blocks, 2))
+        return _tensor(QuantFormat(4, 32, False), _nibbles_32(blocks[..., 4:20]), scale, zero, n, k)
+    if qtype == T.Q8_0:
+        codes = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
+        if (codes == -128).any():
+            return None
+        d = _f16(blocks, 0)
+        return _tensor(QuantFormat(8, 32, True), codes, d, np.zeros_like(d), n, k)
+    if qtype == T.Q5_0:
+        d = _f16(blocks, 0)
+        q = _nibbles_32(blocks[..., 6:22]) | _high_bits_32(blocks[..., 2:6])
+        return _tensor(QuantFormat(8, 32, True), q.astype(np.int8) - 16, d, np.zeros_like(d), n, k)
+    if qtype == T.Q5_1:
+        scale, zero = _asymmetric(_f16(blocks, 0), _f16(blocks, 2))
+        q = _nibbles_32(blocks[..., 8:24]) | _high_bits_32(blocks[..., 4:8])
+        return _tensor(QuantFormat(8, 32, False), q, scale, zero, n, k)
+    # Q4_K / Q5_K: super-blocks of 256 = 8 groups of 32, w = (d sc) q - (dmin m)
+    d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]
+    sc, mn = _k_scales(blocks[..., 4:16])
+    scale, zero = _asymmetric(d * sc, -(dmin * mn))
+    if qtype == T.Q4_K:
+        return _tensor(QuantFormat(4, 32, False), _k_nibbles(blocks[..., 16:144]), scale, zero, n, k)
+    qh = blocks[..., 16:48]  # bit 2c of byte l: value l of chunk c's low half, bit 2c + 1: of its high half
+    high = np.unpackbits(np.ascontiguousarray(qh)[..., None], axis=-1, bitorder="little")  # [n, nb, 32, 8]
+    high = np.moveaxis(high, -1, -2).reshape(*qh.shape[:-1], 256) << 4  # value 32 j + l <- bit j of byte l
+    q = _k_nibbles(blocks[..., 48:176]) | high.astype(np.uint8)
+    return _tensor(QuantFormat(8, 32, False), q, scale, zero, n, k)
+
+
+def _tensor(fmt: QuantFormat, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, n: int, k: int
+            ) -> QuantizedTensor:
+    dtype = torch.int8 if fmt.qmin < 0 else torch.uint8
+    return QuantizedTensor(fmt, torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k)).to(dtype),
+                           torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, -1)),
+                           torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(n, -1)))

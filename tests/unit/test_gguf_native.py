@@ -1,0 +1,103 @@
+"""GGUF quants run in their own bits: each block type with an exact integer mapping loads into
+QuantLinear with no float copy (loaders/gguf_quant.py), and gives the float path's answers."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from miaotui.layers.linear import Linear
+from miaotui.layers.quant_formats import QuantFormat
+from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.loaders.gguf_quant import NATIVE_TYPES, native_weight
+from miaotui.loaders.load import load_model
+from tests.tiny_models import write_gguf_from_hf_dir, write_hf_dir
+
+EXPECTED_FORMAT = {T.Q4_0: QuantFormat(4, 32, True), T.Q4_1: QuantFormat(4, 32, False),
+                   T.Q8_0: QuantFormat(8, 32, True), T.Q4_K: QuantFormat(4, 32, False),
+                   T.Q5_0: QuantFormat(8, 32, True), T.Q5_1: QuantFormat(8, 32, False),
+                   T.Q5_K: QuantFormat(8, 32, False)}
+LINEARS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+           "ffn_up.weight", "ffn_down.weight")
+IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]
+
+
+def _random_blocks(qtype: T, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes in qtype's blocks [n, bytes per row], with finite float16 scales (and mins)."""
+    per_block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // per_block, size), dtype=np.uint8)
+    for start in (0,) if qtype in (T.Q4_0, T.Q8_0, T.Q5_0) else (0, 2):
+        scales = (rng.uniform(0.5, 2.0, size=raw.shape[:2]) * 1e-3).astype(np.float16)
+        scales[0, 0] = 0  # a group with scale 0 holds its offset alone
+        raw[..., start:start + 2] = scales[..., None].view(np.uint8)
+    if qtype == T.Q8_0:
+        raw[..., 2:][raw[..., 2:] == 128] = 129  # int8 code -128: see the next test
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda t: t.name)
+def test_blocks_map_exactly_onto_integer_formats(qtype):
+    raw = _random_blocks(qtype, 24, 512, np.random.default_rng(0))
+    native = native_weight(raw, qtype, 512)
+    assert native.fmt == EXPECTED_FORMAT[qtype] and native.codes.shape == (24, 512)
+    assert native.codes.dtype == (torch.int8 if native.fmt.symmetric else torch.uint8)
+    reference = gguf.quants.dequantize(raw, qtype)
+    got = native.dequantize().numpy()
+    assert np.abs(got - reference).max() <= 1e-6 * np.abs(reference).max()  # float32 rounding of zero * scale
+
+
+def test_types_without_an_exact_mapping_are_left_to_dequantize():
+    rng = np.random.default_rng(1)
+    raw = _random_blocks(T.Q8_0, 4, 256, rng)
+    raw[0, 2] = 128  # code -128: int8 g32 symmetric holds -127..127
+    assert native_weight(raw, T.Q8_0, 256) is None
+    six = rng.integers(0, 256, size=(4, GGML_QUANT_SIZES[T.Q6_K][1]), dtype=np.uint8)
+    assert native_weight(six, T.Q6_K, 256) is None  # groups of 16: dequantized by the loader
+
+
+@pytest.fixture(scope="module")
+def k_hf_dir(tmp_path_factory):
+    # K-quants need rows in whole 256-wide super-blocks; 32-wide heads for the fused decode layer
+    return write_hf_dir(tmp_path_factory.mktemp("k-hf"), hidden_size=256, intermediate_size=512,
+                        num_attention_heads=8, num_key_value_heads=4)
+
+
+def _logits(loaded, ids=IDS) -> torch.Tensor:
+    tokens = torch.tensor([ids])
+    return loaded.model(tokens, torch.arange(len(ids))[None]).float()[0]
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda t: t.name)
+def test_quantized_gguf_loads_in_its_own_bits_with_the_float_paths_logits(k_hf_dir, tmp_path, qtype):
+    path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / f"{qtype.name}.gguf", quant={s: qtype for s in LINEARS})
+    native = load_model(path, torch.float32, keep_quantized=True)
+    fmt = EXPECTED_FORMAT[qtype]
+    for layer in native.model.layers:
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            assert isinstance(module, QuantLinear) and module.fmt == fmt
+            # the codes in their own bits: no float weight is held
+            assert module.packed.numel() == module.out_features * module.in_features * fmt.storage_bits // 8
+            assert not any(t.is_floating_point() and t.numel() >= module.packed.numel() for t in module.buffers())
+    reference = load_model(path, torch.float32, keep_quantized=False)  # the same weights, dequantized
+    assert isinstance(reference.model.layers[0].self_attn.qkv_proj, Linear)
+    # float32 activations: the few-row kernels take the activations' int8 residual too
+    for ids in (IDS, IDS[:1]):
+        got, want = _logits(native, ids), _logits(reference, ids)
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-3
+    assert load_model(path, torch.bfloat16).format == "gguf"  # inference dtype: native by default
+    assert isinstance(load_model(path, torch.bfloat16).model.layers[0].mlp.down_proj, QuantLinear)
+
+
+def test_a_fused_layer_of_mixed_types_is_dequantized_and_the_rest_stay_native(k_hf_dir, tmp_path):
+    # as in a Q4_K_M file: v (and some down) in Q6_K beside Q4_K
+    quant = {s: T.Q4_K for s in LINEARS} | {"attn_v.weight": T.Q6_K, "ffn_down.weight": T.Q6_K}
+    path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "mixed.gguf", quant=quant)
+    native = load_model(path, torch.float32, keep_quantized=True)
+    layer = native.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Linear) and isinstance(layer.mlp.down_proj, Linear)
+    assert isinstance(layer.self_attn.o_proj, QuantLinear) and isinstance(layer.mlp.gate_up_proj, QuantLinear)
+    reference = load_model(path, torch.float32, keep_quantized=False)
+    got, want = _logits(native), _logits(reference)
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-3
