@@ -92,8 +92,10 @@ class LLM:
             self.parallel = init_parallel(ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                                          data_parallel_size), device)
         self._keep_quantized = GGUF_WEIGHTS[gguf_weights]
+        # one process, not float32 (the float path that compression loads): inference layouts only
+        self._layout_only = world == 1 and self.dtype != torch.float32
         loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype,
-                            self._keep_quantized)
+                            self._keep_quantized, self._layout_only)
         self.model = loaded.model if world == 1 else self._split(loaded.model)
         self._add_kernel_layouts(self.model)
         self.tokenizer = loaded.tokenizer
@@ -132,7 +134,8 @@ class LLM:
         """The draft model for speculation (sharing the tokenizer), loaded whole on every rank."""
         if config.speculate != "model":
             return None
-        draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype, self._keep_quantized)
+        draft = load_model(config.draft_model, self.dtype, self.device, self.decode_weight_dtype, self._keep_quantized,
+                           self._layout_only)
         self._add_kernel_layouts(draft.model)
         if draft.tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
             raise MiaotuiError("the draft model's tokenizer differs from the target's")

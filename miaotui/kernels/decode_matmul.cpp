@@ -202,7 +202,8 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// One activation row, quantized: blocks of 32 int8 (4-bit weights: even k first, then odd k, the
+// One activation row, quantized (per_group: 32-wide blocks per weight group, 0 for groups of 16):
+// blocks of 32 int8 (4-bit weights: even k first, then odd k, the
 // order block_dot unpacks nibbles in), their scales, and per group sx * sum(xq) (plus the residual's).
 // 8-bit weights and float32 activations also get each block's rounding residual, in int8 on a 128
 // times finer grid (in the order of xq):
@@ -238,22 +239,28 @@ void quantize_row(const T* x, int64_t k, int64_t groups, int64_t per_group, bool
       amax = std::max(amax, std::fabs(v[j]));
     }
     const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int sum = 0, sum2 = 0;
+    int sum[2] = {0, 0}, sum2[2] = {0, 0};  // per half block (groups of 16)
     int8_t* q = out.q.data() + b * kBlock;
     for (int64_t j = 0; j < kBlock; ++j) {
       const float scaled = v[j] * inv;
       const int code = static_cast<int>(std::nearbyint(scaled));
-      sum += code;
+      sum[j / 16] += code;
       q[nibble_order ? (j % 2) * 16 + j / 2 : j] = static_cast<int8_t>(code);
       if (residual) {
         const float fine = std::nearbyint((scaled - static_cast<float>(code)) * kResidualSteps);
         const int code2 = static_cast<int>(std::clamp(fine, -127.f, 127.f));
-        sum2 += code2;
+        sum2[j / 16] += code2;
         out.q2[b * kBlock + (nibble_order ? (j % 2) * 16 + j / 2 : j)] = static_cast<int8_t>(code2);
       }
     }
     out.sx[b] = d;
-    out.group_sums[b / per_group] += d * (static_cast<float>(sum) + static_cast<float>(sum2) / kResidualSteps);
+    if (per_group > 0) {
+      out.group_sums[b / per_group] +=
+          d * (static_cast<float>(sum[0] + sum[1]) + static_cast<float>(sum2[0] + sum2[1]) / kResidualSteps);
+    } else {  // groups of 16 (per_group 0): two per block
+      for (int h = 0; h < 2; ++h)
+        out.group_sums[2 * b + h] += d * (static_cast<float>(sum[h]) + static_cast<float>(sum2[h]) / kResidualSteps);
+    }
   }
 }
 
@@ -464,6 +471,52 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
   for (int m = 0; m < M; ++m) out[m] = _mm512_mul_ps(acc[m], _mm512_set1_ps(unit));
 }
 
+// 8-bit weights in groups of 16 (a GGUF file's Q6_K): two groups per activation block, each with its
+// own sums (values and residual), scaled by its own scale; otherwise as q_tile16<8, M, true>.
+template <int M>
+inline void q_tile16_g16(const QuantizedRow* xr, const uint8_t* tile, const at::Half* meta, int64_t blocks,
+                         int64_t zero_code, float unit, __m512* out) {
+  const int64_t meta_stride = zero_code < 0 ? 32 : 16;
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = tile + b * 8 * 64;
+    for (int c = 0; c < 8; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + c * 64 + kPrefetchBytes, _MM_HINT_T1);
+    __m512i dot[M][2][2];  // [row][half][values, residual]
+    for (int m = 0; m < M; ++m)
+      for (int h = 0; h < 2; ++h) dot[m][h][0] = dot[m][h][1] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + c * 64);
+      const int h = c / 4;  // chunks 0-3: k 0-15 of the block, 4-7: k 16-31
+      for (int m = 0; m < M; ++m) {
+        int32_t x0, x1;
+        std::memcpy(&x0, xr[m].q.data() + b * kBlock + c * 4, 4);
+        std::memcpy(&x1, xr[m].q2.data() + b * kBlock + c * 4, 4);
+        dot[m][h][0] = _mm512_dpbusd_epi32(dot[m][h][0], v, _mm512_set1_epi32(x0));
+        dot[m][h][1] = _mm512_dpbusd_epi32(dot[m][h][1], v, _mm512_set1_epi32(x1));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t g = 2 * b + h;
+      const __m512 scale = load_half16(meta + g * meta_stride);
+      for (int m = 0; m < M; ++m) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(dot[m][h][0], 7), dot[m][h][1]);
+        __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xr[m].sx[b] / kResidualSteps));
+        if (zero_code >= 0)
+          part = _mm512_sub_ps(part, _mm512_set1_ps(static_cast<float>(zero_code) * xr[m].group_sums[g]));
+        acc[m] = _mm512_fmadd_ps(part, scale, acc[m]);
+      }
+    }
+  }
+  if (zero_code < 0) {
+    for (int64_t g = 0; g < 2 * blocks; ++g) {
+      const __m512 offset = load_half16(meta + g * meta_stride + 16);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xr[m].group_sums[g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = _mm512_mul_ps(acc[m], _mm512_set1_ps(unit));
+}
+
 template <typename T, int Bits>
 void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y, int64_t m, int64_t n,
              int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit) {
@@ -480,7 +533,14 @@ void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float
       const float* b = bias ? bias + n0 : nullptr;
       for (int64_t i = 0; i < m; i += kTileRows) {
         const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
-        switch (rows_here) {
+        if (per_group == 0) {  // 8-bit groups of 16
+          switch (rows_here) {
+            case 1: q_tile16_g16<1>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+            case 2: q_tile16_g16<2>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+            case 3: q_tile16_g16<3>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+            default: q_tile16_g16<4>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+          }
+        } else switch (rows_here) {
           case 1: fine ? q_tile16<Bits, 1, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
                        : q_tile16<Bits, 1, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
                   break;
@@ -500,15 +560,14 @@ void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float
   });
 }
 
-at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& meta, int64_t n,
-                          int64_t bits, int64_t group_width, int64_t zero_code, int64_t exponent,
-                          const c10::optional<at::Tensor>& bias) {
+// The tiles and meta of an [N, K] weight (linear_q_tiles' layout) as the ops take them -> G, the groups.
+int64_t check_q_tiles(const at::Tensor& tiles, const at::Tensor& meta, int64_t n, int64_t k, int64_t bits,
+                      int64_t group_width, int64_t zero_code, int64_t exponent) {
+  const int64_t tile_count = (n + 15) / 16;
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
-              "x: contiguous bf16 or float32 [M, K]");
-  const int64_t m = x.size(0), k = x.size(1), tile_count = (n + 15) / 16;
-  TORCH_CHECK(k % kBlock == 0 && group_width % kBlock == 0 && group_width > 0, "K and the group width must be multiples of 32");
-  const int64_t groups = (k + group_width - 1) / group_width, per_group = group_width / kBlock;
+  TORCH_CHECK(k % kBlock == 0 && ((group_width % kBlock == 0 && group_width > 0) || (group_width == 16 && bits == 8)),
+              "K and the group width must be multiples of 32 (or groups of 16 with 8-bit codes)");
+  const int64_t groups = (k + group_width - 1) / group_width;
   TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 4 &&
                   tiles.size(0) == tile_count && tiles.size(1) == k / kBlock && tiles.size(2) == (bits == 4 ? 4 : 8) &&
                   tiles.size(3) == 64, "tiles: contiguous uint8 [ceil(N / 16), K / 32, 32 * bits / 64, 64]");
@@ -516,6 +575,18 @@ at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at
                   meta.size(1) == groups && meta.size(2) == (zero_code < 0 ? 2 : 1) && meta.size(3) == 16,
               "meta: contiguous float16 [ceil(N / 16), G, 2, 16], or [.., 1, 16] with a zero code");
   TORCH_CHECK(zero_code < (bits == 4 ? 16 : 256) && exponent > -100 && exponent < 100, "zero code or exponent out of range");
+  return groups;
+}
+
+at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& meta, int64_t n,
+                          int64_t bits, int64_t group_width, int64_t zero_code, int64_t exponent,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous bf16 or float32 [M, K]");
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t groups = check_q_tiles(tiles, meta, n, k, bits, group_width, zero_code, exponent);
+  const int64_t per_group = group_width / kBlock;
   const float unit = std::ldexp(1.f, static_cast<int>(-exponent));
   const at::Tensor bias_f = float_bias(bias, n);
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -535,12 +606,236 @@ at::Tensor linear_q_tiles(const at::Tensor& x, const at::Tensor& tiles, const at
   }
   return y;
 }
+
+// dequantize_q_tiles(tiles, meta, n, bits, group_width, zero_code, exponent, out): the weight [N, K]
+// of linear_q_tiles' layout written into out (float32 or bf16), w = u * scale + offset: what a layer
+// that keeps only its tiles (QuantizedLinear.keep_kernel_layout_only) multiplies by in a prefill GEMM.
+// Each 16-byte quarter of a 64-byte chunk holds 4 rows x 4 bytes: widened to 16 floats, scaled with
+// those rows' scale and offset, and stored as 4 runs of 4 (8-bit codes) or 2 x 4 (low and high nibbles).
+inline __m256i bf16_round16(__m512 v) {  // to nearest even, as PyTorch (weights are finite)
+  __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+// 16 floats, lanes 4r..4r+3 for row r of 4 -> rows[r][0..3] (rows past N are null)
+inline void store_4x4(__m512 v, float* const* rows) {
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, v);
+  for (int r = 0; r < 4; ++r)
+    if (rows[r]) std::memcpy(rows[r], tmp + 4 * r, 16);
+}
+
+inline void store_4x4(__m512 v, c10::BFloat16* const* rows) {
+  alignas(32) uint16_t tmp[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), bf16_round16(v));
+  for (int r = 0; r < 4; ++r)
+    if (rows[r]) std::memcpy(rows[r], tmp + 4 * r, 8);
+}
+
+template <typename T, int Bits>
+void dequantize_tiles(const uint8_t* tiles, const at::Half* meta, T* out, int64_t n, int64_t k, int64_t groups,
+                      int64_t group_width, int64_t zero_code, float unit) {
+  const int64_t blocks = k / kBlock, tile_count = (n + 15) / 16;
+  constexpr int chunks = Bits == 4 ? 4 : 8;
+  const int64_t meta_stride = zero_code < 0 ? 32 : 16;
+  at::parallel_for(0, tile_count, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = tiles + t * blocks * chunks * 64;
+      const at::Half* tile_meta = meta + t * groups * meta_stride;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int c = 0; c < chunks; ++c) {
+          // the chunk's group (groups of 16 change within a block; a chunk spans 4 or 8 values of one)
+          const int64_t g = (b * kBlock + c * (Bits == 8 ? 4 : 8)) / group_width;
+          const __m512 scale = _mm512_mul_ps(load_half16(tile_meta + g * meta_stride), _mm512_set1_ps(unit));
+          const __m512 offset = zero_code < 0
+              ? _mm512_mul_ps(load_half16(tile_meta + g * meta_stride + 16), _mm512_set1_ps(unit))
+              : _mm512_mul_ps(scale, _mm512_set1_ps(-static_cast<float>(zero_code)));
+          for (int q = 0; q < 4; ++q) {
+            // rows 4q..4q+3 of the tile: their scale and offset, each repeated over its 4 lanes
+            const __m512i pick = _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
+                                                  4 * q + 2, 4 * q + 2, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1,
+                                                  4 * q, 4 * q, 4 * q, 4 * q);
+            const __m512 s = _mm512_permutexvar_ps(pick, scale), o = _mm512_permutexvar_ps(pick, offset);
+            T* at[4];
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + (b * chunks + c) * 64 + 16 * q));
+            if constexpr (Bits == 8) {  // chunk c: k = 4c + (0..3) of the block
+              for (int r = 0; r < 4; ++r) {
+                const int64_t row = t * 16 + 4 * q + r;
+                at[r] = row < n ? out + row * k + b * kBlock + 4 * c : nullptr;
+              }
+              store_4x4(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), s, o), at);
+            } else {  // chunk c: low nibbles k = 8c + (0..3), high nibbles k = 8c + 4 + (0..3)
+              const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(15));
+              const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+              for (int r = 0; r < 4; ++r) {
+                const int64_t row = t * 16 + 4 * q + r;
+                at[r] = row < n ? out + row * k + b * kBlock + 8 * c : nullptr;
+              }
+              store_4x4(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low)), s, o), at);
+              for (int r = 0; r < 4; ++r) at[r] = at[r] ? at[r] + 4 : nullptr;
+              store_4x4(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high)), s, o), at);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void dequantize_q_tiles(const at::Tensor& tiles, const at::Tensor& meta, int64_t n, int64_t bits, int64_t group_width,
+                        int64_t zero_code, int64_t exponent, at::Tensor& out) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK((out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat) && out.dim() == 2 &&
+                  out.is_contiguous() && out.size(0) == n, "out: contiguous bf16 or float32 [N, K]");
+  const int64_t k = out.size(1);
+  const int64_t groups = check_q_tiles(tiles, meta, n, k, bits, group_width, zero_code, exponent);
+  const float unit = std::ldexp(1.f, static_cast<int>(-exponent));
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const at::Half* mp = meta.data_ptr<at::Half>();
+  if (out.scalar_type() == at::kFloat) {
+    if (bits == 4) dequantize_tiles<float, 4>(w, mp, out.data_ptr<float>(), n, k, groups, group_width, zero_code, unit);
+    else dequantize_tiles<float, 8>(w, mp, out.data_ptr<float>(), n, k, groups, group_width, zero_code, unit);
+  } else {
+    auto* o = out.data_ptr<c10::BFloat16>();
+    if (bits == 4) dequantize_tiles<c10::BFloat16, 4>(w, mp, o, n, k, groups, group_width, zero_code, unit);
+    else dequantize_tiles<c10::BFloat16, 8>(w, mp, o, n, k, groups, group_width, zero_code, unit);
+  }
+}
 #else
 at::Tensor linear_q_tiles(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
                           int64_t, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "linear_q_tiles needs a CPU with AVX512-VNNI");
 }
 #endif
+// embedding_q_tiles(tiles, meta, ids, bits, group_width, zero_code, exponent, out): rows ids [R] of
+// the [N, K] weight in linear_q_tiles' layout, dequantized into out [R, K] (float32 or bf16): an
+// embedding table kept in its own bits (a GGUF file's token_embd) that also serves as the tied head.
+template <typename T, int Bits>
+void gather_tile_rows(const uint8_t* tiles, const at::Half* meta, const int64_t* ids, T* out, int64_t r, int64_t k,
+                      int64_t groups, int64_t group_width, int64_t zero_code, float unit) {
+  const int64_t blocks = k / kBlock;
+  constexpr int chunks = Bits == 4 ? 4 : 8;
+  const int64_t meta_stride = zero_code < 0 ? 32 : 16;
+  at::parallel_for(0, r, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = ids[i] / 16, j = ids[i] % 16;
+      const uint8_t* tile = tiles + t * blocks * chunks * 64;
+      const at::Half* tile_meta = meta + t * groups * meta_stride;
+      T* row = out + i * k;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int c = 0; c < chunks; ++c) {
+          const int64_t g = (b * kBlock + c * (Bits == 8 ? 4 : 8)) / group_width;  // (groups of 16 too)
+          const float scale = static_cast<float>(tile_meta[g * meta_stride + j]) * unit;
+          const float offset = zero_code < 0 ? static_cast<float>(tile_meta[g * meta_stride + 16 + j]) * unit
+                                             : -static_cast<float>(zero_code) * scale;
+          const uint8_t* bytes = tile + (b * chunks + c) * 64 + 4 * j;
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (Bits == 8) {
+              store_out(bytes[e] * scale + offset, row + b * kBlock + 4 * c + e);
+            } else {
+              store_out((bytes[e] & 15) * scale + offset, row + b * kBlock + 8 * c + e);
+              store_out((bytes[e] >> 4) * scale + offset, row + b * kBlock + 8 * c + 4 + e);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor embedding_q_tiles(const at::Tensor& tiles, const at::Tensor& meta, const at::Tensor& ids, int64_t bits,
+                             int64_t group_width, int64_t zero_code, int64_t exponent, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dtype: bf16 or float32");
+  TORCH_CHECK(tiles.dim() == 4, "tiles: contiguous uint8 [ceil(N / 16), K / 32, 32 * bits / 64, 64]");
+  const int64_t k = tiles.size(1) * kBlock;
+  const int64_t groups = check_q_tiles(tiles, meta, tiles.size(0) * 16, k, bits, group_width, zero_code, exponent);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "ids: contiguous int64 [R]");
+  const at::Tensor rows = ids.contiguous();
+  const int64_t* id = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < tiles.size(0) * 16, "token id ", id[i], " is out of range");
+  const float unit = std::ldexp(1.f, static_cast<int>(-exponent));
+  auto out = at::empty({rows.size(0), k}, tiles.options().dtype(dtype));
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const at::Half* mp = meta.data_ptr<at::Half>();
+  if (dtype == at::kFloat) {
+    if (bits == 4) gather_tile_rows<float, 4>(w, mp, id, out.data_ptr<float>(), rows.size(0), k, groups, group_width, zero_code, unit);
+    else gather_tile_rows<float, 8>(w, mp, id, out.data_ptr<float>(), rows.size(0), k, groups, group_width, zero_code, unit);
+  } else {
+    auto* o = out.data_ptr<c10::BFloat16>();
+    if (bits == 4) gather_tile_rows<c10::BFloat16, 4>(w, mp, id, o, rows.size(0), k, groups, group_width, zero_code, unit);
+    else gather_tile_rows<c10::BFloat16, 8>(w, mp, id, o, rows.size(0), k, groups, group_width, zero_code, unit);
+  }
+  return out;
+}
+
+#if !defined(MIAOTUI_Q_TILES)
+void dequantize_q_tiles(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, at::Tensor&) {
+  TORCH_CHECK(false, "dequantize_q_tiles needs a CPU with AVX512-VNNI");
+}
+at::Tensor embedding_q_tiles(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                             at::ScalarType) {
+  TORCH_CHECK(false, "embedding_q_tiles needs a CPU with AVX512-VNNI");
+}
+#endif
+
+// q_tiles_codes(codes, bits): stored codes u [N, K] uint8 -> linear_q_tiles' tiles
+// [ceil(N / 16), K / 32, 32 * bits / 64, 64] (padding rows 0) in one pass, no temporaries: a load
+// (a GGUF file's blocks) goes straight to the kernel's layout. Plain C++: it runs on every CPU.
+at::Tensor q_tiles_codes(const at::Tensor& codes, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() && codes.size(1) % kBlock == 0,
+              "codes: contiguous uint8 [N, K], K a multiple of 32");
+  const int64_t n = codes.size(0), k = codes.size(1), blocks = k / kBlock, tile_count = (n + 15) / 16;
+  const int64_t chunks = bits == 4 ? 4 : 8;
+  auto tiles = at::zeros({tile_count, blocks, chunks, 64}, codes.options());
+  const uint8_t* u = codes.data_ptr<uint8_t>();
+  uint8_t* out = tiles.data_ptr<uint8_t>();
+  at::parallel_for(0, tile_count, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < 16 && t * 16 + j < n; ++j) {
+        const uint8_t* row = u + (t * 16 + j) * k;
+        for (int64_t b = 0; b < blocks; ++b) {
+          uint8_t* block = out + (t * blocks + b) * chunks * 64 + 4 * j;
+          const uint8_t* src = row + b * kBlock;
+          for (int64_t c = 0; c < chunks; ++c)
+            for (int e = 0; e < 4; ++e)
+              block[c * 64 + e] = bits == 8 ? src[4 * c + e]
+                                            : static_cast<uint8_t>((src[8 * c + e] & 15) | (src[8 * c + 4 + e] << 4));
+        }
+      }
+    }
+  });
+  return tiles;
+}
+
+// nibble_blocks(raw, block_bytes, start, minus): GGUF's 32-value blocks (Q4_0, Q4_1, Q5_0, Q5_1) hold
+// their 4-bit parts as 16 bytes from byte `start` of each block, low nibbles values 0-15, high nibbles
+// 16-31: raw [N, row bytes] uint8 -> [N, K] uint8 of the nibbles less `minus` (wrapping: read as
+// int8 for signed codes). One pass (numpy's strided bit operations take ~10x longer).
+at::Tensor nibble_blocks(const at::Tensor& raw, int64_t block_bytes, int64_t start, int64_t minus) {
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && block_bytes > 0 &&
+                  raw.size(1) % block_bytes == 0 && start >= 0 && start + 16 <= block_bytes,
+              "raw: contiguous uint8 [N, blocks * block_bytes], 16 bytes of nibbles from start");
+  const int64_t n = raw.size(0), blocks = raw.size(1) / block_bytes;
+  auto out = at::empty({n, blocks * 32}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const auto m = static_cast<uint8_t>(minus);
+  at::parallel_for(0, n * blocks, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* qs = src + b * block_bytes + start;
+      uint8_t* o = dst + b * 32;
+      for (int j = 0; j < 16; ++j) {
+        o[j] = static_cast<uint8_t>((qs[j] & 15) - m);
+        o[16 + j] = static_cast<uint8_t>((qs[j] >> 4) - m);
+      }
+    }
+  });
+  return out;
+}
 
 bool has_q_tiles() {
 #if defined(MIAOTUI_Q_TILES)
@@ -577,10 +872,20 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("linear_q_tiles(Tensor x, Tensor tiles, Tensor meta, int n, int bits, int group_width, int zero_code, "
         "int exponent, Tensor? bias) -> Tensor");
   m.def("has_q_tiles() -> bool", &has_q_tiles);
+  m.def("q_tiles_codes(Tensor codes, int bits) -> Tensor");
+  m.def("nibble_blocks(Tensor raw, int block_bytes, int start, int minus) -> Tensor");
+  m.def("dequantize_q_tiles(Tensor tiles, Tensor meta, int n, int bits, int group_width, int zero_code, "
+        "int exponent, Tensor(a!) out) -> ()");
+  m.def("embedding_q_tiles(Tensor tiles, Tensor meta, Tensor ids, int bits, int group_width, int zero_code, "
+        "int exponent, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("linear_bf16_tiles", &linear_bf16_tiles);
   m.impl("linear_q_rows", &linear_q_rows);
   m.impl("linear_q_tiles", &linear_q_tiles);
+  m.impl("q_tiles_codes", &q_tiles_codes);
+  m.impl("nibble_blocks", &nibble_blocks);
+  m.impl("dequantize_q_tiles", &dequantize_q_tiles);
+  m.impl("embedding_q_tiles", &embedding_q_tiles);
 }

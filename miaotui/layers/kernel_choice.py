@@ -69,6 +69,13 @@ def q_rows_fits(fmt: QuantFormat, in_features: int) -> bool:
             and fmt.group_width(in_features) % 32 == 0)
 
 
+def q_tiles_format_fits(fmt: QuantFormat, in_features: int) -> bool:
+    """linear_q_tiles takes what linear_q_rows takes, and 8-bit codes in groups of 16 (GGUF's Q6_K:
+    two groups per 32-wide activation block)."""
+    return q_rows_fits(fmt, in_features) or (fmt.kind == "int" and fmt.storage_bits == 8 and in_features % 32 == 0
+                                             and fmt.group_width(in_features) == 16)
+
+
 def q_tiles_fits(caps: CpuCaps) -> bool:
     """linear_q_tiles (16-row tiles, VNNI dot products) is built on AVX-512 CPUs with VNNI; it takes
     every format linear_q_rows takes (q_rows_fits)."""
@@ -107,11 +114,10 @@ def quant_kernel(fmt: QuantFormat, in_features: int, out_features: int, rows: in
         # Same W8A8 arithmetic either way; without int8 dot-product units the int8 x int8 kernel is
         # ~30x slower than a float GEMM over the same integer values.
         return "int_mm" if not on_cpu or caps.int8_dot else "w8a8_float"
-    native_few_rows = on_cpu and caps.native and q_rows_fits(fmt, in_features) \
-        and dtype in (torch.bfloat16, torch.float32)
-    if native_few_rows and q_tiles_fits(caps) and rows <= Q_TILES_MAX_ROWS:
+    native_dtype = on_cpu and caps.native and dtype in (torch.bfloat16, torch.float32)
+    if native_dtype and q_tiles_fits(caps) and q_tiles_format_fits(fmt, in_features) and rows <= Q_TILES_MAX_ROWS:
         return "tiles_q"
-    native_few_rows = native_few_rows and rows <= Q_ROWS_MAX_ROWS
+    native_few_rows = native_dtype and q_rows_fits(fmt, in_features) and rows <= Q_ROWS_MAX_ROWS
     low_precision = dtype in (torch.bfloat16, torch.float16) or not on_cpu
     # 4-bit with bf16/fp16 activations on AVX-512 without VNNI: int4pack streams faster than linear_q_rows
     # at every row count measured (1B up 8192x2048 g32: 1 row 0.60 vs 1.00 ms, 16 rows 4.2 vs 7.0 ms).

@@ -20,7 +20,7 @@ import torch
 from miaotui.errors import MiaotuiError
 
 SUPPORTED_BITS = (8, 4, 3, 2)
-SUPPORTED_GROUPS = (-1, 32, 64, 128, 256)
+SUPPORTED_GROUPS = (-1, 16, 32, 64, 128, 256)  # 16: GGUF's Q6_K (8-bit slots; kernel_choice.py)
 
 
 @dataclass(frozen=True, slots=True)

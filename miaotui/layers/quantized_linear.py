@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.errors import MiaotuiError
 from miaotui.kernels import native_op
 from miaotui.layers.kernel_choice import (
     _INT4_INNER_K_TILES,
@@ -35,6 +36,7 @@ from miaotui.layers.kernel_choice import (
     note_kernel,
     q_rows_fits,
     q_tiles_fits,
+    q_tiles_format_fits,
     quant_kernel,
     this_cpu,
 )
@@ -98,17 +100,22 @@ def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: 
     one code z (symmetric formats) only the scales are kept: 2 bytes a group, as in GGUF's Q4_0."""
     n, k = codes.shape
     tiles, pad = -(-n // 16), -n % 16
-    u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
-    if bits == 4:
+    native = native_op("q_tiles_codes") if codes.device.type == "cpu" else None
+    if native is not None:  # one pass, no temporaries (loads)
+        packed = native(codes.contiguous(), bits)
+    elif bits == 4:
+        u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
         # k = 32 b + 8 p + 4 h + t -> chunk p, byte 4 j + t, nibble h
         u = u.view(tiles, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
         packed = (u[..., 0] | (u[..., 1] << 4)).reshape(tiles, k // 32, 4, 64)
     else:
         # k = 32 b + 4 c + t -> chunk c, byte 4 j + t
+        u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
         packed = u.view(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // 32, 8, 64)
     scale, offset = scale.float(), offset.float()
-    used = scale != 0  # (rows of zeros say nothing of the zero code)
-    z = round(float((-offset[used] / scale[used])[0])) if used.any() else 0
+    first = int(torch.argmax((scale.reshape(-1) != 0).to(torch.uint8)))  # a group with a scale (rows of
+    z = round(float(-offset.reshape(-1)[first] / scale.reshape(-1)[first])) if scale.numel() and \
+        scale.reshape(-1)[first] != 0 else 0  # zeros say nothing of the zero code)
     symmetric = 0 <= z < 2 ** bits and bool(torch.equal(offset, -z * scale))
     parts = (scale,) if symmetric else (scale, offset)
     # fp16 keeps 11 bits over 2^-14..65504: bring the largest value near 2^14 by a power of two
@@ -145,21 +152,82 @@ class QuantLinear(nn.Module):
         self._q_tiles: QTiles | None = None  # tiles_q: q_tiles_layout
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> None:
-        self.packed = pack_codes(codes, self.fmt)
+                  bias: torch.Tensor | None = None, layout_only: bool = False) -> None:
+        """layout_only: for inference, keep the tile kernel's layout alone where it runs
+        (keep_kernel_layout_only), building no other."""
         self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()
         if bias is not None:
             self.bias = bias.float().clone()
-        self.prepare_kernels()
+        fmt = self.fmt
+        if layout_only and not self.act_quant and codes.device.type == "cpu" \
+                and q_tiles_format_fits(fmt, self.in_features) and q_tiles_fits(this_cpu()) \
+                and native_op("dequantize_q_tiles") is not None:
+            # straight to the tiles from the codes (stored u = code - qmin), never packed row-major
+            # (uint8 arithmetic wraps: code + 127 for -127..127 lands on 0..254)
+            u = codes.view(torch.uint8) + (-fmt.qmin) if codes.dtype == torch.int8 else codes - fmt.qmin
+            scale = self.scale
+            offset = -(self.zero - fmt.qmin) * scale
+            self._q_tiles = q_tiles_layout(u, fmt.storage_bits, scale, offset)
+            self.keep_kernel_layout_only()
+            return
+        self.packed = pack_codes(codes, fmt)
+        self.prepare_kernels(layout_only)
 
     def codes(self) -> torch.Tensor:
+        if self.packed is None:
+            raise MiaotuiError("this layer was loaded for inference and keeps its weight in the decode kernel's "
+                               "layout only; load the model with dtype float32 to work on its codes")
         return unpack_codes(self.packed, self.fmt)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.packed is None:
+            return self._tiles_weight(torch.float32).to(dtype)
         return dequantize_codes(self.codes(), self.scale, self.zero, self.fmt, dtype)
 
-    def prepare_kernels(self) -> None:
-        """Build the kernel-specific layouts from the stored codes (after loading or quantizing)."""
+    def weight_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ids [R] of the weight, dequantized: [R, K] in dtype (an embedding lookup, or the exact
+        rescoring of a quantized head's best candidates)."""
+        if self.packed is None:
+            t = self._q_tiles
+            return native_op("embedding_q_tiles")(t.tiles, t.meta, ids.reshape(-1).long().contiguous(),
+                                                  self.fmt.storage_bits, self.fmt.group_width(self.in_features),
+                                                  t.zero_code, t.exponent, dtype)
+        ids = ids.reshape(-1)
+        return dequantize_codes(unpack_codes(self.packed[ids], self.fmt), self.scale[ids], self.zero[ids], self.fmt,
+                                dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.packed if self.packed is not None else self._q_tiles.tiles).device
+
+    def keep_kernel_layout_only(self) -> bool:
+        """Inference on a CPU with the tile kernel: hold the weight once, in linear_q_tiles' layout
+        (codes and float16 scales, as a GGUF file's blocks), and drop the stored codes, float32 scales
+        and the other kernels' layouts: prefill dequantizes the tiles per call (dequantize_q_tiles)
+        for its GEMM. -> whether the layer now keeps its tiles alone (not for W8A8 layers, whose int8
+        GEMM wants its own layout, nor off the tile kernel's CPUs)."""
+        if self._q_tiles is None or self.act_quant or native_op("dequantize_q_tiles") is None:
+            return False
+        self.packed = self.scale = self.zero = None
+        self._int8 = self._int4 = self._int4_scales_zeros = self._nibble_affine = self._amx4 = None
+        self._q_affine = self._byte_affine = None
+        self._cast_cache = {}
+        return True
+
+    def _tiles_weight(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [N, K] from the tiles alone (float32 or bf16), into out when given."""
+        t = self._q_tiles
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        native_op("dequantize_q_tiles")(t.tiles, t.meta, self.out_features, self.fmt.storage_bits,
+                                        self.fmt.group_width(self.in_features), t.zero_code, t.exponent, out)
+        return out
+
+    def prepare_kernels(self, layout_only: bool = False) -> None:
+        """Build the kernel-specific layouts from the stored codes (after loading or quantizing);
+        layout_only: the tile kernel's alone, then keep_kernel_layout_only."""
+        if self.packed is None:
+            return  # the tiles are all there is (keep_kernel_layout_only)
         fmt, cpu, k = self.fmt, self.packed.device.type == "cpu", self.in_features
         self._int8 = self._int4 = self._int4_scales_zeros = self._nibble_affine = self._amx4 = None
         self._q_affine = self._q_tiles = self._byte_affine = None
@@ -168,10 +236,12 @@ class QuantLinear(nn.Module):
             # stored u = code - qmin, so w = (code - zero) * scale = u * scale - (zero - qmin) * scale
             scale = self.scale.float().contiguous()
             offset = (-(self.zero.float() - fmt.qmin) * scale).contiguous()
-            if cpu and q_rows_fits(fmt, k) and q_tiles_fits(this_cpu()):
+            if cpu and q_tiles_format_fits(fmt, k) and q_tiles_fits(this_cpu()):
                 codes = self.packed if fmt.storage_bits == 8 else \
                     torch.stack([self.packed & 15, self.packed >> 4], dim=-1).view(self.out_features, k)
                 self._q_tiles = q_tiles_layout(codes, fmt.storage_bits, scale, offset)
+                if layout_only and not self.act_quant and self.keep_kernel_layout_only():
+                    return
             elif cpu and q_rows_fits(fmt, k) and this_cpu().native:
                 self._q_affine = scale, offset
             if fmt.storage_bits == 8:
@@ -202,7 +272,7 @@ class QuantLinear(nn.Module):
     def decode_tensors(self) -> list[torch.Tensor]:
         """What a one-row call reads: the layout of the kernel it runs (memory traffic of a decode step)."""
         kernel = self.kernel_for(1)
-        if kernel == "tiles_q":
+        if kernel == "tiles_q" or self.packed is None:
             return self._q_tiles.tensors()
         if kernel == "int8pack":
             return [self._int8, self.scale]
@@ -212,12 +282,14 @@ class QuantLinear(nn.Module):
 
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
         """The kernel a call of `rows` rows runs here (kernel_choice.quant_kernel, for this CPU)."""
-        cpu = self.packed.device.type == "cpu"
+        cpu = self.device.type == "cpu"
         kernel = quant_kernel(self.fmt, self.in_features, self.out_features, rows, dtype, this_cpu(), cpu,
                               self.act_quant)
-        if (kernel == "rows_q" and self._q_affine is None) or (kernel == "amx4" and self._amx4 is None) \
-                or (kernel == "tiles_q" and self._q_tiles is None):
-            return "dense"  # layouts not built (a layer moved off the CPU and back)
+        layout = {"rows_q": self._q_affine, "amx4": self._amx4, "tiles_q": self._q_tiles, "int8pack": self._int8,
+                  "int4pack": self._int4}
+        if kernel in layout and layout[kernel] is None:
+            # layouts not built (a layer moved off the CPU and back) or dropped (keep_kernel_layout_only)
+            return "dense"
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +332,10 @@ class QuantLinear(nn.Module):
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [N, K] in dtype for one GEMM, built per call (never kept: the layer stays 4/8-bit).
         Fast paths for int8 and 4-bit: 3072x576 in ~1 ms, 5-10x faster than the generic unpack."""
+        if self.packed is None:  # the tiles alone (keep_kernel_layout_only)
+            if dtype in (torch.float32, torch.bfloat16):
+                return self._tiles_weight(dtype, self._dense_out(dtype))
+            return self._tiles_weight(torch.float32).to(dtype)
         native8 = native_op("dequantize_8bit") if self._byte_affine is not None and self.packed.device.type == "cpu" \
             else None
         if native8 is not None:  # one pass over the codes (kernels/cpu_kernels.cpp)
@@ -291,7 +367,7 @@ class QuantLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if not torch.is_grad_enabled():
             return _scratch(n * k, dtype).view(n, k)
-        return torch.empty(n, k, dtype=dtype, device=self.packed.device)
+        return torch.empty(n, k, dtype=dtype, device=self.device)
 
     def extra_repr(self) -> str:
         f = self.fmt

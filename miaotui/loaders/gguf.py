@@ -7,6 +7,7 @@ Not for writing GGUF (export lives with quantization) or for running the model.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
-from miaotui.loaders.gguf_file import GGUFFile
+from miaotui.loaders.gguf_file import GGUFFile, GGUFTensorInfo
 from miaotui.loaders.gguf_quant import QuantizedTensor, native_weight
+from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from miaotui.models.config import ModelConfig
 
@@ -82,9 +84,10 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str | Path, keep_quantized: bool = True
-              ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedTensor], Tokenizer]:
-    """-> (config, Hugging Face-named tensors, tokenizer). keep_quantized: 2-D weights in a block type
-    with an exact integer mapping come as QuantizedTensor (no float copy); else float32 tensors."""
+              ) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
+    """-> (config, Hugging Face-named tensors, read when asked for, tokenizer). keep_quantized: 2-D
+    weights in a block type with an exact integer mapping come as QuantizedTensor (no float copy);
+    the others as float32 tensors."""
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     names = {t.name for t in gguf_file.tensors}
@@ -95,7 +98,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = True
         factors = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
         config.rope_scaling = {"rope_type": "freq_factors",
                                "factors": dequantize(gguf_file.raw(factors), factors.qtype).astype(np.float32).tolist()}
-    tensors: dict[str, torch.Tensor | QuantizedTensor] = {}
+    readers = {}
     for t in gguf_file.tensors:
         hf_name = _hf_name(t.name)
         if hf_name is None:
@@ -105,21 +108,27 @@ def load_gguf(path: str | Path, keep_quantized: bool = True
             heads = config.num_heads
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config.num_kv_heads
-        native = native_weight(gguf_file.raw(t), t.qtype, t.shape[-1]) \
-            if keep_quantized and len(t.shape) == 2 else None
-        if native is not None:
-            if heads is not None:
-                native = native.take_rows(torch.from_numpy(_unpermute_rope_rows(np.arange(t.shape[0]), heads)))
-            tensors[hf_name] = native
-            continue
-        array = dequantize(gguf_file.raw(t), t.qtype).astype(np.float32, copy=False)
-        if heads is not None:
-            array = _unpermute_rope_rows(array, heads)
-        if not (array.flags.writeable and array.flags.c_contiguous):
-            array = array.copy(order="C")  # F32 tensors are read-only views of the memory map
-        tensors[hf_name] = torch.from_numpy(array)
+        readers[hf_name] = partial(_read_tensor, gguf_file, t, heads, keep_quantized)
     tokenizer = tokenizer_from_gguf_metadata(meta, config.eos_token_ids)
-    return config, tensors, tokenizer
+    return config, LazyTensors(readers), tokenizer
+
+
+def _read_tensor(gguf_file: GGUFFile, t: GGUFTensorInfo, heads: int | None, keep_quantized: bool
+                 ) -> torch.Tensor | QuantizedTensor:
+    """One tensor from the memory map, its q/k rows un-permuted when `heads` is given."""
+    native = native_weight(gguf_file.raw(t), t.qtype, t.shape[-1]) if keep_quantized and len(t.shape) == 2 else None
+    if native is not None:
+        if heads is not None:
+            native = native.take_rows(torch.from_numpy(_unpermute_rope_rows(np.arange(t.shape[0]), heads)))
+        gguf_file.release(t)  # (native_weight copies what it keeps)
+        return native
+    array = dequantize(gguf_file.raw(t), t.qtype).astype(np.float32, copy=False)
+    if heads is not None:
+        array = _unpermute_rope_rows(array, heads)
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = array.copy(order="C")  # F32 tensors are read-only views of the memory map
+    gguf_file.release(t)
+    return torch.from_numpy(array)
 
 
 def _hf_name(gguf_name: str) -> str | None:

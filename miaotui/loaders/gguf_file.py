@@ -7,6 +7,7 @@ decoded by the gguf package (loaders/gguf.py). Not for writing GGUF.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,16 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[qtype]
             n = int(np.prod(shape)) if shape else 1
             self.tensors.append(GGUFTensorInfo(name, shape, qtype, data_start + offset, n // block * type_size))
+
+    def release(self, info: GGUFTensorInfo) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache): after a tensor is
+        converted, its file bytes no longer count toward the load's resident memory."""
+        mapped = getattr(self.data, "_mmap", None)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self.data), -(-(info.offset + info.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def raw(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor's bytes as uint8 [*shape[:-1], bytes per row] (what gguf.quants decodes)."""

@@ -12,27 +12,32 @@ QuantFormat the few-row kernels run (layers/kernel_choice.py):
 | Q5_0 | 32: d, 5-bit q; w = d (q - 16) | 8-bit slots, g32 symmetric | q - 16 |
 | Q5_1 | 32: d, m, 5-bit q; w = d q + m | 8-bit slots, g32 asymmetric | q |
 | Q5_K | 256: as Q4_K with 5-bit q | 8-bit slots, g32 asymmetric | q |
+| Q6_K | 256: d, 16 x int8 sc, 6-bit q; w = d sc (q - 32) per 16 | 8-bit slots, g16 symmetric | q - 32 |
 
-(5-bit codes sit in 8-bit slots: exact, 34 bytes per 32 weights in memory against the file's 22-24.)
+(5- and 6-bit codes sit in 8-bit slots: exact, 34 bytes per 32 weights in memory (36 for Q6_K's
+groups of 16) against the file's 22-26.)
 An asymmetric group's zero point is offset / scale, so (code - zero) * scale gives the block's own
-w = scale * code + offset up to float32 rounding. Other types (Q6_K, Q3_K, Q2_K, IQ*, TQ*) return
+w = scale * code + offset up to float32 rounding. Other types (Q3_K, Q2_K, IQ*, TQ*, ...) return
 None here: the loader dequantizes those tensors one at a time (loaders/gguf.py).
 Not for reading the file (gguf_file.py) or for writing GGUF (gguf_export.py).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from miaotui.kernels import native_op
 from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor
 
 # A group whose scale is 0 holds one value, its offset: a tiny scale keeps offset / scale finite.
 _TINY_SCALE = 1e-30
 
 
-NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K)
+NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K)
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -40,9 +45,26 @@ def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _nibbles_32(qs: np.ndarray) -> np.ndarray:
-    """16 bytes per 32 values (low nibbles: values 0-15, high: 16-31) -> [..., 32] uint8."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+def _nibbles_32(blocks: np.ndarray, start: int, minus: int = 0) -> np.ndarray:
+    """The 16 bytes from `start` of each block [n, B, block bytes] hold 32 values (low nibbles: values
+    0-15, high: 16-31) -> [n, B, 32] uint8, less `minus` (as int8 when minus > 0: uint8 arithmetic
+    wraps onto the signed codes)."""
+    native = native_op("nibble_blocks")
+    if native is not None:  # one pass (kernels/decode_matmul.cpp)
+        n, count, size = blocks.shape
+        with warnings.catch_warnings():  # the memory map is read-only; the op only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(blocks).reshape(n, count * size))
+        out = native(raw, size, start, minus).numpy().reshape(n, count, 32)
+        return out.view(np.int8) if minus else out
+    qs = blocks[..., start:start + 16]
+    out = np.empty((*qs.shape[:-1], 32), dtype=np.uint8)
+    np.bitwise_and(qs, 15, out=out[..., :16])
+    np.right_shift(qs, 4, out=out[..., 16:])
+    if minus:
+        out -= np.uint8(minus)
+        return out.view(np.int8)
+    return out
 
 
 def _high_bits_32(qh: np.ndarray) -> np.ndarray:
@@ -79,15 +101,15 @@ def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
     if qtype not in NATIVE_TYPES or k % 32:
         return None
     n = raw.shape[0]
-    per_block = 256 if qtype in (T.Q4_K, T.Q5_K) else 32
+    per_block = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
     blocks = np.asarray(raw).reshape(n, k // per_block, -1)
     if qtype == T.Q4_0:
         d = _f16(blocks, 0)
-        codes = _nibbles_32(blocks[..., 2:18]).astype(np.int8) - 8
+        codes = _nibbles_32(blocks, 2, minus=8)
         return _tensor(QuantFormat(4, 32, True), codes, d, np.zeros_like(d), n, k)
     if qtype == T.Q4_1:
         scale, zero = _asymmetric(_f16(blocks, 0), _f16(blocks, 2))
-        return _tensor(QuantFormat(4, 32, False), _nibbles_32(blocks[..., 4:20]), scale, zero, n, k)
+        return _tensor(QuantFormat(4, 32, False), _nibbles_32(blocks, 4), scale, zero, n, k)
     if qtype == T.Q8_0:
         codes = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
         if (codes == -128).any():
@@ -96,12 +118,21 @@ def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
         return _tensor(QuantFormat(8, 32, True), codes, d, np.zeros_like(d), n, k)
     if qtype == T.Q5_0:
         d = _f16(blocks, 0)
-        q = _nibbles_32(blocks[..., 6:22]) | _high_bits_32(blocks[..., 2:6])
+        q = _nibbles_32(blocks, 6) | _high_bits_32(blocks[..., 2:6])
         return _tensor(QuantFormat(8, 32, True), q.astype(np.int8) - 16, d, np.zeros_like(d), n, k)
     if qtype == T.Q5_1:
         scale, zero = _asymmetric(_f16(blocks, 0), _f16(blocks, 2))
-        q = _nibbles_32(blocks[..., 8:24]) | _high_bits_32(blocks[..., 4:8])
+        q = _nibbles_32(blocks, 8) | _high_bits_32(blocks[..., 4:8])
         return _tensor(QuantFormat(8, 32, False), q, scale, zero, n, k)
+    if qtype == T.Q6_K:  # 16 groups of 16 per 256: ql 128, qh 64, int8 scales 16, d
+        ql = blocks[..., 0:128].reshape(n, -1, 2, 64)
+        qh = blocks[..., 128:192].reshape(n, -1, 2, 1, 32)
+        # value 128 h + 32 t + l: nibble (t >= 2) of ql[64 h + 32 (t % 2) + l], bits 2t, 2t + 1 of qh[32 h + l]
+        low = np.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-2)
+        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        q = (low | (high << 4)).reshape(n, -1, 256).astype(np.int8) - 32
+        scale = _f16(blocks, 208)[..., None] * np.ascontiguousarray(blocks[..., 192:208]).view(np.int8)
+        return _tensor(QuantFormat(8, 16, True), q, scale, np.zeros_like(scale), n, k)
     # Q4_K / Q5_K: super-blocks of 256 = 8 groups of 32, w = (d sc) q - (dmin m)
     d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]
     sc, mn = _k_scales(blocks[..., 4:16])

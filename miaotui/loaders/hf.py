@@ -6,14 +6,15 @@ Not for downloading from the hub: miaotui reads local directories only.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from miaotui.errors import MiaotuiError
+from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
 
@@ -65,7 +66,9 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConf
     )
 
 
-def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+def load_safetensors_dir(directory: Path) -> LazyTensors:
+    """Every tensor of the (sharded) checkpoint by name, each read from its memory-mapped file when
+    asked for (safe_open), so a load converts one tensor at a time."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
@@ -75,18 +78,26 @@ def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         raise MiaotuiError(f"'{directory}' has no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
+    readers = {}
     for f in files:
         if not f.is_file():
             raise MiaotuiError(f"safetensors shard '{f}' listed in the index does not exist")
         try:
-            tensors.update(load_file(f))
+            handle = safe_open(str(f), framework="pt")
+            readers |= {name: partial(_read, handle, f, name) for name in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             raise MiaotuiError(f"cannot read safetensors file '{f}': {exc}") from None
-    return tensors
+    return LazyTensors(readers)
 
 
-def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _read(handle: Any, path: Path, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise MiaotuiError(f"cannot read tensor '{name}' of '{path}': {exc}") from None
+
+
+def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise MiaotuiError(f"'{directory}' is not a Hugging Face model directory (no config.json)")

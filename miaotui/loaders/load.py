@@ -31,12 +31,15 @@ class LoadedModel:
 
 
 def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
-               decode_weight_dtype: torch.dtype | None = None, keep_quantized: bool | None = None) -> LoadedModel:
+               decode_weight_dtype: torch.dtype | None = None, keep_quantized: bool | None = None,
+               layout_only: bool = False) -> LoadedModel:
     """keep_quantized: a GGUF file's quantized matrices run in their own bits (gguf_quant.py);
-    None: yes unless dtype is float32, the float path (compression, reference perplexity)."""
+    None: yes unless dtype is float32, the float path (compression, reference perplexity).
+    layout_only: inference alone (no compression, no sharding): integer layers keep their weight in
+    the decode kernel's layout only (QuantLinear.keep_kernel_layout_only), one copy in memory."""
     path = resolve_model(str(model))
     if is_miaotui_dir(path):
-        net, tokenizer, config = load_miaotui_dir(path, dtype, device)
+        net, tokenizer, config = load_miaotui_dir(path, dtype, device, layout_only)
         fmt = "miaotui"
     elif path.is_dir():
         config, tensors, tokenizer = load_hf_dir(path)
@@ -50,7 +53,7 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
             path, keep_quantized=dtype != torch.float32 if keep_quantized is None else keep_quantized)
         fmt = "gguf"
     if fmt != "miaotui":
-        net = build_transformer(config, tensors, dtype=dtype, device=device)
+        net = build_transformer(config, tensors, dtype=dtype, device=device, layout_only=layout_only)
         del tensors
     if decode_weight_dtype is not None and decode_weight_dtype != dtype:
         net.add_decode_weights(decode_weight_dtype)

@@ -109,8 +109,8 @@ def update_stages(path: Path, stages: list[dict[str, Any]]) -> None:
     os.replace(tmp, path / MARKER)
 
 
-def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[Transformer, Tokenizer,
-                                                                                           ModelConfig]:
+def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device, layout_only: bool = False
+                     ) -> tuple[Transformer, Tokenizer, ModelConfig]:
     try:
         meta = json.loads((path / MARKER).read_text())
         config = ModelConfig.from_dict(meta["config"])
@@ -153,7 +153,7 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device)
     model.stages = list(meta.get("stages") or [])  # earlier compression stages: carried into later saves
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.prepare_kernels()
+            module.prepare_kernels(layout_only)
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
     tokenizer = tokenizer_from_hf_dir(str(path / "tokenizer.json"), tok_cfg, tok_cfg.get("chat_template"),
                                       config.eos_token_ids)

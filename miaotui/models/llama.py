@@ -5,6 +5,8 @@ Not for generation logic: the engine drives forward() with its own KV cache and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,12 @@ from miaotui.layers.kernel_choice import bf16_tiles_fits, note_kernel, quant_ker
 from miaotui.layers.linear import Linear, bf16_tiles_layout, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor, compute_qparams, quantize_codes
+from miaotui.layers.quantized_embedding import QuantEmbedding
 from miaotui.layers.quantized_linear import QTiles, QuantLinear, q_tiles_layout
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
 from miaotui.models.config import ModelConfig
 from miaotui.models.fused_decode import FusedDecode
+from miaotui.runtime import release_freed_memory
 
 RESCORED_CANDIDATES = 8  # logits recomputed in float32 per position (Transformer.logits)
 INT8_HEAD_MAX_ROWS = 4  # up to here the int8 head copy beats the bf16 head (docs/kernels.md)
@@ -92,7 +96,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.add_narrow_weight(dtype)
-        if self.lm_head is None:
+        if self.lm_head is None and self._dense_head() is not None:
             self.lm_head_narrow = self.embed_tokens.weight.detach().to(dtype)
 
     def add_bf16_tiles(self) -> None:
@@ -128,7 +132,7 @@ class Transformer(nn.Module):
 
     def _dense_head(self) -> torch.Tensor | None:
         """The output head's weight [V, D], or None when it is quantized (its kernels decide)."""
-        head = self.embed_tokens.weight if self.lm_head is None else getattr(self.lm_head, "weight", None)
+        head = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "weight", None)
         return head if isinstance(head, torch.Tensor) else None
 
     @property
@@ -137,7 +141,7 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_views: list | None = None
                       ) -> torch.Tensor:
@@ -156,6 +160,10 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., D] -> logits [..., V] in float32 (sampling and log-probs want fp32)."""
         rows = hidden.numel() // hidden.shape[-1]
+        quantized = self.embed_tokens.table if self.lm_head is None and isinstance(self.embed_tokens, QuantEmbedding) \
+            else self.lm_head if isinstance(self.lm_head, QuantLinear) else None
+        if quantized is not None:  # a head in its own integer bits (a GGUF file's)
+            return self._quantized_logits(quantized, hidden, rows)
         if self.head_q is not None and rows <= HEAD_Q_MAX_ROWS and hidden.dtype == torch.bfloat16:
             note_kernel("int8 head", self.head_q_kernel)
             x = hidden.reshape(rows, -1).contiguous()
@@ -179,20 +187,36 @@ class Transformer(nn.Module):
             return self._rescore_top(hidden, out.float())
         return out.float()
 
-    def _rescore_top(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _quantized_logits(self, head: QuantLinear, hidden: torch.Tensor, rows: int) -> torch.Tensor:
+        """Logits from an integer head [V, D]. Few rows: its few-row kernel with float32 activations
+        and output (no bf16 rounding of the logits; the activations keep their int8 residual). More:
+        the GEMM in the activations' dtype, best candidates rescored exactly (_rescore_top)."""
+        x = hidden.reshape(rows, -1)
+        if head.kernel_for(rows, torch.float32) == "tiles_q":
+            return head(x.float()).view(*hidden.shape[:-1], -1)
+        logits = head(x).float().view(*hidden.shape[:-1], -1)
+        if hidden.dtype in (torch.bfloat16, torch.float16):
+            return self._rescore_top(hidden, logits, lambda top: head.weight_rows(top, torch.float32)
+                                     .view(*top.shape, -1))
+        return logits
+
+    def _rescore_top(self, hidden: torch.Tensor, logits: torch.Tensor, head_rows=None) -> torch.Tensor:
         """A bf16 GEMM rounds its output: logits near 16 land on a 0.125 grid, so close candidates
         tie and greedy picks would follow rounding (and flip between batch shapes). Recompute the
         top candidates exactly in float32 from the same weights: argmax is then exact, for the
-        price of RESCORED_CANDIDATES dot products per position. hidden: [..., D], logits: [..., V]."""
+        price of RESCORED_CANDIDATES dot products per position. hidden: [..., D], logits: [..., V];
+        head_rows(top [..., C]) -> [..., C, D] float32: a quantized head's rows (default: the dense head's)."""
         head = self._dense_head()
-        if head is None or head.dtype not in (torch.bfloat16, torch.float16):
-            return logits  # a quantized head: its own kernels decide the precision
+        if head_rows is None:
+            if head is None or head.dtype not in (torch.bfloat16, torch.float16):
+                return logits  # an int8 head copy: its own kernels decide the precision
+            head_rows = lambda top: head[top].float()  # noqa: E731
         native = native_op("top_candidates") if logits.device.type == "cpu" else None
         if native is not None:  # one parallel pass (torch.topk: ~1 ms for 16 rows of 49152 here)
             top = native(logits.view(-1, logits.shape[-1]), RESCORED_CANDIDATES).view(*logits.shape[:-1], -1)
         else:
             top = logits.topk(RESCORED_CANDIDATES, dim=-1).indices  # [..., C]
-        exact = (head[top].float() @ hidden.float().unsqueeze(-1)).squeeze(-1)  # [..., C, D] @ [..., D, 1]
+        exact = (head_rows(top) @ hidden.float().unsqueeze(-1)).squeeze(-1)  # [..., C, D] @ [..., D, 1]
         return logits.scatter_(-1, top, exact)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_views: list | None = None,
@@ -223,6 +247,8 @@ class Transformer(nn.Module):
                 total += weight.numel() * weight.element_size()
         head = self._head_q_tensors() or self.head_int8 or (
             None if self.lm_head_narrow is None else (self.lm_head_narrow,))
+        if head is None and self.lm_head is None and isinstance(self.embed_tokens, QuantEmbedding):
+            head = self.embed_tokens.table.decode_tensors()
         if head is None:
             module = self.embed_tokens if self.lm_head is None else self.lm_head
             head = (*module.buffers(), *module.parameters())
@@ -247,66 +273,76 @@ class Transformer(nn.Module):
 
 
 def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor | QuantizedTensor],
-                      dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+                      dtype: torch.dtype, device: str | torch.device = "cpu", layout_only: bool = False
+                      ) -> Transformer:
     """Build the model from Hugging Face-named tensors, fusing q/k/v and gate/up.
 
     Built on the meta device first so no random initialisation runs, then weights are assigned. A
     matrix given as a QuantizedTensor (a GGUF file's own blocks) becomes a QuantLinear in its
-    format, packed from its codes with no float copy; the embedding table is dequantized.
+    format, packed from its codes with no float copy.
+    layout_only: those layers keep the decode kernel's layout alone (QuantLinear.keep_kernel_layout_only),
+    and so does a quantized embedding table (QuantEmbedding; else it is dequantized).
     """
     with torch.device("meta"):
         model = Transformer(config)
-    state = fuse_hf_state_dict(config, hf_tensors)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    if missing:
-        raise MiaotuiError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'")
-    for name in [n for n, t in state.items() if isinstance(t, QuantizedTensor)]:
-        module_name = name.removesuffix(".weight")
-        module = model.get_submodule(module_name) if name != "embed_tokens.weight" else None
-        if not isinstance(module, Linear) or str(device) != "cpu":
-            state[name] = state[name].dequantize()
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in fused_tensors(config, hf_tensors):  # one at a time: each to its final form
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(tensor, QuantizedTensor):
+            table = QuantEmbedding.from_quantized(tensor, dtype) \
+                if name == "embed_tokens.weight" and layout_only and str(device) == "cpu" else None
+            if table is not None:
+                model.embed_tokens = table
+                continue
+            if not (isinstance(module, Linear) and leaf == "weight" and str(device) == "cpu"):
+                tensor = tensor.dequantize()  # the embedding table, off the tile kernel's CPUs; off the CPU
+            else:
+                with torch.device("meta"):  # set_codes gives it its real tensors
+                    layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, tensor.fmt)
+                layer.set_codes(tensor.codes, tensor.scale, tensor.zero, None, layout_only)
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+                del tensor
+                release_freed_memory()  # the codes' temporaries, before the next tensor is read
+                continue
+        if isinstance(module, QuantLinear):  # its bias
+            module.bias = tensor.float().contiguous()
             continue
-        q = state.pop(name)
-        layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, q.fmt)
-        bias = state.pop(module_name + ".bias", None)
-        layer.set_codes(q.codes, q.scale, q.zero, None if bias is None else bias.float())
-        parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    expected = set(model.state_dict()) - {n for n, m in model.named_modules() if isinstance(m, QuantLinear)
-                                          for n in (f"{n}.packed", f"{n}.scale", f"{n}.zero", f"{n}.bias")}
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
+        state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=False)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and "inv_freq" not in n]
+    if left:
+        raise MiaotuiError(f"checkpoint is missing {len(left)} tensors, e.g. '{left[0]}'")
     model.materialize_rotary(device)
     return model.eval().requires_grad_(False)
 
 
-def fuse_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor | QuantizedTensor]
-                       ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Map HF Llama names (model.layers.N.self_attn.q_proj.weight, ...) onto this module tree."""
-    out: dict[str, torch.Tensor | QuantizedTensor] = {}
-    out["embed_tokens.weight"] = _take(hf, "model.embed_tokens.weight")
-    out["norm.weight"] = _take(hf, "model.norm.weight")
+def fused_tensors(config: ModelConfig, hf: Mapping[str, torch.Tensor | QuantizedTensor]
+                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """HF Llama names (model.layers.N.self_attn.q_proj.weight, ...) mapped onto this module tree,
+    q/k/v and gate/up fused: (name, tensor), one at a time (hf may read each tensor when asked)."""
+    yield "embed_tokens.weight", _take(hf, "model.embed_tokens.weight")
+    yield "norm.weight", _take(hf, "model.norm.weight")
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = _take(hf, "lm_head.weight")
+        yield "lm_head.weight", _take(hf, "lm_head.weight")
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        out[f"layers.{i}.self_attn.qkv_proj.weight"] = _cat_rows(
+        yield f"layers.{i}.self_attn.qkv_proj.weight", _cat_rows(
             [_take(hf, attn + f"{n}_proj.weight") for n in "qkv"]
         )
         if config.qkv_bias:
-            out[f"layers.{i}.self_attn.qkv_proj.bias"] = _cat_rows(
+            yield f"layers.{i}.self_attn.qkv_proj.bias", _cat_rows(
                 [_take(hf, attn + f"{n}_proj.bias") for n in "qkv"]
             )
-        out[f"layers.{i}.self_attn.o_proj.weight"] = _take(hf, attn + "o_proj.weight")
-        out[f"layers.{i}.mlp.gate_up_proj.weight"] = _cat_rows(
+        yield f"layers.{i}.self_attn.o_proj.weight", _take(hf, attn + "o_proj.weight")
+        yield f"layers.{i}.mlp.gate_up_proj.weight", _cat_rows(
             [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")]
         )
-        out[f"layers.{i}.mlp.down_proj.weight"] = _take(hf, p + "mlp.down_proj.weight")
-        out[f"layers.{i}.input_layernorm.weight"] = _take(hf, p + "input_layernorm.weight")
-        out[f"layers.{i}.post_attention_layernorm.weight"] = _take(hf, p + "post_attention_layernorm.weight")
-    return out
+        yield f"layers.{i}.mlp.down_proj.weight", _take(hf, p + "mlp.down_proj.weight")
+        yield f"layers.{i}.input_layernorm.weight", _take(hf, p + "input_layernorm.weight")
+        yield f"layers.{i}.post_attention_layernorm.weight", _take(hf, p + "post_attention_layernorm.weight")
 
 
 def _cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | QuantizedTensor:

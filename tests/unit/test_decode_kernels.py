@@ -237,3 +237,42 @@ def test_bf16_tiles_match_float_sums_and_are_batch_invariant(bf16_tiles_op):
         bf16_tiles_op(x, tiles, 300, b)
     with pytest.raises(RuntimeError, match="K % 32"):
         bf16_tiles_op(x[:, :100].contiguous(), tiles, 203, b)
+
+
+def test_8_bit_groups_of_16_take_the_tile_kernel(caps):
+    """GGUF's Q6_K (8-bit slots, groups of 16): linear_q_tiles on VNNI CPUs, dense elsewhere; exact
+    over int8 activations and their residual, as the other 8-bit formats."""
+    fmt = QuantFormat(8, 16, True)
+    assert quant_kernel(fmt, 576, 1536, 1, BF16, ZEN5) == quant_kernel(fmt, 576, 1536, 40, BF16, XEON_AMX) == "tiles_q"
+    assert quant_kernel(fmt, 576, 1536, 1, BF16, ZEN3) == "dense"  # (the row kernel takes groups of whole blocks)
+    if not q_tiles_fits(caps):
+        pytest.skip("linear_q_tiles needs AVX512-VNNI")
+    layer = _layer(fmt, n=203)
+    x = torch.randn(5, 576)
+    exact = _int8_blocks(x, residual=True).double() @ _kernel_weight(layer, fmt).t() + layer.bias.double()
+    assert float((layer(x).double() - exact).abs().max() / exact.abs().max()) < 1e-5
+    t = layer._q_tiles  # the tiles dequantized (a prefill's weight) are the kernel's weight
+    out = torch.empty(203, 576)
+    native_op("dequantize_q_tiles")(t.tiles, t.meta, 203, 8, 16, t.zero_code, t.exponent, out)
+    torch.testing.assert_close(out.double(), _kernel_weight(layer, fmt), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:6], ids=str)
+def test_tiles_dequantize_and_gather_rows_as_the_kernel_multiplies(caps, fmt):
+    if not q_tiles_fits(caps):
+        pytest.skip("the tiles exist on AVX512-VNNI CPUs")
+    layer = _layer(fmt, n=203)
+    t, weight = layer._q_tiles, _kernel_weight(layer, fmt)
+    for dtype in (torch.float32, BF16):
+        out = torch.empty(203, 576, dtype=dtype)
+        native_op("dequantize_q_tiles")(t.tiles, t.meta, 203, fmt.storage_bits, fmt.group_width(576), t.zero_code,
+                                        t.exponent, out)
+        tolerance = 1e-6 if dtype == torch.float32 else 4e-3
+        torch.testing.assert_close(out.double(), weight, rtol=tolerance, atol=tolerance * float(weight.abs().max()))
+    ids = torch.tensor([0, 15, 16, 202, 7])
+    rows = native_op("embedding_q_tiles")(t.tiles, t.meta, ids, fmt.storage_bits, fmt.group_width(576), t.zero_code,
+                                          t.exponent, torch.float32)
+    torch.testing.assert_close(rows.double(), weight[ids], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native_op("embedding_q_tiles")(t.tiles, t.meta, torch.tensor([208]), fmt.storage_bits, fmt.group_width(576),
+                                       t.zero_code, t.exponent, torch.float32)

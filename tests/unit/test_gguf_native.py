@@ -8,6 +8,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from miaotui.errors import MiaotuiError
+from miaotui.eval.perplexity import decode_perplexity, perplexity
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.layers.quantized_linear import QuantLinear
@@ -18,7 +20,7 @@ from tests.tiny_models import write_gguf_from_hf_dir, write_hf_dir
 EXPECTED_FORMAT = {T.Q4_0: QuantFormat(4, 32, True), T.Q4_1: QuantFormat(4, 32, False),
                    T.Q8_0: QuantFormat(8, 32, True), T.Q4_K: QuantFormat(4, 32, False),
                    T.Q5_0: QuantFormat(8, 32, True), T.Q5_1: QuantFormat(8, 32, False),
-                   T.Q5_K: QuantFormat(8, 32, False)}
+                   T.Q5_K: QuantFormat(8, 32, False), T.Q6_K: QuantFormat(8, 16, True)}
 LINEARS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
            "ffn_up.weight", "ffn_down.weight")
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]
@@ -28,7 +30,7 @@ def _random_blocks(qtype: T, n: int, k: int, rng: np.random.Generator) -> np.nda
     """Random bytes in qtype's blocks [n, bytes per row], with finite float16 scales (and mins)."""
     per_block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, k // per_block, size), dtype=np.uint8)
-    for start in (0,) if qtype in (T.Q4_0, T.Q8_0, T.Q5_0) else (0, 2):
+    for start in (208,) if qtype == T.Q6_K else (0,) if qtype in (T.Q4_0, T.Q8_0, T.Q5_0) else (0, 2):
         scales = (rng.uniform(0.5, 2.0, size=raw.shape[:2]) * 1e-3).astype(np.float16)
         scales[0, 0] = 0  # a group with scale 0 holds its offset alone
         raw[..., start:start + 2] = scales[..., None].view(np.uint8)
@@ -53,8 +55,8 @@ def test_types_without_an_exact_mapping_are_left_to_dequantize():
     raw = _random_blocks(T.Q8_0, 4, 256, rng)
     raw[0, 2] = 128  # code -128: int8 g32 symmetric holds -127..127
     assert native_weight(raw, T.Q8_0, 256) is None
-    six = rng.integers(0, 256, size=(4, GGML_QUANT_SIZES[T.Q6_K][1]), dtype=np.uint8)
-    assert native_weight(six, T.Q6_K, 256) is None  # groups of 16: dequantized by the loader
+    three = rng.integers(0, 256, size=(4, GGML_QUANT_SIZES[T.Q3_K][1]), dtype=np.uint8)
+    assert native_weight(three, T.Q3_K, 256) is None  # dequantized by the loader
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +98,47 @@ def test_a_fused_layer_of_mixed_types_is_dequantized_and_the_rest_stay_native(k_
     path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "mixed.gguf", quant=quant)
     native = load_model(path, torch.float32, keep_quantized=True)
     layer = native.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, Linear) and isinstance(layer.mlp.down_proj, Linear)
-    assert isinstance(layer.self_attn.o_proj, QuantLinear) and isinstance(layer.mlp.gate_up_proj, QuantLinear)
+    assert isinstance(layer.self_attn.qkv_proj, Linear)  # Q4_K q, k beside Q6_K v: one layer, one format
+    assert layer.self_attn.o_proj.fmt == layer.mlp.gate_up_proj.fmt == QuantFormat(4, 32, False)
+    assert layer.mlp.down_proj.fmt == QuantFormat(8, 16, True)
     reference = load_model(path, torch.float32, keep_quantized=False)
     got, want = _logits(native), _logits(reference)
     assert float((got - want).abs().max() / want.abs().max()) < 2e-3
+
+
+def test_inference_holds_each_weight_once_in_the_kernel_layout(k_hf_dir, tmp_path):
+    """`miaotui run` / `serve` (LLM, one process): integer layers keep the tile kernel's layout alone,
+    the quantized embedding table stays quantized and serves as the tied head."""
+    from miaotui import LLM
+    from miaotui.layers.kernel_choice import q_tiles_fits, this_cpu
+    from miaotui.layers.quantized_embedding import QuantEmbedding
+
+    if not q_tiles_fits(this_cpu()):
+        pytest.skip("the tile kernel needs AVX512-VNNI: elsewhere layers keep their packed codes")
+    quant = {s: T.Q4_K for s in LINEARS} | {"ffn_down.weight": T.Q6_K, "token_embd.weight": T.Q6_K}
+    path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "q4_k_m-like.gguf", quant=quant)
+    llm = LLM(str(path), dtype="bfloat16")
+    model = llm.model
+    assert isinstance(model.embed_tokens, QuantEmbedding) and model.embed_tokens.table.fmt == QuantFormat(8, 16, True)
+    for layer in model.layers:
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            assert module.packed is None and module.scale is None
+            assert module.kernel_tensors() == module._q_tiles.tensors()
+            with pytest.raises(MiaotuiError, match="dtype float32"):
+                module.codes()
+    # what is held: the tiles (4-bit: 16 bytes a 32-row, + 2 float16 per group) and the small float tensors
+    reference = load_model(path, torch.float32, keep_quantized=False).model
+    linear_weights = sum(m.weight.numel() for m in reference.modules() if isinstance(m, Linear))
+    embedding = reference.embed_tokens.weight.numel()
+    assert model.weight_bytes() < 0.75 * linear_weights + 1.2 * embedding + 64 * 1024
+    ids = torch.tensor([IDS])
+    want = reference(ids, torch.arange(len(IDS))[None]).float()[0]
+    got = model(ids, torch.arange(len(IDS))[None]).float()[0]  # prefill: the tiles dequantized for a bf16 GEMM
+    assert float((got - want).abs().max() / want.abs().max()) < 3e-2  # bf16 activations
+    rows = model.embed_tokens(torch.tensor([[0, 17, 255]]))
+    torch.testing.assert_close(rows[0].float(), reference.embed_tokens.weight[[0, 17, 255]], rtol=1e-2, atol=1e-3)
+    # decode steps (the few-row kernels, the fused layer, the head's float32 logits) score as the float path
+    ids = IDS * 4
+    decoded = decode_perplexity(model, ids, ctx=24, progress=False).ppl
+    floats = perplexity(reference, ids, ctx=24, score_from=12, progress=False).ppl
+    assert abs(decoded / floats - 1) < 2e-2, (decoded, floats)
