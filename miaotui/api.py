@@ -7,6 +7,7 @@ Not for the decoding loop (engine/) or argument parsing (cli.py).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -21,7 +22,7 @@ from miaotui.engine.request import EngineOutput, EngineRequest
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.load import load_model
-from miaotui.runtime import resolve_dtypes
+from miaotui.runtime import peak_rss_mb, release_freed_memory, resolve_dtypes
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -92,12 +93,16 @@ class LLM:
             self.parallel = init_parallel(ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                                          data_parallel_size), device)
         self._keep_quantized = GGUF_WEIGHTS[gguf_weights]
+        start = time.perf_counter()
         # one process, not float32 (the float path that compression loads): inference layouts only
         self._layout_only = world == 1 and self.dtype != torch.float32
         loaded = load_model(model, self.dtype, self.device, None if world > 1 else self.decode_weight_dtype,
                             self._keep_quantized, self._layout_only)
         self.model = loaded.model if world == 1 else self._split(loaded.model)
         self._add_kernel_layouts(self.model)
+        release_freed_memory()
+        self.load_seconds = time.perf_counter() - start  # reading, converting and laying out the weights
+        self.load_peak_rss_mb = peak_rss_mb()  # this process's peak so far: the load's, for a fresh one
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.path = loaded.path

@@ -327,6 +327,7 @@ def model_info(llm) -> dict[str, Any]:
         "tied_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta,
         "chat_template": bool(llm.tokenizer.chat_template),
         "native_cpu_kernels": llm.device.type == "cpu" and native_ops() is not None,
+        "load_seconds": llm.load_seconds, "load_peak_rss_mb": llm.load_peak_rss_mb,
     }
 
 
@@ -347,6 +348,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"(auto here: {info['auto_dtypes'][0]}, decode copy {info['auto_dtypes'][1]})",
         f"device        {info['device']}; native CPU kernels {'on' if info['native_cpu_kernels'] else 'off'}",
         f"context       {info['context_length']:,} tokens; vocabulary {info['vocab_size']:,}",
+        f"load          {info['load_seconds']:.2f} s; peak RSS {info['load_peak_rss_mb']:,.0f} MB",
     ]
     return "\n".join(lines)
 
@@ -450,6 +452,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"{result['decode_tok_s']:.1f} tok/s   batch {args.batch}   TTFT {result['ttft_ms']:.0f} ms   "
               f"ITL p50 {result['itl_p50_ms']:.1f} ms p99 {result['itl_p99_ms']:.1f} ms   "
               f"peak RSS {result['peak_rss_mb']:.0f} MB   ({result['dtype']}, {result['threads']} threads)")
+        print(f"load {result['load_seconds']:.2f} s, peak RSS after load {result['load_peak_rss_mb']:.0f} MB")
         if result["decode_gb_s"] is not None:
             print(f"decode reads {result['decode_read_bytes'] / 1e6:.1f} MB of weights a step: "
                   f"{result['decode_gb_s']:.1f} GB/s")

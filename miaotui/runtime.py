@@ -96,6 +96,13 @@ def _libc_malloc_trim():
         return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def release_freed_memory() -> None:
     """Hand the allocator's freed pages back to the OS (glibc keeps them; a load converting tensor
     after tensor would otherwise peak at hundreds of MB above what it holds). No-op elsewhere."""

@@ -100,6 +100,8 @@ def _run_bench_here(llm: LLM, prompt_tokens: int, gen_tokens: int, batch: int, r
         "itl_p50_ms": _percentile(gaps_ms, 50) if gaps_ms else None,
         "itl_p99_ms": _percentile(gaps_ms, 99) if gaps_ms else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_seconds": llm.load_seconds,
+        "load_peak_rss_mb": llm.load_peak_rss_mb,
         "weight_bytes": llm.model.weight_bytes(),
         "params": llm.model.num_parameters(),
     }

@@ -800,10 +800,17 @@ at::Tensor q_tiles_codes(const at::Tensor& codes, int64_t bits) {
         for (int64_t b = 0; b < blocks; ++b) {
           uint8_t* block = out + (t * blocks + b) * chunks * 64 + 4 * j;
           const uint8_t* src = row + b * kBlock;
-          for (int64_t c = 0; c < chunks; ++c)
-            for (int e = 0; e < 4; ++e)
-              block[c * 64 + e] = bits == 8 ? src[4 * c + e]
-                                            : static_cast<uint8_t>((src[8 * c + e] & 15) | (src[8 * c + 4 + e] << 4));
+          for (int64_t c = 0; c < chunks; ++c) {  // 4 bytes a chunk, as one 32-bit word
+            uint32_t word, high;
+            if (bits == 8) {
+              std::memcpy(&word, src + 4 * c, 4);
+            } else {  // bytes k..k+3 low nibbles, k+4..k+7 high nibbles (codes < 16)
+              std::memcpy(&word, src + 8 * c, 4);
+              std::memcpy(&high, src + 8 * c + 4, 4);
+              word = (word & 0x0F0F0F0Fu) | ((high & 0x0F0F0F0Fu) << 4);
+            }
+            std::memcpy(block + c * 64, &word, 4);
+          }
         }
       }
     }

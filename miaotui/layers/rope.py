@@ -15,14 +15,16 @@ from miaotui.errors import MiaotuiError
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """inv_freq: [head_dim // 2] in float32, after the checkpoint's rope scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """inv_freq: [head_dim // 2] in float32 on the CPU, after the checkpoint's rope scaling. (Computed
+    on the CPU even inside a meta-device context: meta arithmetic imports PyTorch's reference ops, ~2 s.)"""
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type in (None, "default"):
         return inv_freq
     if rope_type == "freq_factors":
         # GGUF (llama.cpp) stores Llama 3.1-style scaling as one divisor per frequency.
-        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
     if rope_type == "linear":
         return inv_freq / float(scaling["factor"])
     if rope_type == "llama3":

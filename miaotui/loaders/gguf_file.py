@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from miaotui.errors import MiaotuiError
 
 GGUF_MAGIC = b"GGUF"
+_U64 = struct.Struct("<Q")
 _SCALARS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
@@ -49,12 +50,12 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        raw = bytes(self.buf[self.pos:self.pos + n])
-        if len(raw) != n:
+        (n,) = _U64.unpack_from(self.buf, self.pos)
+        start = self.pos + 8
+        if start + n > len(self.buf):
             raise EOFError("string runs past the end of the file")
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        self.pos = start + n
+        return str(self.buf[start:self.pos], "utf-8", "replace")
 
     def value(self, vtype: int) -> Any:
         if vtype == GGUFValueType.STRING:

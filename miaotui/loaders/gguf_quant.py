@@ -41,8 +41,12 @@ NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K)
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The float16 at byte `start` of every block: [..., B] -> float32 [...]."""
-    return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
+    """The float16 at byte `start` of every block: [n, blocks, B] -> float32 [n, blocks] (one strided
+    pass: the blocks seen as records with a float16 field)."""
+    size = blocks.shape[-1]
+    record = np.dtype({"names": ["v"], "formats": ["<f2"], "offsets": [start], "itemsize": size})
+    flat = np.ascontiguousarray(blocks).reshape(-1, size)
+    return flat.reshape(-1).view(record)["v"].astype(np.float32).reshape(blocks.shape[:-1])
 
 
 def _nibbles_32(blocks: np.ndarray, start: int, minus: int = 0) -> np.ndarray:
