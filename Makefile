@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-llamacpp bench-dist clean
+.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-llamacpp bench-sizes bench-dist clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-serve: model
 
 bench-llamacpp: model
 	$(BIN)/python benchmarks/vs_llamacpp.py
+
+bench-sizes: model
+	$(BIN)/python benchmarks/model_sizes.py
 
 bench-dist: model
 	$(BIN)/python benchmarks/distributed.py

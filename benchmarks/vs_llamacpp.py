@@ -4,9 +4,10 @@ For each model size and GGUF class (Q4_0, Q8_0, BF16):
 - llama.cpp's `llama-bench` at its defaults (weight repacking on; 2 threads) on the GGUF file:
   pp512 and tg128 (tok/s), peak RSS of its process. It and `miaotui bench` run in turn, one run
   each, --repeat times (medians), so that both meet the host's load at the same moments.
-- `miaotui bench` (LLM.generate through the engine, batch 1): on the same BF16 GGUF for the BF16
-  class; for the integer classes on miaotui's own equivalent of the file's format, quantized from
-  that BF16 GGUF (Q4_0 = int4 in symmetric groups of 32, Q8_0 = int8 in symmetric groups of 32).
+- `miaotui bench` (LLM.generate through the engine, batch 1) on the same GGUF file: its quantized
+  tensors run in their own bits (loaders/gguf_quant.py: Q4_0 as int4 in symmetric groups of 32,
+  Q8_0 as int8 in symmetric groups of 32, the Q6_K / Q8_0 embedding llama-quantize writes beside
+  them as 8-bit tiles).
 - Achieved decode bandwidth, as gpt-fast reports it: weight bytes read per token x tok/s, against
   a read bandwidth this script measures on the same threads.
 - For the sizes in --serve-sizes: llama-server (defaults, 16 slots) and `miaotui serve`, one
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -42,7 +42,8 @@ from miaotui.loaders.model_store import cache_dir, pull  # noqa: E402
 from tests.unit.server_process import free_port, running_http_process  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CLASSES = {"Q4_0": ("rtn", 4, 32), "Q8_0": ("rtn", 8, 32), "BF16": None}  # miaotui's equivalent of each
+# miaotui's own equivalent of each class (`miaotui quantize`; benchmarks/decode_quality.py)
+CLASSES = {"Q4_0": ("rtn", 4, 32), "Q8_0": ("rtn", 8, 32), "BF16": None}
 THREADS = 2
 
 
@@ -88,17 +89,27 @@ def gguf_read_bytes(path: Path) -> int:
     return total + int(head.n_bytes)
 
 
+# Runs argv[1:] and reports its exit code and peak RSS (wait4). Linux folds the RSS a process has
+# when it forks into its child's ru_maxrss, so a child forked from this script (which has held the
+# 1 GiB bandwidth probe and imported PyTorch) would report at least this script's size: the command
+# is forked from this small, freshly started launcher instead.
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:])\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "sys.stderr.write(f'\\nLAUNCHER {os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}\\n')\n")
+
+
 def peak_rss_mb_of(command: list[str]) -> tuple[str, float]:
-    """stdout and the peak RSS (MB) of one command, read with wait4 (this child's own figure)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    """stdout and the peak RSS (MB) of one command, its own (wait4 in a small launcher)."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True)
+    out, err = proc.stdout, proc.stderr
+    report = next(line for line in reversed(err.splitlines()) if line.startswith("LAUNCHER "))
+    code, max_kb = (int(v) for v in report.split()[1:])
+    err = err[:err.rfind("LAUNCHER ")]
     if code:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         raise RuntimeError(f"{Path(command[0]).name} {how}: {err[-2000:].strip()}")
-    return out, usage.ru_maxrss / 1024
+    return out, max_kb / 1024
 
 
 def llama_bench(bin_dir: Path, model: Path, repeat: int, repack: bool) -> dict:
@@ -258,11 +269,7 @@ def main() -> None:
         source = bf16_gguf(size, work)
         for cls in classes:
             gguf_file = source if cls == "BF16" else llama_quantize(bin_dir, source, cls)
-            if CLASSES[cls] is None:
-                ours = source
-            else:
-                method, bits, group = CLASSES[cls]
-                ours = miaotui_quantize(source, method, bits, group, work / f"{source.stem}-miaotui-int{bits}-g{group}")
+            ours = gguf_file  # the same file, in its own bits
             row = {"size": size, "class": cls, "gguf": gguf_file.name, "miaotui_model": ours.name,
                    "llama_read_bytes": gguf_read_bytes(gguf_file)}
             row["llama"], row["miaotui"] = paired_runs(bin_dir, gguf_file, ours, args.repeat)

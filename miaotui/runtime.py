@@ -97,7 +97,14 @@ def _libc_malloc_trim():
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MB (Linux: ru_maxrss in KiB)."""
+    """This process's peak resident memory so far, MB: Linux's VmHWM (ru_maxrss would also count the
+    size of the process this one was forked from), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

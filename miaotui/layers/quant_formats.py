@@ -221,6 +221,23 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [N, K]
         return dequantize_codes(self.codes, self.scale, self.zero, self.fmt, dtype)
 
+    def widened(self, group: int) -> QuantizedTensor | None:
+        """The same weights as 8-bit unsigned codes in asymmetric groups of `group` (exact: codes keep
+        their values, each group's scale and zero repeat over its sub-groups), so that matrices of
+        different formats can share one fused layer (a Q4_K_M file's Q4_K q and k beside a Q6_K v);
+        None where the groups do not split into `group`s."""
+        k = self.codes.shape[1]
+        width = self.fmt.group_width(k)
+        if self.fmt.kind != "int" or width % group or k % group or self.scale.shape[1] * width != k:
+            return None
+        # codes shifted by their own least value (Q6_K's -32..31 -> 0..63): the offsets the kernel
+        # keeps in float16, -zero * scale, stay as small as the codes allow
+        low = int(self.codes.min())
+        stored = (self.codes.to(torch.int16) - low).to(torch.uint8)
+        repeat = width // group
+        return QuantizedTensor(QuantFormat(8, group, False), stored, self.scale.repeat_interleave(repeat, dim=1),
+                               (self.zero - low).repeat_interleave(repeat, dim=1))
+
     def take_rows(self, index: torch.Tensor) -> QuantizedTensor:
         """Rows in a new order (llama.cpp's q/k row permutation undone)."""
         return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index])

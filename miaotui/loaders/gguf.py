@@ -17,8 +17,9 @@ from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.gguf_file import GGUFFile, GGUFTensorInfo
-from miaotui.loaders.gguf_quant import QuantizedTensor, native_weight
+from miaotui.loaders.gguf_quant import QuantizedTensor, held_bytes, native_weight
 from miaotui.loaders.lazy import LazyTensors
+from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from miaotui.models.config import ModelConfig
 
@@ -83,15 +84,19 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str | Path, keep_quantized: bool = True
+def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 4
               ) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
     """-> (config, Hugging Face-named tensors, read when asked for, tokenizer). keep_quantized: 2-D
     weights in a block type with an exact integer mapping come as QuantizedTensor (no float copy);
-    the others as float32 tensors."""
+    the others as float32 tensors, float_bytes each once in the model's dtype (for the check, before
+    anything large is allocated, that the model fits in the memory available)."""
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     names = {t.name for t in gguf_file.tensors}
     config = config_from_gguf_metadata(meta, names)
+    need = sum(held_bytes(t.qtype, t.shape, float_bytes) if keep_quantized else int(np.prod(t.shape)) * float_bytes
+               for t in gguf_file.tensors)
+    check_fits(need, Path(path).name)
     permuted = _GGUF_ARCHITECTURES[config.architecture]
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.

@@ -98,6 +98,17 @@ def _asymmetric(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.n
     return scale, (-offset / scale).astype(np.float32)
 
 
+def held_bytes(qtype: T, shape: tuple[int, ...], float_bytes: int) -> int:
+    """About what one tensor will hold in memory once loaded: its codes in the tile layout with
+    float16 scales (and offsets) for a native type, else float_bytes per value."""
+    n = int(np.prod(shape)) if shape else 1
+    if qtype not in NATIVE_TYPES or len(shape) != 2 or shape[-1] % 32:
+        return n * float_bytes
+    if qtype in (T.Q4_0, T.Q4_1, T.Q4_K):
+        return n // 2 + n // 32 * (2 if qtype == T.Q4_0 else 4)
+    return n + n // (16 if qtype == T.Q6_K else 32) * (2 if qtype in (T.Q8_0, T.Q5_0, T.Q6_K) else 4)
+
+
 def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
     """raw: uint8 [N, bytes per row] of one GGUF matrix with K = k columns -> its exact
     QuantizedTensor, or None for a type without a native mapping (or a Q8_0 using code -128,

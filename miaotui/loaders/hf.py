@@ -6,6 +6,7 @@ Not for downloading from the hub: miaotui reads local directories only.
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.lazy import LazyTensors
+from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
 
@@ -78,16 +80,17 @@ def load_safetensors_dir(directory: Path) -> LazyTensors:
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         raise MiaotuiError(f"'{directory}' has no model.safetensors or model.safetensors.index.json")
-    readers = {}
+    readers, numel = {}, 0
     for f in files:
         if not f.is_file():
             raise MiaotuiError(f"safetensors shard '{f}' listed in the index does not exist")
         try:
             handle = safe_open(str(f), framework="pt")
             readers |= {name: partial(_read, handle, f, name) for name in handle.keys()}  # noqa: SIM118
+            numel += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             raise MiaotuiError(f"cannot read safetensors file '{f}': {exc}") from None
-    return LazyTensors(readers)
+    return LazyTensors(readers, numel)
 
 
 def _read(handle: Any, path: Path, name: str) -> torch.Tensor:
@@ -97,7 +100,8 @@ def _read(handle: Any, path: Path, name: str) -> torch.Tensor:
         raise MiaotuiError(f"cannot read tensor '{name}' of '{path}': {exc}") from None
 
 
-def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
+def load_hf_dir(directory: str | Path, float_bytes: int = 4) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
+    """float_bytes: bytes per value in the model's dtype (the check that the model fits in memory)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise MiaotuiError(f"'{directory}' is not a Hugging Face model directory (no config.json)")
@@ -105,6 +109,7 @@ def load_hf_dir(directory: str | Path) -> tuple[ModelConfig, LazyTensors, Tokeni
     gen_path = directory / "generation_config.json"
     config = config_from_hf(cfg, _read_json(gen_path) if gen_path.is_file() else {})
     tensors = load_safetensors_dir(directory)
+    check_fits(tensors.numel * float_bytes, directory.name)
     if config.tie_word_embeddings is False and "lm_head.weight" not in tensors:
         config.tie_word_embeddings = True  # some checkpoints omit the flag but share the matrix
     tokenizer_json = directory / "tokenizer.json"

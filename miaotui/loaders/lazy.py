@@ -11,8 +11,9 @@ from typing import Any
 
 
 class LazyTensors(Mapping[str, Any]):
-    def __init__(self, readers: dict[str, Callable[[], Any]]) -> None:
+    def __init__(self, readers: dict[str, Callable[[], Any]], numel: int = 0) -> None:
         self._readers = readers
+        self.numel = numel  # values in all the tensors (safetensors: from the headers)
 
     def __getitem__(self, name: str) -> Any:
         return self._readers[name]()

@@ -42,7 +42,7 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
         net, tokenizer, config = load_miaotui_dir(path, dtype, device, layout_only)
         fmt = "miaotui"
     elif path.is_dir():
-        config, tensors, tokenizer = load_hf_dir(path)
+        config, tensors, tokenizer = load_hf_dir(path, float_bytes=torch.empty(0, dtype=dtype).element_size())
         fmt = "hf"
     else:
         with open(path, "rb") as f:
@@ -50,7 +50,8 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
         if magic != GGUF_MAGIC and path.suffix != ".gguf":
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
         config, tensors, tokenizer = load_gguf(
-            path, keep_quantized=dtype != torch.float32 if keep_quantized is None else keep_quantized)
+            path, keep_quantized=dtype != torch.float32 if keep_quantized is None else keep_quantized,
+            float_bytes=torch.empty(0, dtype=dtype).element_size())
         fmt = "gguf"
     if fmt != "miaotui":
         net = build_transformer(config, tensors, dtype=dtype, device=device, layout_only=layout_only)

@@ -350,11 +350,17 @@ def fused_tensors(config: ModelConfig, hf: Mapping[str, torch.Tensor | Quantized
 
 def _cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | QuantizedTensor:
     """Stack matrices that become one fused layer ([N_i, K] -> [sum N_i, K]). Quantized parts stay
-    quantized when they share one format; mixed parts (a Q4_K_M file's Q6_K v beside Q4_K q and k)
-    are dequantized (float32), since one layer holds one format."""
-    if all(isinstance(p, QuantizedTensor) for p in parts) and len({p.fmt for p in parts}) == 1:
-        return QuantizedTensor(parts[0].fmt, *(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale",
-                                                                                                     "zero")))
+    quantized when they share one format; one layer holds one format, so parts in different formats
+    (a Q4_K_M file's Q6_K v beside Q4_K q and k) become 8-bit codes in asymmetric groups of 16 or 32
+    (QuantizedTensor.widened: exact); dequantized (float32) only where even that cannot hold them."""
+    if all(isinstance(p, QuantizedTensor) for p in parts):
+        if len({p.fmt for p in parts}) > 1:
+            group = 16 if any(p.fmt.group_size == 16 for p in parts) else 32
+            widened = [p.widened(group) for p in parts]
+            parts = widened if all(w is not None for w in widened) else parts
+        if len({p.fmt for p in parts}) == 1:
+            return QuantizedTensor(parts[0].fmt, *(torch.cat([getattr(p, f) for p in parts])
+                                                   for f in ("codes", "scale", "zero")))
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 

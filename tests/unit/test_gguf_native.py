@@ -92,13 +92,14 @@ def test_quantized_gguf_loads_in_its_own_bits_with_the_float_paths_logits(k_hf_d
     assert isinstance(load_model(path, torch.bfloat16).model.layers[0].mlp.down_proj, QuantLinear)
 
 
-def test_a_fused_layer_of_mixed_types_is_dequantized_and_the_rest_stay_native(k_hf_dir, tmp_path):
+def test_a_fused_layer_of_mixed_types_takes_one_format_holding_both(k_hf_dir, tmp_path):
     # as in a Q4_K_M file: v (and some down) in Q6_K beside Q4_K
     quant = {s: T.Q4_K for s in LINEARS} | {"attn_v.weight": T.Q6_K, "ffn_down.weight": T.Q6_K}
     path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "mixed.gguf", quant=quant)
     native = load_model(path, torch.float32, keep_quantized=True)
     layer = native.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, Linear)  # Q4_K q, k beside Q6_K v: one layer, one format
+    # Q4_K q, k beside Q6_K v: one layer holds one format, 8-bit codes in asymmetric groups of 16 hold both
+    assert layer.self_attn.qkv_proj.fmt == QuantFormat(8, 16, False)
     assert layer.self_attn.o_proj.fmt == layer.mlp.gate_up_proj.fmt == QuantFormat(4, 32, False)
     assert layer.mlp.down_proj.fmt == QuantFormat(8, 16, True)
     reference = load_model(path, torch.float32, keep_quantized=False)
@@ -142,3 +143,33 @@ def test_inference_holds_each_weight_once_in_the_kernel_layout(k_hf_dir, tmp_pat
     decoded = decode_perplexity(model, ids, ctx=24, progress=False).ppl
     floats = perplexity(reference, ids, ctx=24, score_from=12, progress=False).ppl
     assert abs(decoded / floats - 1) < 2e-2, (decoded, floats)
+
+
+def test_a_model_larger_than_the_memory_available_is_a_clear_error_before_loading(k_hf_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from miaotui.loaders import memory
+
+    path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "q4_0.gguf", quant={s: T.Q4_0 for s in LINEARS})
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000)  # 0.1 MB
+    for target in (path, k_hf_dir):
+        with pytest.raises(MiaotuiError, match=r"needs about .* GB of memory .* available"):
+            load_model(target, torch.bfloat16)
+    monkeypatch.undo()
+    assert load_model(path, torch.bfloat16).format == "gguf"
+    # the CLI: one line, exit code 2 (a file whose header claims more than any machine has)
+    huge = tmp_path / "huge.gguf"
+    writer = gguf.GGUFWriter(str(huge), "llama")
+    for key, value in (("llama.block_count", 1), ("llama.embedding_length", 64), ("llama.feed_forward_length", 64),
+                       ("llama.attention.head_count", 4), ("llama.context_length", 64)):
+        writer.add_uint32(key, value)
+    writer.add_tensor_info("token_embd.weight", (2**22, 2**22), np.dtype(np.float32), 2**46)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    done = subprocess.run([sys.executable, "-m", "miaotui.cli", "info", "-m", str(huge)], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "truncated" in done.stderr or "memory" in done.stderr
