@@ -186,7 +186,8 @@ def main() -> None:
         if last.get("machine") == results["machine"]:
             wanted = set(args.files.split(","))
             results["sizes"] = [r for r in last.get("sizes", []) if f"{r['size']}:{r['type']}" not in wanted]
-            results["quality"] = [] if args.quality_types else last.get("quality", [])
+            redo = set(args.quality_types.split(","))
+            results["quality"] = [r for r in last.get("quality", []) if r["type"] not in redo]
     ran_sizes, ran_quality = bool(args.files), bool(args.quality_types)
     for spec in [s for s in args.files.split(",") if s and ran_sizes]:
         size, _, kind = spec.partition(":")
@@ -196,6 +197,7 @@ def main() -> None:
     source = bf16_gguf("135m", work)
     for kind in [k for k in args.quality_types.split(",") if k and ran_quality]:
         results["quality"].append(quality_row(bin_dir, source, kind, args.windows))
+        results["quality"].sort(key=lambda r: QUALITY_TYPES.index(r["type"]) if r["type"] in QUALITY_TYPES else 99)
         write_results(results)
     results["read_gb_s"] = max(results["read_gb_s"], read_bandwidth_gb_s())  # best of start and end (shared host)
     write_results(results)

@@ -176,7 +176,8 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
     ids = original.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)[:EVAL_TOKENS]
     text_key = f"{hashlib.sha256(text.read_bytes()).hexdigest()[:16]}:{EVAL_TOKENS}"
     dtype = str(original.dtype).removeprefix("torch.")  # the device default: bf16 or float32
-    rows = [_measure(f"original (Q4_1 GGUF, run as {dtype})", original, ids, ppl_cache, f"original:{text_key}")]
+    rows = [_measure(f"original (Q4_1 GGUF in its own bits, {dtype})", original, ids, ppl_cache,
+                     f"original-native:{text_key}")]
     del original
     for variant in variants:
         rows.append(_measure(f"{variant.name}: {variant.what}", LLM(str(built[variant.name])), ids,
