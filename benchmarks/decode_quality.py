@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vs_llamacpp import CLASSES, bf16_gguf, machine, miaotui_quantize  # noqa: E402
+from benchmarks.vs_llamacpp import CLASSES, bf16_gguf, describe_machine, machine, miaotui_quantize  # noqa: E402
 from miaotui import LLM  # noqa: E402
 from miaotui.data import WIKITEXT2_TEST  # noqa: E402
 from miaotui.eval.perplexity import decode_perplexity, perplexity  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode_quality.json").write_text(json.dumps(results, indent=2))
     m = results["machine"]
-    lines = [f"{m['cpu']} (family {m.get('family')} model {m.get('model')}; {', '.join(m['flags'])}), 2 threads. "
+    lines = [f"{describe_machine(m)}, 2 threads. "
              f"SmolLM2-135M, WikiText-2 test, {args.windows} windows of {CTX} tokens, second half scored.", "",
              "| class | weights | float path PPL | decode path PPL | change |", "|---|---|---:|---:|---:|"]
     for r in results["rows"]:

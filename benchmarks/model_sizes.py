@@ -36,6 +36,7 @@ from benchmarks.llama_cpp import llama_cpp_bin  # noqa: E402
 from benchmarks.vs_llamacpp import (  # noqa: E402
     THREADS,
     bf16_gguf,
+    describe_machine,
     gguf_read_bytes,
     llama_quantize,
     machine,
@@ -207,8 +208,8 @@ def write_results(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "model_sizes.json").write_text(json.dumps(results, indent=2))
     m, bw = results["machine"], results["read_gb_s"]
-    lines = [f"{m['cpu']} (family {m.get('family')} model {m.get('model')}; {', '.join(m['flags'])}), "
-             f"{m['threads']} threads; read bandwidth {bw:.1f} GB/s; warm page cache, fresh processes.", ""]
+    lines = [f"{describe_machine(m)}, {m['threads']} threads; read bandwidth {bw:.1f} GB/s; warm page cache, "
+             "fresh processes.", ""]
     if results["sizes"]:
         lines += ["| model | file MB | miaotui load s (process s) | miaotui peak RSS MB (target) | weights held MB "
                   "| llama-bench run s / peak RSS MB | tg llama.cpp | tg miaotui | ratio | GB/s llama.cpp / miaotui |",

@@ -64,6 +64,11 @@ def machine() -> dict:
     return info
 
 
+def describe_machine(m: dict) -> str:
+    """The CPU a result was measured on, for the results' Markdown: model, family/model, flags."""
+    return f"{m['cpu']} (family {m.get('family')} model {m.get('model')}; {', '.join(m['flags'])})"
+
+
 def read_bandwidth_gb_s(gib: int = 1, repeat: int = 7) -> float:
     """GB/s of summing a 1 GiB float32 tensor on THREADS threads (median): what streaming weights
     from memory can reach here."""
@@ -298,8 +303,8 @@ def write_results(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "vs_llamacpp.json").write_text(json.dumps(results, indent=2))
     m, bw = results["machine"], results["read_gb_s"]
-    lines = [f"{m['cpu']} (family {m.get('family')} model {m.get('model')}; {', '.join(m['flags'])}), "
-             f"{m['threads']} threads; read bandwidth {bw:.1f} GB/s. llama.cpp {results['rows'][0]['llama']['build']} "
+    lines = [f"{describe_machine(m)}, {m['threads']} threads; read bandwidth {bw:.1f} GB/s. "
+             f"llama.cpp {results['rows'][0]['llama']['build']} "
              f"at its defaults.", "",
              "| model | class | llama.cpp tg128 | miaotui tg128 | ratio | GB/s llama.cpp / miaotui (% of read bw) "
              "| llama.cpp pp512 | miaotui pp512 | ratio | peak RSS MB llama.cpp / miaotui |",

@@ -100,18 +100,7 @@ def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: 
     one code z (symmetric formats) only the scales are kept: 2 bytes a group, as in GGUF's Q4_0."""
     n, k = codes.shape
     tiles, pad = -(-n // 16), -n % 16
-    native = native_op("q_tiles_codes") if codes.device.type == "cpu" else None
-    if native is not None:  # one pass, no temporaries (loads)
-        packed = native(codes.contiguous(), bits)
-    elif bits == 4:
-        u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
-        # k = 32 b + 8 p + 4 h + t -> chunk p, byte 4 j + t, nibble h
-        u = u.view(tiles, 16, k // 32, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
-        packed = (u[..., 0] | (u[..., 1] << 4)).reshape(tiles, k // 32, 4, 64)
-    else:
-        # k = 32 b + 4 c + t -> chunk c, byte 4 j + t
-        u = F.pad(codes, (0, 0, 0, pad)).view(tiles, 16, k // 32, 32)
-        packed = u.view(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, k // 32, 8, 64)
+    packed = native_op("q_tiles_codes")(codes.contiguous(), bits)  # (the tiles exist with the native kernels)
     scale, offset = scale.float(), offset.float()
     first = int(torch.argmax((scale.reshape(-1) != 0).to(torch.uint8)))  # a group with a scale (rows of
     z = round(float(-offset.reshape(-1)[first] / scale.reshape(-1)[first])) if scale.numel() and \
