@@ -6,6 +6,7 @@ Not for the decoding loop (engine/) or argument parsing (cli.py).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections import deque
@@ -121,6 +122,9 @@ class LLM:
         if self._engine is None:
             self._engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.max_model_len,
                                      self._draft, self.num_blocks)
+            # what is alive now (the model, the cache, the tokenizer) lives as long as the engine: out of
+            # the cyclic collector's passes, which a decode step's small allocations set off every few steps
+            gc.freeze()
         return self._engine
 
     def _agree_num_blocks(self, config: EngineConfig) -> int:

@@ -40,6 +40,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # the pools as flat slots [S, KV, hd], made once (a view per layer and step costs ~1 us each)
+        self._flat = [(k.view(-1, *shape[2:]), v.view(-1, *shape[2:])) for k, v in zip(self.keys, self.values,
+                                                                                     strict=True)]
         # Few-token rows read the pool in place (kernels/cpu_kernels.cpp): built here, at start-up.
         self.native = native_op("paged_attention") if torch.device(device).type == "cpu" else None
         # bf16 decode steps: rope + pool writes + attention from the qkv projection in one op
@@ -48,8 +51,8 @@ class PagedKVCache:
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
         """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""
-        return [PackedLayerView(k, v, slots, groups, self.native, self.fused)
-                for k, v in zip(self.keys, self.values, strict=True)]
+        return [PackedLayerView(k, v, slots, groups, self.native, self.fused, flat)
+                for k, v, flat in zip(self.keys, self.values, self._flat, strict=True)]
 
 
 @dataclass(slots=True)
@@ -73,6 +76,7 @@ class PackedLayerView:
     groups: list[AttentionGroup]
     native: Callable | None = None  # torch.ops.miaotui.paged_attention, or None: PyTorch ops only
     fused: Callable | None = None  # torch.ops.miaotui.paged_attention_qkv (bf16 pools), or None
+    flat: tuple[torch.Tensor, torch.Tensor] | None = None  # the pools as [S, KV, hd] (made once per cache)
 
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor | None:
         """A step of few-token rows, all alike (one group), from the qkv projection in one native op:
@@ -89,8 +93,10 @@ class PackedLayerView:
         g = self.groups[0]
         if g.token_index.shape[1] > NATIVE_MAX_NEW_TOKENS or heads % self.k_pool.shape[2] != 0:
             return None
-        kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
-        return self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd), self.slots, g.gather, g.lengths
+        if self.flat is None:
+            kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
+            self.flat = self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd)
+        return self.flat[0], self.flat[1], self.slots, g.gather, g.lengths
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].

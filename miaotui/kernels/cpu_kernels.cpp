@@ -255,7 +255,12 @@ void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, co
 #else
   const bool amx = false;
 #endif
-  at::parallel_for(0, rows * n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Threads only where the keys outweigh a fork and join (~2 us): a decode step over a short
+  // context runs on the calling thread.
+  int64_t keys = 0;
+  for (int64_t token = 0; token < rows * n; ++token) keys += lengths[token];
+  const int64_t tasks = rows * n * kv_heads, grain = keys * kv_heads * group < 2048 ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<float> scores;  // [group][len]
 #ifdef MIAOTUI_HAS_AMX
     // Tiles: 0 = C (16 keys x group float32), 1 = A (16 keys x 32 bf16), 2 = B (16 pairs x group).
@@ -885,34 +890,55 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
 // rope_bf16_: rotate-half rotary embedding in place on x [T, heads, hd] (bf16; any token and head
 // strides), cos/sin [T, hd] bf16: x*cos + rotate_half(x)*sin with PyTorch's bf16 roundings (each
 // product, then the sum), so it gives the bits of layers/rope.py's apply_rope, in one op.
+// One head's rotation in place: x [hd] bf16, c and sn [hd] bf16 (hd even, at most 256). Every
+// product and the sum round to bf16 as PyTorch's bf16 ops do (the model's Python path).
+inline void rope_head_bf16(uint16_t* xr, const uint16_t* ct, const uint16_t* st, int64_t hd) {
+  const int64_t half = hd / 2;
+#if defined(__AVX512BF16__)
+  if (half % 16 == 0) {
+    const auto load = [](const uint16_t* p) {  // 16 bf16 -> float32 (exact)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    };
+    const auto round = [](__m512 v) {  // to bf16 and back, nearest even (finite values)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+    };
+    for (int64_t i = 0; i < half; i += 16) {
+      const __m512 x1 = load(xr + i), x2 = load(xr + half + i);
+      const __m512 c1 = load(ct + i), s1 = load(st + i), c2 = load(ct + half + i), s2 = load(st + half + i);
+      const __m512 first = _mm512_add_ps(round(_mm512_mul_ps(x1, c1)), round(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), s1)));
+      const __m512 second = _mm512_add_ps(round(_mm512_mul_ps(x2, c2)), round(_mm512_mul_ps(x1, s2)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr + i), (__m256i)_mm512_cvtneps_pbh(first));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr + half + i), (__m256i)_mm512_cvtneps_pbh(second));
+    }
+    return;
+  }
+#endif
+  float v[256];
+  for (int64_t i = 0; i < hd; ++i) v[i] = bf16_to_float(xr[i]);
+  for (int64_t i = 0; i < half; ++i) {  // first half: x*cos - x2*sin; rotated = -x2 (negation is exact)
+    xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(-v[i + half] * bf16_to_float(st[i])));
+  }
+  for (int64_t i = half; i < hd; ++i) {  // second half: x*cos + x1*sin
+    xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(v[i - half] * bf16_to_float(st[i])));
+  }
+}
+
 void rope_bf16_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
                   sin.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
-                  sin.sizes() == cos.sizes() && x.size(2) % 2 == 0,
-              "x: bf16 [T, heads, hd] with unit inner stride; cos, sin: contiguous bf16 [T, hd]");
-  const int64_t tokens = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+                  sin.sizes() == cos.sizes() && x.size(2) % 2 == 0 && x.size(2) <= 256,
+              "x: bf16 [T, heads, hd <= 256] with unit inner stride; cos, sin: contiguous bf16 [T, hd]");
+  const int64_t tokens = x.size(0), heads = x.size(1), hd = x.size(2);
   const int64_t ts = x.stride(0), hs = x.stride(1);
   auto* base = reinterpret_cast<uint16_t*>(x.data_ptr<c10::BFloat16>());
   const auto* c = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
   const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
   at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(hd);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t t = job / heads, h = job % heads;
-      uint16_t* xr = base + t * ts + h * hs;
-      const uint16_t* ct = c + t * hd;
-      const uint16_t* st = sn + t * hd;
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) v[i] = bf16_to_float(xr[i]);
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {  // first half: x*cos - x2*sin; rotated = -x2 (negation is exact)
-        xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(-v[i + half] * bf16_to_float(st[i])));
-      }
-#pragma omp simd
-      for (int64_t i = half; i < hd; ++i) {  // second half: x*cos + x1*sin
-        xr[i] = float_to_bf16(round_bf16(v[i] * bf16_to_float(ct[i])) + round_bf16(v[i - half] * bf16_to_float(st[i])));
-      }
+      rope_head_bf16(base + t * ts + h * hs, c + t * hd, sn + t * hd, hd);
     }
   });
 }
@@ -941,10 +967,22 @@ at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at:
                   lengths.is_contiguous() && gather.dim() == 2 && lengths.dim() == 2 &&
                   lengths.size(0) == gather.size(0) && lengths.numel() == tokens,
               "gather [G, T], lengths [G, n] int64 with G * n = N");
-  TORCH_CHECK(tokens == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
-  auto rotated = qkv.view({tokens, heads + 2 * kv_heads, hd}).narrow(1, 0, heads + kv_heads);
-  rope_bf16_(rotated, cos, sin);
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == hd &&
+                  sin.sizes() == cos.sizes(), "cos, sin: contiguous bf16 [N, hd]");
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(length[t] <= gather.size(1), "lengths beyond gather");
   auto* rows = reinterpret_cast<uint16_t*>(qkv.data_ptr<c10::BFloat16>());
+  {  // rope on the q and k heads in place (rope_bf16_'s bits); a decode step's few heads need no threads
+    const auto* c = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
+    const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
+    at::parallel_for(0, tokens * (heads + kv_heads), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t t = job / (heads + kv_heads), h = job % (heads + kv_heads);
+        rope_head_bf16(rows + t * width + h * hd, c + t * hd, sn + t * hd, hd);
+      }
+    });
+  }
   auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<c10::BFloat16>());
   auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<c10::BFloat16>());
   const int64_t* slot = slots.data_ptr<int64_t>();

@@ -222,6 +222,52 @@ struct QuantizedRow {
   std::vector<float> group_sums;
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 load16_as_float(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16_as_float(const c10::BFloat16* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+// quantize_row in natural order with AVX-512: per lane the scalar loop's operations (|x| max,
+// x * (127 / amax) rounded to nearest even, the residual on the 128-times finer grid clamped to
+// +-127), so the codes and sums are the same bits.
+template <typename T>
+void quantize_row_avx512(const T* x, int64_t blocks, int64_t per_group, bool residual, QuantizedRow& out) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 v0 = load16_as_float(x + b * kBlock), v1 = load16_as_float(x + b * kBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 scaled[2] = {_mm512_mul_ps(v0, _mm512_set1_ps(inv)), _mm512_mul_ps(v1, _mm512_set1_ps(inv))};
+    int sum[2], sum2[2] = {0, 0};
+    for (int h = 0; h < 2; ++h) {
+      const __m512 rounded = _mm512_roundscale_ps(scaled[h], kNearest);
+      const __m512i code = _mm512_cvtps_epi32(rounded);
+      sum[h] = _mm512_reduce_add_epi32(code);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + b * kBlock + 16 * h), _mm512_cvtsepi32_epi8(code));
+      if (residual) {
+        const __m512 fine = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(scaled[h], rounded),
+                                                               _mm512_set1_ps(kResidualSteps)), kNearest);
+        const __m512i code2 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(fine, _mm512_set1_ps(-127.f)),
+                                                               _mm512_set1_ps(127.f)));
+        sum2[h] = _mm512_reduce_add_epi32(code2);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q2.data() + b * kBlock + 16 * h), _mm512_cvtsepi32_epi8(code2));
+      }
+    }
+    out.sx[b] = d;
+    if (per_group > 0) {
+      out.group_sums[b / per_group] +=
+          d * (static_cast<float>(sum[0] + sum[1]) + static_cast<float>(sum2[0] + sum2[1]) / kResidualSteps);
+    } else {
+      for (int h = 0; h < 2; ++h)
+        out.group_sums[2 * b + h] += d * (static_cast<float>(sum[h]) + static_cast<float>(sum2[h]) / kResidualSteps);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void quantize_row(const T* x, int64_t k, int64_t groups, int64_t per_group, bool nibble_order, bool residual,
                   QuantizedRow& out) {
@@ -230,6 +276,12 @@ void quantize_row(const T* x, int64_t k, int64_t groups, int64_t per_group, bool
   out.q2.resize(residual ? k : 0);
   out.sx.resize(blocks);
   out.group_sums.assign(groups, 0.f);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (!nibble_order) {  // the tile kernels' order: the same arithmetic, 16 lanes at a time
+    quantize_row_avx512(x, blocks, per_group, residual, out);
+    return;
+  }
+#endif
   float v[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     float amax = 0.f;
@@ -520,7 +572,11 @@ inline void q_tile16_g16(const QuantizedRow* xr, const uint8_t* tile, const at::
 template <typename T, int Bits>
 void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y, int64_t m, int64_t n,
              int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit) {
-  std::vector<QuantizedRow> rows(m);
+  // the calling thread's buffers, kept between calls (a decode step makes ~4 calls a layer)
+  // (a local reference: inside the parallel lambda a thread_local's name would be the worker's own)
+  static thread_local std::vector<QuantizedRow> buffers;
+  std::vector<QuantizedRow>& rows = buffers;
+  if (rows.size() < static_cast<size_t>(m)) rows.resize(m);
   const bool fine = Bits == 8 || std::is_same_v<T, float>;
   for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, fine, rows[i]);
   const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8, tile_count = (n + 15) / 16;

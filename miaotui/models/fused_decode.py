@@ -10,6 +10,7 @@ Not for choosing kernels (layers/kernel_choice.py) or for prefill (long rows run
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention, KVView
-from miaotui.layers.kernel_choice import BF16_TILES_MAX_ROWS, bf16_kernel, note_kernel, this_cpu
+from miaotui.layers.kernel_choice import BF16_TILES_MAX_ROWS, KernelLog, bf16_kernel, note_kernel, this_cpu
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quantized_linear import QuantLinear
@@ -86,23 +87,63 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
                      qkv_info + o_info + gu_info + down_info, attn.num_heads)
 
 
+def _layout(module: nn.Module | None) -> object:
+    """The kernel layout a linear's plan was made from: QuantLinear._q_tiles or Linear.tiles (plain
+    attributes, read from __dict__: nn.Module.__getattr__ costs ~1 us a call)."""
+    if module is None:
+        return None
+    attrs = module.__dict__
+    return attrs["_q_tiles"] if "_q_tiles" in attrs else attrs.get("tiles")
+
+
 def _sources(layer: nn.Module) -> tuple[object, ...]:
-    """What a plan depends on, by identity: the layouts of the four linears and the norm weights."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return tuple(getattr(m, "_q_tiles", None) if type(m) is QuantLinear else getattr(m, "tiles", None)
-                 for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)) \
-        + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    """What a plan depends on, by identity: the layer's submodules, the layouts of the four linears
+    and the norm weights. Read through the module dicts: this runs for every layer at every step."""
+    mods = layer._modules
+    attn, mlp = mods.get("self_attn"), mods.get("mlp")
+    attn_mods = attn._modules if attn is not None else {}
+    mlp_mods = mlp._modules if mlp is not None else {}
+    linears = (attn_mods.get("qkv_proj"), attn_mods.get("o_proj"), mlp_mods.get("gate_up_proj"),
+               mlp_mods.get("down_proj"))
+    norms = (mods.get("input_layernorm"), mods.get("post_attention_layernorm"))
+    return (attn, mlp, *linears, *(_layout(m) for m in linears),
+            *(None if n is None else n._parameters.get("weight") for n in norms))
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+@dataclass(frozen=True, slots=True)
+class FusedRun:
+    """decode_layers' weight arguments for consecutive layers [first, first + count) (derived once)."""
+    first: int
+    count: int
+    ln1: list[torch.Tensor]
+    ln2: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    info: list[int]
+    eps: float
+    heads: int
+
+
+def _fused_run(first: int, plans: list[LayerPlan]) -> FusedRun:
+    return FusedRun(first, len(plans), [p.ln1 for p in plans], [p.ln2 for p in plans],
+                    [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
+                    [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info], plans[0].eps,
+                    plans[0].heads)
 
 
 class FusedDecode:
     """The plans of one model's layers, built on first use per row count and rebuilt when a layer's
-    layouts change (quantization, loading)."""
+    layouts or submodules change (quantization, loading): each step compares, by identity, what
+    every layer's plan was made from (~1 us a layer) and runs the derived arguments."""
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[int, int], tuple[tuple[object, ...], LayerPlan | None]] = {}
+        # per row count: (each layer's sources, the step as runs of fused layers and single layers)
+        self._steps: dict[int, tuple[list[tuple[object, ...]], list[FusedRun | int]]] = {}
         self._op = None
-        # decode_layers' weight arguments for a run of plans, by the plans' identities (derived once)
-        self._flat: dict[tuple[int, ...], tuple[list, ...]] = {}
 
     def step_fits(self, x: torch.Tensor, cos: torch.Tensor, kv_views: list[KVView] | None) -> bool:
         """Whether this step may run fused: an engine step of few bf16 rows, no autograd."""
@@ -114,49 +155,52 @@ class FusedDecode:
             self._op = native_op("decode_layers") or False
         return bool(self._op)
 
-    def _plan(self, index: int, layer: nn.Module, seq: int) -> LayerPlan | None:
-        if type(layer).__name__ != "DecoderLayer":
-            return None
-        sources = _sources(layer)
-        cached = self._plans.get((index, seq))
-        if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
-            cached = self._plans[index, seq] = sources, layer_plan(layer, seq)
-        return cached[1]
+    def _step(self, layers: nn.ModuleList, seq: int) -> list[FusedRun | int]:
+        sources = [_sources(layer) if type(layer).__name__ == "DecoderLayer" else (layer,) for layer in layers]
+        cached = self._steps.get(seq)
+        if cached is not None and len(cached[0]) == len(sources) and all(map(_same, cached[0], sources)):
+            return cached[1]
+        parts: list[FusedRun | int] = []
+        run: list[LayerPlan] = []
+        for i, layer in enumerate(layers):
+            plan = layer_plan(layer, seq) if type(layer).__name__ == "DecoderLayer" else None
+            if plan is not None:
+                run.append(plan)
+                continue
+            if run:
+                parts.append(_fused_run(i - len(run), run))
+                run = []
+            parts.append(i)
+        if run:
+            parts.append(_fused_run(len(layers) - len(run), run))
+        self._steps[seq] = sources, parts
+        return parts
 
     def run(self, layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             kv_views: list[KVView]) -> torch.Tensor:
         """x: [1, S, D] through every layer -> [1, S, D]: runs of consecutive layers that have a plan
         in one native call each, the other layers through their modules."""
         seq = x.shape[1]
-        run: list[tuple[LayerPlan, tuple[torch.Tensor, ...]]] = []
-        for i, layer in enumerate(layers):
-            plan = self._plan(i, layer, seq)
-            cache = None if plan is None else kv_views[i].fused_qkv_args(plan.heads)
-            if cache is not None:
-                run.append((plan, cache))
+        for part in self._step(layers, seq):
+            if isinstance(part, int):
+                x = layers[part](x, cos, sin, kv_views[part])
                 continue
-            x = self._run_layers(x, cos, sin, run)
-            run = []
-            x = layer(x, cos, sin, kv_views[i])
-        return self._run_layers(x, cos, sin, run)
+            caches = [kv_views[i].fused_qkv_args(part.heads) for i in range(part.first, part.first + part.count)]
+            if any(c is None for c in caches):  # this step's rows do not fit the fused attention
+                for i in range(part.first, part.first + part.count):
+                    x = layers[i](x, cos, sin, kv_views[i])
+                continue
+            x = self._run_layers(x, cos, sin, part, caches)
+        return x
 
-    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    run: list[tuple[LayerPlan, tuple[torch.Tensor, ...]]]) -> torch.Tensor:
-        if not run:
-            return x
-        for _ in run:
-            note_kernel("decoder layer", "fused")
+    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, part: FusedRun,
+                    caches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        if KernelLog.active is not None:
+            for _ in range(part.count):
+                note_kernel("decoder layer", "fused")
         seq = x.shape[1]
-        plans = [plan for plan, _ in run]
-        key = tuple(id(p) for p in plans)
-        flat = self._flat.get(key)
-        if flat is None or any(a is not b for a, b in zip(flat[0], plans, strict=True)):
-            flat = self._flat[key] = (plans, [p.ln1 for p in plans], [p.ln2 for p in plans],
-                                      [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
-                                      [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info])
-        _, ln1, ln2, weights, biases, info = flat
-        first, (_, _, slots, gather, lengths) = plans[0], run[0][1]
-        out = self._op(x.view(seq, -1), ln1, ln2, first.eps, weights, biases, info, cos.view(seq, -1),
-                       sin.view(seq, -1), [c[0] for _, c in run], [c[1] for _, c in run], slots, gather, lengths,
-                       first.heads, run[0][1][0].shape[2] ** -0.5)
+        _, _, slots, gather, lengths = caches[0]
+        out = self._op(x.view(seq, -1), part.ln1, part.ln2, part.eps, part.weights, part.biases, part.info,
+                       cos.view(seq, -1), sin.view(seq, -1), [c[0] for c in caches], [c[1] for c in caches], slots,
+                       gather, lengths, part.heads, caches[0][0].shape[2] ** -0.5)
         return out.view(x.shape)

@@ -63,3 +63,25 @@ def test_fused_decode_step_gives_the_module_path_bits(wide_dir, weights, tmp_pat
     assert len(fused_hidden) == len(module_hidden)
     for a, b in zip(fused_hidden, module_hidden, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_changed_layer_leaves_the_fused_run(wide_dir):
+    """The step's plans are compared with each layer's layouts every step: a layer whose layout goes
+    (or is replaced) runs through its modules from the next step on, and the others stay fused."""
+    llm = LLM(str(wide_dir), dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with KernelLog() as before:
+        expected = llm.generate(PROMPTS[:1], params)[0].outputs[0].token_ids
+    layers = llm.model.layers
+    fused_steps = before.calls["decoder layer fused"] // len(layers)
+    assert fused_steps >= 2
+    down = layers[0].mlp.down_proj
+    tiles, down.tiles = down.tiles, None  # the bf16 tile layout gone: no native few-row kernel
+    with KernelLog() as after:
+        again = llm.generate(PROMPTS[:1], params)[0].outputs[0].token_ids
+    assert after.calls["decoder layer fused"] == fused_steps * (len(layers) - 1)
+    assert again == expected  # the module path gives the same bits
+    down.tiles = tiles
+    with KernelLog() as restored:
+        llm.generate(PROMPTS[:1], params)
+    assert restored.calls["decoder layer fused"] == fused_steps * len(layers)
