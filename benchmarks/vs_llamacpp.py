@@ -2,8 +2,10 @@
 
 For each model size and GGUF class (Q4_0, Q8_0, BF16):
 - llama.cpp's `llama-bench` at its defaults (weight repacking on; 2 threads) on the GGUF file:
-  pp512 and tg128 (tok/s), peak RSS of its process. It and `miaotui bench` run in turn, one run
-  each, --repeat times (medians), so that both meet the host's load at the same moments.
+  pp512 and tg128 (tok/s) in processes of their own, peak RSS. A test whose default crashes (here:
+  repacked prompt GEMMs, SIGILL on some CPUs) reruns with repacking off, and the table says so.
+  It and `miaotui bench` run in turn, one run each, --repeat times (medians), so that both meet the
+  host's load at the same moments.
 - `miaotui bench` (LLM.generate through the engine, batch 1) on the same GGUF file: its quantized
   tensors run in their own bits (loaders/gguf_quant.py: Q4_0 as int4 in symmetric groups of 32,
   Q8_0 as int8 in symmetric groups of 32, the Q6_K / Q8_0 embedding llama-quantize writes beside
@@ -117,15 +119,18 @@ def peak_rss_mb_of(command: list[str]) -> tuple[str, float]:
     return out, max_kb / 1024
 
 
-def llama_bench(bin_dir: Path, model: Path, repeat: int, repack: bool) -> dict:
-    """pp512 / tg128 of llama-bench (2 threads; weight repacking on, its default, or off)."""
-    command = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(THREADS), "-p", "512", "-n", "128",
+LLAMA_TESTS = {"pp512": ["-p", "512", "-n", "0"], "tg128": ["-p", "0", "-n", "128"]}
+
+
+def llama_bench(bin_dir: Path, model: Path, test: str, repeat: int, repack: bool) -> dict:
+    """pp512 or tg128 of llama-bench (2 threads; weight repacking on, its default, or off), in a
+    process of its own: a default that crashes in one test (repacked prompt GEMMs: SIGILL on some
+    CPUs) does not take the other test's default away."""
+    command = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(THREADS), *LLAMA_TESTS[test],
                "-r", str(repeat), "-o", "json"] + ([] if repack else ["--repack", "0"])
     out, rss = peak_rss_mb_of(command)
     rows = json.loads(out)
-    pp = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
-    tg = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
-    return {"pp512": pp["avg_ts"], "tg128": tg["avg_ts"], "peak_rss_mb": rss, "build": rows[0]["build_commit"]}
+    return {test: rows[0]["avg_ts"], "peak_rss_mb": rss, "build": rows[0]["build_commit"]}
 
 
 def miaotui_bench(model: Path, repeat: int) -> dict:
@@ -141,28 +146,35 @@ def miaotui_bench(model: Path, repeat: int) -> dict:
 def paired_runs(bin_dir: Path, gguf_file: Path, ours: Path, repeat: int) -> tuple[dict, dict]:
     """llama-bench at its defaults and `miaotui bench`, one run each in turn, `repeat` times (the
     host's load drifts: interleaving gives both the same conditions); medians of the runs. Weight
-    repacking is turned off for llama.cpp only if its default crashes, and the result says so."""
-    repack, failure = True, None
-    llama_runs, our_runs = [], []
+    repacking is turned off for one of llama.cpp's tests only if its default crashes in that test,
+    and the result says so."""
+    repack = {test: True for test in LLAMA_TESTS}
+    failure: dict[str, str | None] = {test: None for test in LLAMA_TESTS}
+    llama_runs: dict[str, list[dict]] = {test: [] for test in LLAMA_TESTS}
+    our_runs = []
     for i in range(repeat):
         for name in ("llama", "miaotui") if i % 2 == 0 else ("miaotui", "llama"):
             if name == "miaotui":
                 our_runs.append(miaotui_bench(ours, 1))
                 continue
-            try:
-                llama_runs.append(llama_bench(bin_dir, gguf_file, 1, repack))
-            except RuntimeError as exc:
-                if not repack:
-                    raise
-                failure = str(exc).split(":")[0]
-                print(f"llama-bench on {gguf_file.name} at its defaults failed ({failure}); repacking off", flush=True)
-                repack = False
-                llama_runs.append(llama_bench(bin_dir, gguf_file, 1, repack))
-    llama = {"pp512": statistics.median(r["pp512"] for r in llama_runs),
-             "tg128": statistics.median(r["tg128"] for r in llama_runs),
-             "pp512_runs": [r["pp512"] for r in llama_runs], "tg128_runs": [r["tg128"] for r in llama_runs],
-             "peak_rss_mb": max(r["peak_rss_mb"] for r in llama_runs), "repack": repack,
-             "default_failure": failure, "build": llama_runs[0]["build"]}
+            for test in LLAMA_TESTS:
+                try:
+                    llama_runs[test].append(llama_bench(bin_dir, gguf_file, test, 1, repack[test]))
+                except RuntimeError as exc:
+                    if not repack[test]:
+                        raise
+                    failure[test] = str(exc).split(":")[0]
+                    print(f"llama-bench {test} on {gguf_file.name} at its defaults failed ({failure[test]}); "
+                          "repacking off for that test", flush=True)
+                    repack[test] = False
+                    llama_runs[test].append(llama_bench(bin_dir, gguf_file, test, 1, False))
+    llama: dict = {"build": llama_runs["tg128"][0]["build"],
+                   "peak_rss_mb": max(r["peak_rss_mb"] for runs in llama_runs.values() for r in runs)}
+    for test in LLAMA_TESTS:
+        llama[test] = statistics.median(r[test] for r in llama_runs[test])
+        llama[f"{test}_runs"] = [r[test] for r in llama_runs[test]]
+        llama[f"{test}_repack"] = repack[test]
+        llama[f"{test}_default_failure"] = failure[test]
     ours_result = dict(our_runs[-1])
     for key in ("prefill_tok_s", "decode_tok_s", "decode_gb_s", "itl_p50_ms", "ttft_ms"):
         ours_result[key] = statistics.median(r[key] for r in our_runs)
@@ -309,13 +321,18 @@ def write_results(results: dict) -> None:
              "| model | class | llama.cpp tg128 | miaotui tg128 | ratio | GB/s llama.cpp / miaotui (% of read bw) "
              "| llama.cpp pp512 | miaotui pp512 | ratio | peak RSS MB llama.cpp / miaotui |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    def fallback(llama: dict, test: str) -> str:
+        if llama[f"{test}_repack"]:
+            return ""
+        return f" (repack off: at the default, {llama[f'{test}_default_failure'] or 'it failed'})"
+
     for r in results["rows"]:
-        repack = "" if r["llama"]["repack"] else \
-            f" (repack off: the default, repack on, crashed: {r['llama'].get('default_failure') or 'failed'})"
         lines.append(
-            f"| {r['size']} | {r['class']} | {r['llama']['tg128']:.1f}{repack} | {r['miaotui']['decode_tok_s']:.1f} | "
+            f"| {r['size']} | {r['class']} | {r['llama']['tg128']:.1f}{fallback(r['llama'], 'tg128')} | "
+            f"{r['miaotui']['decode_tok_s']:.1f} | "
             f"{r['tg_ratio']:.2f}× | {r['llama_gb_s']:.1f} ({r['llama_gb_s'] / bw:.0%}) / {r['miaotui_gb_s']:.1f} "
-            f"({r['miaotui_gb_s'] / bw:.0%}) | {r['llama']['pp512']:.0f} | {r['miaotui']['prefill_tok_s']:.0f} | "
+            f"({r['miaotui_gb_s'] / bw:.0%}) | {r['llama']['pp512']:.0f}{fallback(r['llama'], 'pp512')} | "
+            f"{r['miaotui']['prefill_tok_s']:.0f} | "
             f"{r['pp_ratio']:.2f}× | {r['llama']['peak_rss_mb']:.0f} / {r['miaotui']['process_peak_rss_mb']:.0f} |")
     by_class = {(r["size"], r["class"]): r["miaotui"]["decode_tok_s"] for r in results["rows"]}
     pairs = [(size, by_class[size, "Q8_0"] / by_class[size, "BF16"]) for size, cls in by_class
