@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 # cpu_kernels.cpp: attention, norms, dequantize, AMX; decode_matmul.cpp: few-row matmuls (decode);
 # decode_layer.cpp: the decode step of consecutive decoder layers in one op.
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp", "decode_layer.cpp")]
+HEADERS = [Path(__file__).with_name("decode_parts.h")]  # the parts decode_layer.cpp runs, shared by all three
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def _build_dir() -> Path:
     """One build per source text, PyTorch version and CPU features (it is compiled with -march=native)."""
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + torch.__version__.encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MIAOTUI_KERNEL_CACHE", Path.home() / ".cache" / "miaotui" / "kernels"))
     path = root / f"cpu_kernels-{key}"

@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decode_parts.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -245,9 +247,10 @@ void weigh_values_any(const float* p, int64_t len, const uint16_t* v_pool, const
   }
 }
 
-void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, const uint16_t* v_pool,
-                 const int64_t* gather, const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads,
-                 int64_t kv_heads, int64_t hd, int64_t t_max, float scale) {
+// Tasks [begin, end) of attend_bf16 (task = token * kv_heads + kv head), on the calling thread.
+void attend_bf16_tasks(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, const uint16_t* v_pool,
+                       const int64_t* gather, const int64_t* lengths, uint16_t* out, int64_t n, int64_t heads,
+                       int64_t kv_heads, int64_t hd, int64_t t_max, float scale, int64_t begin, int64_t end) {
   const int64_t group = heads / kv_heads, slot_stride = kv_heads * hd;
   const int64_t pairs = hd / 32, lanes = hd / 16;  // bf16 vectors per key row; float32 vectors per value row
 #ifdef MIAOTUI_HAS_AMX
@@ -255,12 +258,8 @@ void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, co
 #else
   const bool amx = false;
 #endif
-  // Threads only where the keys outweigh a fork and join (~2 us): a decode step over a short
-  // context runs on the calling thread.
-  int64_t keys = 0;
-  for (int64_t token = 0; token < rows * n; ++token) keys += lengths[token];
-  const int64_t tasks = rows * n * kv_heads, grain = keys * kv_heads * group < 2048 ? tasks : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  {
     static thread_local std::vector<float> scores;  // [group][len]
 #ifdef MIAOTUI_HAS_AMX
     // Tiles: 0 = C (16 keys x group float32), 1 = A (16 keys x 32 bf16), 2 = B (16 pairs x group).
@@ -359,6 +358,25 @@ void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, co
 #ifdef MIAOTUI_HAS_AMX
     if (amx) _tile_release();
 #endif
+  }
+}
+
+// Threads only where the keys outweigh a fork and join (~2 us): a decode step over a short context
+// runs on the calling thread.
+bool attend_worth_threads(const int64_t* lengths, int64_t tokens, int64_t heads) {
+  int64_t keys = 0;
+  for (int64_t token = 0; token < tokens; ++token) keys += lengths[token];
+  return keys * heads >= 2048;
+}
+
+void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, const uint16_t* v_pool,
+                 const int64_t* gather, const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads,
+                 int64_t kv_heads, int64_t hd, int64_t t_max, float scale) {
+  const int64_t tasks = rows * n * kv_heads;
+  const int64_t grain = attend_worth_threads(lengths, rows * n, heads) ? 1 : tasks;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    attend_bf16_tasks(q, q_stride, k_pool, v_pool, gather, lengths, out, n, heads, kv_heads, hd, t_max, scale, begin,
+                      end);
   });
 }
 #endif
@@ -837,6 +855,15 @@ at::Tensor row_argmax(const at::Tensor& x) {
 // roundings of F.silu(gate) * up in bf16, in one op instead of split + silu + mul. silu is
 // computed in float32 as g / (1 + exp(-g)) (glibc's vector expf: PyTorch's own exp may differ in
 // the last float32 bit, so a rare value rounds to the neighbouring bf16).
+// gate (first half) and up (second half) of each row -> bf16(bf16(silu(gate)) * up), columns [i0, i1).
+inline void silu_mul_span(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t i0, int64_t i1) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const float gate = bf16_to_float(g[i]);
+    o[i] = float_to_bf16(round_bf16(gate / (1.f + expf(-gate))) * bf16_to_float(u[i]));
+  }
+}
+
 at::Tensor silu_mul_bf16(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 &&
                   x.size(1) % 2 == 0, "x: bf16 [R, 2I] with unit inner stride");
@@ -848,13 +875,7 @@ at::Tensor silu_mul_bf16(const at::Tensor& x) {
     while (begin < end) {  // pieces within one row
       const int64_t r = begin / width, i0 = begin % width, i1 = std::min(width, i0 + (end - begin));
       const uint16_t* g = src + r * stride;
-      const uint16_t* u = g + width;
-      uint16_t* o = dst + r * width;
-#pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {
-        const float gate = bf16_to_float(g[i]);
-        o[i] = float_to_bf16(round_bf16(gate / (1.f + expf(-gate))) * bf16_to_float(u[i]));
-      }
+      silu_mul_span(g, g + width, dst + r * width, i0, i1);
       begin += i1 - i0;
     }
   });
@@ -863,6 +884,15 @@ at::Tensor silu_mul_bf16(const at::Tensor& x) {
 
 // rms_norm_bf16: x [R, D] bf16 -> bf16(bf16(x / rms(x)) * w), the same two roundings as the PyTorch
 // path (normalize in float32, cast, scale in bf16: layers/norm.py); one op instead of six.
+inline void rms_norm_row(const uint16_t* xr, int64_t d, const uint16_t* w, float eps, uint16_t* o) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < d; ++i) squares += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) o[i] = float_to_bf16(round_bf16(bf16_to_float(xr[i]) * inv) * bf16_to_float(w[i]));
+}
+
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
                   x.stride(1) == 1 && weight.is_contiguous() && weight.numel() == x.size(1),
@@ -874,14 +904,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const uint16_t* xr = src + r * stride;
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < d; ++i) squares += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
-      uint16_t* o = dst + r * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = float_to_bf16(round_bf16(bf16_to_float(xr[i]) * inv) * bf16_to_float(w[i]));
+      rms_norm_row(src + r * stride, d, w, static_cast<float>(eps), dst + r * d);
     }
   });
   return out;
@@ -950,10 +973,13 @@ void rope_bf16_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 // packed in row order (N = G * n, token g * n + i).
 //   qkv [N, (H + 2 KV) * hd] bf16; cos, sin [N, hd] bf16; pools [S, KV, hd] bf16; slots [N] int64;
 //   gather [G, T], lengths [G, n] int64 (as paged_attention).
-at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
-                               at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
-                               const at::Tensor& lengths, int64_t heads, double scale) {
-#if defined(__AVX512BF16__)
+}  // namespace
+
+namespace miaotui_parts {
+
+AttentionRef check_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
+                             at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
+                             const at::Tensor& lengths, int64_t heads, double scale) {
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
                   k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == at::kBFloat16 &&
                   v_pool.scalar_type() == at::kBFloat16, "pools: contiguous bf16 [S, KV, hd], same shape");
@@ -970,33 +996,71 @@ at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at:
   TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == hd &&
                   sin.sizes() == cos.sizes(), "cos, sin: contiguous bf16 [N, hd]");
-  const int64_t* length = lengths.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(length[t] <= gather.size(1), "lengths beyond gather");
+  AttentionRef a;
+  a.lengths = lengths.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(a.lengths[t] <= gather.size(1), "lengths beyond gather");
+  a.slots = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(a.slots[t] >= 0 && a.slots[t] < k_pool.size(0), "slot out of the pool");
+  a.k_pool = reinterpret_cast<uint16_t*>(k_pool.data_ptr<c10::BFloat16>());
+  a.v_pool = reinterpret_cast<uint16_t*>(v_pool.data_ptr<c10::BFloat16>());
+  a.gather = gather.data_ptr<int64_t>();
+  a.cos = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
+  a.sin = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
+  a.tokens = tokens;
+  a.groups = lengths.size(0);
+  a.per_group = lengths.size(1);
+  a.heads = heads;
+  a.kv_heads = kv_heads;
+  a.hd = hd;
+  a.t_max = gather.size(1);
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
+// rope on the q and k heads in place (rope_bf16_'s bits) and the new keys and values into their slots.
+void attention_store(const AttentionRef& a, uint16_t* qkv) {
+  const int64_t width = (a.heads + 2 * a.kv_heads) * a.hd, entry = a.kv_heads * a.hd;
+  for (int64_t t = 0; t < a.tokens; ++t) {
+    for (int64_t h = 0; h < a.heads + a.kv_heads; ++h)
+      rope_head_bf16(qkv + t * width + h * a.hd, a.cos + t * a.hd, a.sin + t * a.hd, a.hd);
+    std::memcpy(a.k_pool + a.slots[t] * entry, qkv + t * width + a.heads * a.hd, entry * sizeof(uint16_t));
+    std::memcpy(a.v_pool + a.slots[t] * entry, qkv + t * width + (a.heads + a.kv_heads) * a.hd, entry * sizeof(uint16_t));
+  }
+}
+
+void attention_tasks(const AttentionRef& a, const uint16_t* qkv, int64_t begin, int64_t end, uint16_t* out) {
+#if defined(__AVX512BF16__)
+  attend_bf16_tasks(qkv, (a.heads + 2 * a.kv_heads) * a.hd, a.k_pool, a.v_pool, a.gather, a.lengths, out, a.per_group,
+                    a.heads, a.kv_heads, a.hd, a.t_max, a.scale, begin, end);
+#endif
+}
+
+bool attention_threads(const AttentionRef& a) {
+#if defined(__AVX512BF16__)
+  return attend_worth_threads(a.lengths, a.tokens, a.heads);
+#else
+  return false;
+#endif
+}
+
+}  // namespace miaotui_parts
+
+namespace {
+
+// paged_attention_qkv: the parts above in one op; the attention tasks spread over threads where
+// the context is long enough to pay for them.
+at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
+                               at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
+                               const at::Tensor& lengths, int64_t heads, double scale) {
+#if defined(__AVX512BF16__)
+  const auto a = miaotui_parts::check_attention(qkv, cos, sin, k_pool, v_pool, slots, gather, lengths, heads, scale);
   auto* rows = reinterpret_cast<uint16_t*>(qkv.data_ptr<c10::BFloat16>());
-  {  // rope on the q and k heads in place (rope_bf16_'s bits); a decode step's few heads need no threads
-    const auto* c = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
-    const auto* sn = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
-    at::parallel_for(0, tokens * (heads + kv_heads), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t t = job / (heads + kv_heads), h = job % (heads + kv_heads);
-        rope_head_bf16(rows + t * width + h * hd, c + t * hd, sn + t * hd, hd);
-      }
-    });
-  }
-  auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<c10::BFloat16>());
-  auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<c10::BFloat16>());
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t entry = kv_heads * hd;  // one token's keys (or values) in a pool slot
-  const int64_t capacity = k_pool.size(0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot out of the pool");
-    std::memcpy(kp + slot[t] * entry, rows + t * width + heads * hd, entry * sizeof(uint16_t));
-    std::memcpy(vp + slot[t] * entry, rows + t * width + (heads + kv_heads) * hd, entry * sizeof(uint16_t));
-  }
-  auto out = at::empty({tokens, heads * hd}, qkv.options());
-  attend_bf16(rows, width, kp, vp, gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-              reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), lengths.size(0), lengths.size(1), heads,
-              kv_heads, hd, gather.size(1), static_cast<float>(scale));
+  miaotui_parts::attention_store(a, rows);
+  auto out = at::empty({a.tokens, heads * a.hd}, qkv.options());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, a.tasks(), miaotui_parts::attention_threads(a) ? 1 : a.tasks(), [&](int64_t begin, int64_t end) {
+    miaotui_parts::attention_tasks(a, rows, begin, end, dst);
+  });
   return out;
 #else
   TORCH_CHECK(false, "paged_attention_qkv needs a CPU with AVX512-BF16");
@@ -1004,6 +1068,23 @@ at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at:
 }
 
 }  // namespace
+
+namespace miaotui_parts {
+
+void rms_norm_rows(const uint16_t* x, int64_t m, int64_t d, const uint16_t* w, float eps, uint16_t* out) {
+  for (int64_t r = 0; r < m; ++r) rms_norm_row(x + r * d, d, w, eps, out + r * d);
+}
+
+void add_rows(const uint16_t* a, const uint16_t* b, int64_t count, uint16_t* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+void silu_mul_rows(const uint16_t* x, int64_t m, int64_t width, uint16_t* out) {
+  for (int64_t r = 0; r < m; ++r) silu_mul_span(x + r * 2 * width, x + r * 2 * width + width, out + r * width, 0, width);
+}
+
+}  // namespace miaotui_parts
 
 TORCH_LIBRARY(miaotui, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "

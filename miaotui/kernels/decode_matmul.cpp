@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decode_parts.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -110,6 +112,34 @@ inline void bf16_tile16(const uint16_t* const* x, const uint16_t* tile, int64_t 
   for (int m = 0; m < M; ++m) out[m] = _mm512_add_ps(acc[m][0], acc[m][1]);
 }
 
+// Output tiles [t0, t1) of y [m, n] = x [m, k] w^T (+ bias) for linear_bf16_tiles' layout.
+void bf16_tiles_range(const uint16_t* xp, const uint16_t* wp, const float* bp, c10::BFloat16* yp, int64_t m, int64_t n,
+                      int64_t k, int64_t t0, int64_t t1) {
+  const int64_t blocks = k / kBlock;
+  __m512 sums[kBf16TileRows];
+  const uint16_t* rows[kBf16TileRows];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint16_t* tile = wp + t * blocks * 512;
+    const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
+    const float* b = bp ? bp + n0 : nullptr;
+    for (int64_t i = 0; i < m; i += kBf16TileRows) {
+      const int64_t rows_here = std::min<int64_t>(kBf16TileRows, m - i);
+      for (int64_t r = 0; r < rows_here; ++r) rows[r] = xp + (i + r) * k;
+      switch (rows_here) {
+        case 1: bf16_tile16<1>(rows, tile, blocks, sums); break;
+        case 2: bf16_tile16<2>(rows, tile, blocks, sums); break;
+        case 3: bf16_tile16<3>(rows, tile, blocks, sums); break;
+        case 4: bf16_tile16<4>(rows, tile, blocks, sums); break;
+        case 5: bf16_tile16<5>(rows, tile, blocks, sums); break;
+        case 6: bf16_tile16<6>(rows, tile, blocks, sums); break;
+        case 7: bf16_tile16<7>(rows, tile, blocks, sums); break;
+        default: bf16_tile16<8>(rows, tile, blocks, sums); break;
+      }
+      for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, yp + (i + r) * n + n0);
+    }
+  }
+}
+
 at::Tensor linear_bf16_tiles(const at::Tensor& x, const at::Tensor& tiles, int64_t n,
                              const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0,
@@ -124,30 +154,7 @@ at::Tensor linear_bf16_tiles(const at::Tensor& x, const at::Tensor& tiles, int64
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(tiles.data_ptr<c10::BFloat16>());
   auto* yp = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) {
-    __m512 sums[kBf16TileRows];
-    const uint16_t* rows[kBf16TileRows];
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint16_t* tile = wp + t * blocks * 512;
-      const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
-      const float* b = bp ? bp + n0 : nullptr;
-      for (int64_t i = 0; i < m; i += kBf16TileRows) {
-        const int64_t rows_here = std::min<int64_t>(kBf16TileRows, m - i);
-        for (int64_t r = 0; r < rows_here; ++r) rows[r] = xp + (i + r) * k;
-        switch (rows_here) {
-          case 1: bf16_tile16<1>(rows, tile, blocks, sums); break;
-          case 2: bf16_tile16<2>(rows, tile, blocks, sums); break;
-          case 3: bf16_tile16<3>(rows, tile, blocks, sums); break;
-          case 4: bf16_tile16<4>(rows, tile, blocks, sums); break;
-          case 5: bf16_tile16<5>(rows, tile, blocks, sums); break;
-          case 6: bf16_tile16<6>(rows, tile, blocks, sums); break;
-          case 7: bf16_tile16<7>(rows, tile, blocks, sums); break;
-          default: bf16_tile16<8>(rows, tile, blocks, sums); break;
-        }
-        for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, yp + (i + r) * n + n0);
-      }
-    }
-  });
+  at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) { bf16_tiles_range(xp, wp, bp, yp, m, n, k, t0, t1); });
   return y;
 }
 #else
@@ -216,11 +223,7 @@ inline float hsum8(__m256 v) {
 // get the residual there too; with bf16 activations their own rounding dominates and they keep one level.
 constexpr float kResidualSteps = 128.f;
 
-struct QuantizedRow {
-  std::vector<int8_t> q, q2;
-  std::vector<float> sx;
-  std::vector<float> group_sums;
-};
+using miaotui_parts::QuantizedRow;  // decode_parts.h
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline __m512 load16_as_float(const float* x) { return _mm512_loadu_ps(x); }
@@ -466,7 +469,7 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
       // exact, so the split does not change a bit)
       // 4-bit: dot[m][0..1] sum the low / high nibbles against the activations' int8 values (two
       // chains; integer sums are exact, so the split does not change a bit), fine[m][0..1] against
-      // their residual (Fine). 8-bit: dot[m][0] the values, dot[m][1] the residual.
+      // their residual (Fine). 8-bit: dot[m][0..1] the values of even / odd chunks, fine[m][0..1] the residual.
       __m512i dot[M][2], fine[M][2];
       for (int m = 0; m < M; ++m) dot[m][0] = dot[m][1] = fine[m][0] = fine[m][1] = _mm512_setzero_si512();
       for (int c = 0; c < chunks; ++c) {
@@ -476,33 +479,37 @@ inline void q_tile16(const QuantizedRow* xr, const uint8_t* tile, const at::Half
           for (int m = 0; m < M; ++m) {
             int32_t x[2];
             std::memcpy(x, xr[m].q.data() + b * kBlock + c * 8, 8);
-            dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_set1_epi32(x[0]));
-            dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_set1_epi32(x[1]));
-            if constexpr (Fine) {
+            if constexpr (!Fine) {  // no residual: fine[m] is free for the odd chunks' chains
+              __m512i* chain = (c & 1) ? fine[m] : dot[m];
+              chain[0] = _mm512_dpbusd_epi32(chain[0], lo, _mm512_set1_epi32(x[0]));
+              chain[1] = _mm512_dpbusd_epi32(chain[1], hi, _mm512_set1_epi32(x[1]));
+            } else {
+              dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], lo, _mm512_set1_epi32(x[0]));
+              dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], hi, _mm512_set1_epi32(x[1]));
               std::memcpy(x, xr[m].q2.data() + b * kBlock + c * 8, 8);
               fine[m][0] = _mm512_dpbusd_epi32(fine[m][0], lo, _mm512_set1_epi32(x[0]));
               fine[m][1] = _mm512_dpbusd_epi32(fine[m][1], hi, _mm512_set1_epi32(x[1]));
             }
           }
-        } else {
+        } else {  // even and odd chunks in separate chains (values: dot, residual: fine)
           for (int m = 0; m < M; ++m) {
             int32_t x0, x1;
             std::memcpy(&x0, xr[m].q.data() + b * kBlock + c * 4, 4);
             std::memcpy(&x1, xr[m].q2.data() + b * kBlock + c * 4, 4);
-            dot[m][0] = _mm512_dpbusd_epi32(dot[m][0], v, _mm512_set1_epi32(x0));
-            dot[m][1] = _mm512_dpbusd_epi32(dot[m][1], v, _mm512_set1_epi32(x1));
+            dot[m][c & 1] = _mm512_dpbusd_epi32(dot[m][c & 1], v, _mm512_set1_epi32(x0));
+            fine[m][c & 1] = _mm512_dpbusd_epi32(fine[m][c & 1], v, _mm512_set1_epi32(x1));
           }
         }
       }
       for (int m = 0; m < M; ++m) {
         if constexpr (Bits == 4 && !Fine) {
-          part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][0], dot[m][1])),
+          const __m512i even = _mm512_add_epi32(dot[m][0], dot[m][1]), odd = _mm512_add_epi32(fine[m][0], fine[m][1]);
+          part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)),
                                     _mm512_set1_ps(xr[m].sx[b]), part[m]);
         } else {
-          const __m512i sum = Bits == 4
-              ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(dot[m][0], dot[m][1]), 7),
-                                 _mm512_add_epi32(fine[m][0], fine[m][1]))
-              : _mm512_add_epi32(_mm512_slli_epi32(dot[m][0], 7), dot[m][1]);
+          // 128 * values + residual (4-bit: low + high nibbles in each; 8-bit: even + odd chunks)
+          const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(dot[m][0], dot[m][1]), 7),
+                                               _mm512_add_epi32(fine[m][0], fine[m][1]));
           part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xr[m].sx[b] / kResidualSteps), part[m]);
         }
       }
@@ -569,6 +576,47 @@ inline void q_tile16_g16(const QuantizedRow* xr, const uint8_t* tile, const at::
   for (int m = 0; m < M; ++m) out[m] = _mm512_mul_ps(acc[m], _mm512_set1_ps(unit));
 }
 
+// Output tiles [t0, t1) of y for activation rows quantized by quantize_row.
+template <typename T, int Bits>
+void q_tiles_range(const QuantizedRow* rows, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y,
+                   int64_t m, int64_t n, int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit,
+                   int64_t t0, int64_t t1) {
+  const bool fine = Bits == 8 || std::is_same_v<T, float>;
+  const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8;
+  __m512 sums[kTileRows];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = tiles + t * tile_bytes;
+    const at::Half* tile_meta = meta + t * groups * (zero_code < 0 ? 32 : 16);
+    const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
+    const float* b = bias ? bias + n0 : nullptr;
+    for (int64_t i = 0; i < m; i += kTileRows) {
+      const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
+      if (per_group == 0) {  // 8-bit groups of 16
+        switch (rows_here) {
+          case 1: q_tile16_g16<1>(rows + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+          case 2: q_tile16_g16<2>(rows + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+          case 3: q_tile16_g16<3>(rows + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+          default: q_tile16_g16<4>(rows + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
+        }
+      } else switch (rows_here) {
+        case 1: fine ? q_tile16<Bits, 1, true>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                     : q_tile16<Bits, 1, false>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                break;
+        case 2: fine ? q_tile16<Bits, 2, true>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                     : q_tile16<Bits, 2, false>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                break;
+        case 3: fine ? q_tile16<Bits, 3, true>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                     : q_tile16<Bits, 3, false>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                break;
+        default: fine ? q_tile16<Bits, 4, true>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
+                      : q_tile16<Bits, 4, false>(rows + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
+                 break;
+      }
+      for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, y + (i + r) * n + n0);
+    }
+  }
+}
+
 template <typename T, int Bits>
 void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float* bias, T* y, int64_t m, int64_t n,
              int64_t k, int64_t groups, int64_t per_group, int64_t zero_code, float unit) {
@@ -579,40 +627,8 @@ void q_tiles(const T* x, const uint8_t* tiles, const at::Half* meta, const float
   if (rows.size() < static_cast<size_t>(m)) rows.resize(m);
   const bool fine = Bits == 8 || std::is_same_v<T, float>;
   for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, groups, per_group, false, fine, rows[i]);
-  const int64_t blocks = k / kBlock, tile_bytes = blocks * kBlock * 16 * Bits / 8, tile_count = (n + 15) / 16;
-  at::parallel_for(0, tile_count, 4, [&](int64_t t0, int64_t t1) {
-    __m512 sums[kTileRows];
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = tiles + t * tile_bytes;
-      const at::Half* tile_meta = meta + t * groups * (zero_code < 0 ? 32 : 16);
-      const int64_t n0 = t * 16, count = std::min<int64_t>(16, n - n0);
-      const float* b = bias ? bias + n0 : nullptr;
-      for (int64_t i = 0; i < m; i += kTileRows) {
-        const int64_t rows_here = std::min<int64_t>(kTileRows, m - i);
-        if (per_group == 0) {  // 8-bit groups of 16
-          switch (rows_here) {
-            case 1: q_tile16_g16<1>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
-            case 2: q_tile16_g16<2>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
-            case 3: q_tile16_g16<3>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
-            default: q_tile16_g16<4>(rows.data() + i, tile, tile_meta, blocks, zero_code, unit, sums); break;
-          }
-        } else switch (rows_here) {
-          case 1: fine ? q_tile16<Bits, 1, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
-                       : q_tile16<Bits, 1, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
-                  break;
-          case 2: fine ? q_tile16<Bits, 2, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
-                       : q_tile16<Bits, 2, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
-                  break;
-          case 3: fine ? q_tile16<Bits, 3, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
-                       : q_tile16<Bits, 3, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
-                  break;
-          default: fine ? q_tile16<Bits, 4, true>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums)
-                       : q_tile16<Bits, 4, false>(rows.data() + i, tile, tile_meta, blocks, groups, per_group, zero_code, unit, sums);
-                  break;
-        }
-        for (int64_t r = 0; r < rows_here; ++r) store16(sums[r], b, count, y + (i + r) * n + n0);
-      }
-    }
+  at::parallel_for(0, (n + 15) / 16, 4, [&](int64_t t0, int64_t t1) {
+    q_tiles_range<T, Bits>(rows.data(), tiles, meta, bias, y, m, n, k, groups, per_group, zero_code, unit, t0, t1);
   });
 }
 
@@ -925,6 +941,75 @@ bool has_int8_dot() {
 }
 
 }  // namespace
+
+namespace miaotui_parts {
+
+LinearRef linear_ref(at::TensorList tensors, at::IntArrayRef info, int64_t k, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(info.size() == 6, "a linear's info: kernel, out features, bits, group width, zero code, exponent");
+  LinearRef w;
+  w.kernel = info[0];
+  w.n = info[1];
+  w.k = k;
+  w.bias_holder = float_bias(bias, w.n);
+  w.bias = w.bias_holder.defined() ? w.bias_holder.data_ptr<float>() : nullptr;
+  if (w.kernel == 0) {
+#if defined(MIAOTUI_Q_TILES)
+    TORCH_CHECK(tensors.size() == 2, "a linear_q_tiles linear takes (tiles, meta)");
+    w.bits = info[2];
+    TORCH_CHECK(w.bits == 4 || w.bits == 8, "bits must be 4 or 8");
+    w.groups = check_q_tiles(tensors[0], tensors[1], w.n, k, w.bits, info[3], info[4], info[5]);
+    w.per_group = info[3] / kBlock;
+    w.zero_code = info[4];
+    w.unit = std::ldexp(1.f, static_cast<int>(-info[5]));
+    w.tiles = tensors[0].data_ptr<uint8_t>();
+    w.meta = tensors[1].data_ptr<at::Half>();
+    return w;
+#else
+    TORCH_CHECK(false, "linear_q_tiles needs a CPU with AVX-512 VNNI");
+#endif
+  }
+  TORCH_CHECK(w.kernel == 1 && tensors.size() == 1, "linear kernel must be 0 (tiles, meta) or 1 (bf16 tiles)");
+#if defined(MIAOTUI_BF16_TILES)
+  const at::Tensor& tiles = tensors[0];
+  TORCH_CHECK(k % kBlock == 0 && tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == w.tile_count() && tiles.size(1) == k / kBlock && tiles.size(2) == 16 &&
+                  tiles.size(3) == 32, "tiles: contiguous bf16 [ceil(N / 16), K / 32, 16, 32]");
+  w.tiles = reinterpret_cast<const uint8_t*>(tiles.data_ptr<c10::BFloat16>());
+  return w;
+#else
+  TORCH_CHECK(false, "linear_bf16_tiles needs a CPU with AVX512-BF16");
+#endif
+}
+
+void prepare_rows(const LinearRef& w, const uint16_t* x, int64_t m, std::vector<QuantizedRow>& rows) {
+#if defined(MIAOTUI_Q_TILES)
+  if (w.kernel != 0) return;
+  if (rows.size() < static_cast<size_t>(m)) rows.resize(m);
+  const auto* xb = reinterpret_cast<const c10::BFloat16*>(x);
+  for (int64_t i = 0; i < m; ++i) quantize_row(xb + i * w.k, w.k, w.groups, w.per_group, false, w.bits == 8, rows[i]);
+#endif
+}
+
+void linear_tiles(const LinearRef& w, const uint16_t* x, const std::vector<QuantizedRow>& rows, int64_t m, int64_t t0,
+                  int64_t t1, uint16_t* y) {
+  auto* yb = reinterpret_cast<c10::BFloat16*>(y);
+#if defined(MIAOTUI_Q_TILES)
+  if (w.kernel == 0) {
+    if (w.bits == 4)
+      q_tiles_range<c10::BFloat16, 4>(rows.data(), w.tiles, w.meta, w.bias, yb, m, w.n, w.k, w.groups, w.per_group,
+                                      w.zero_code, w.unit, t0, t1);
+    else
+      q_tiles_range<c10::BFloat16, 8>(rows.data(), w.tiles, w.meta, w.bias, yb, m, w.n, w.k, w.groups, w.per_group,
+                                      w.zero_code, w.unit, t0, t1);
+    return;
+  }
+#endif
+#if defined(MIAOTUI_BF16_TILES)
+  bf16_tiles_range(x, reinterpret_cast<const uint16_t*>(w.tiles), w.bias, yb, m, w.n, w.k, t0, t1);
+#endif
+}
+
+}  // namespace miaotui_parts
 
 TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("linear_bf16_tiles(Tensor x, Tensor tiles, int n, Tensor? bias) -> Tensor");

@@ -128,6 +128,11 @@ class FusedRun:
     heads: int
 
 
+def _shape(plan: LayerPlan) -> tuple[int, ...]:
+    """What the layers of one decode_layers call share: heads and each linear's out features."""
+    return plan.heads, *plan.linear_info[1::6]
+
+
 def _fused_run(first: int, plans: list[LayerPlan]) -> FusedRun:
     return FusedRun(first, len(plans), [p.ln1 for p in plans], [p.ln2 for p in plans],
                     [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
@@ -164,12 +169,15 @@ class FusedDecode:
         run: list[LayerPlan] = []
         for i, layer in enumerate(layers):
             plan = layer_plan(layer, seq) if type(layer).__name__ == "DecoderLayer" else None
-            if plan is not None:
+            if plan is not None and (not run or _shape(plan) == _shape(run[0])):
                 run.append(plan)
                 continue
             if run:
                 parts.append(_fused_run(i - len(run), run))
                 run = []
+            if plan is not None:  # a layer of other shapes starts the next run
+                run.append(plan)
+                continue
             parts.append(i)
         if run:
             parts.append(_fused_run(len(layers) - len(run), run))

@@ -29,7 +29,7 @@ def wide_dir(request, tmp_path_factory):
                         intermediate_size=256)
 
 
-def _hidden_per_step(llm: LLM, monkeypatch, fused: bool) -> tuple[list[torch.Tensor], list, dict]:
+def _hidden_per_step(llm: LLM, monkeypatch, fused: bool, prompts=PROMPTS) -> tuple[list[torch.Tensor], list, dict]:
     """The final hidden states of every engine step, the outputs, and the kernels that ran."""
     seen = []
     logits = Transformer.logits
@@ -42,7 +42,7 @@ def _hidden_per_step(llm: LLM, monkeypatch, fused: bool) -> tuple[list[torch.Ten
     if not fused:
         monkeypatch.setattr(FusedDecode, "step_fits", lambda *args: False)
     with KernelLog() as log:
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     monkeypatch.undo()
     return seen, [o.outputs[0].token_ids for o in outs], log.calls
 
@@ -85,3 +85,19 @@ def test_a_changed_layer_leaves_the_fused_run(wide_dir):
     with KernelLog() as restored:
         llm.generate(PROMPTS[:1], params)
     assert restored.calls["decoder layer fused"] == fused_steps * len(layers)
+
+
+def test_long_contexts_split_attention_over_the_threads_with_the_same_bits(tmp_path, monkeypatch):
+    """Past ~2k keys x heads the step's attention tasks spread over the threads inside the one
+    parallel region: still the module path's bits."""
+    path = write_hf_dir(tmp_path / "long", hidden_size=128, intermediate_size=256, max_position_embeddings=1024)
+    # no prefix caching: the second run must prefill as the first did
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, enable_prefix_caching=False)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (length,), generator=generator).tolist() for length in (700, 610, 650)]
+    fused_hidden, fused_ids, fused_kernels = _hidden_per_step(llm, monkeypatch, True, prompts)
+    module_hidden, module_ids, _ = _hidden_per_step(llm, monkeypatch, False, prompts)
+    assert fused_kernels.get("decoder layer fused", 0) >= 2 * 5
+    assert fused_ids == module_ids
+    for a, b in zip(fused_hidden, module_hidden, strict=True):
+        assert torch.equal(a, b)
