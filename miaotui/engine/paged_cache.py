@@ -51,7 +51,7 @@ class PagedKVCache:
 
     def step_views(self, slots: torch.Tensor, groups: list[AttentionGroup]) -> list[PackedLayerView]:
         """slots: [N] flat slot of each new (packed) token; groups: who attends to what."""
-        return [PackedLayerView(k, v, slots, groups, self.native, self.fused, flat)
+        return [PackedLayerView(k, v, flat, slots, groups, self.native, self.fused)
                 for k, v, flat in zip(self.keys, self.values, self._flat, strict=True)]
 
 
@@ -72,11 +72,11 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 class PackedLayerView:
     k_pool: torch.Tensor  # [blocks, block_size, KV, hd]
     v_pool: torch.Tensor
+    flat: tuple[torch.Tensor, torch.Tensor]  # the pools as flat slots [S, KV, hd] (views made once per cache)
     slots: torch.Tensor  # [N]
     groups: list[AttentionGroup]
     native: Callable | None = None  # torch.ops.miaotui.paged_attention, or None: PyTorch ops only
     fused: Callable | None = None  # torch.ops.miaotui.paged_attention_qkv (bf16 pools), or None
-    flat: tuple[torch.Tensor, torch.Tensor] | None = None  # the pools as [S, KV, hd] (made once per cache)
 
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor | None:
         """A step of few-token rows, all alike (one group), from the qkv projection in one native op:
@@ -93,16 +93,12 @@ class PackedLayerView:
         g = self.groups[0]
         if g.token_index.shape[1] > NATIVE_MAX_NEW_TOKENS or heads % self.k_pool.shape[2] != 0:
             return None
-        if self.flat is None:
-            kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
-            self.flat = self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd)
         return self.flat[0], self.flat[1], self.slots, g.gather, g.lengths
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].
         attention(q [G, H, n, hd], keys [G, KV, T, hd], values, mask [G, 1, n, T]) runs each group."""
-        kv, hd = self.k_pool.shape[2], self.k_pool.shape[3]
-        k_flat, v_flat = self.k_pool.view(-1, kv, hd), self.v_pool.view(-1, kv, hd)
+        k_flat, v_flat = self.flat
         # index_copy_/index_select, not tensor[index]: 8x faster here (advanced indexing's generic kernel).
         k_flat.index_copy_(0, self.slots, k[0].transpose(0, 1).to(k_flat.dtype))  # [N, KV, hd]
         v_flat.index_copy_(0, self.slots, v[0].transpose(0, 1).to(v_flat.dtype))
