@@ -109,3 +109,68 @@ def write_random_gguf(shape: Shape, tokenizer_source: Path, path: Path, seed: in
     writer.close()
     tmp.rename(path)
     return path
+
+
+def write_random_hf_dir(shape: Shape, tokenizer_source: Path, path: Path, seed: int = 0,
+                        shard_bytes: int = 2 * 10**9) -> Path:
+    """The same shape as a Hugging Face directory: bf16 safetensors shards of about `shard_bytes`
+    with their index, config.json and the tokenizer of the GGUF `tokenizer_source`. One shard is in
+    memory at a time; written once (kept if present)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from miaotui.loaders.gguf import load_gguf
+
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    config, _, tokenizer = load_gguf(tokenizer_source, keep_quantized=True, float_bytes=0)
+    vocab = config.vocab_size
+    d, kv = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, d)), ("model.norm.weight", (d,))]
+    if not shape.tied:
+        names.append(("lm_head.weight", (vocab, d)))
+    for i in range(shape.layers):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (d,)), (p + "post_attention_layernorm.weight", (d,)),
+                  (p + "self_attn.q_proj.weight", (d, d)), (p + "self_attn.k_proj.weight", (kv, d)),
+                  (p + "self_attn.v_proj.weight", (kv, d)), (p + "self_attn.o_proj.weight", (d, d)),
+                  (p + "mlp.gate_proj.weight", (shape.mlp, d)), (p + "mlp.up_proj.weight", (shape.mlp, d)),
+                  (p + "mlp.down_proj.weight", (d, shape.mlp))]
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dims in names:
+        nbytes = int(np.prod(dims)) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for s, shard in enumerate(tqdm(shards, desc=f"writing random {shape.name} HF shards", unit="shard")):
+        file = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: (torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=generator) * 0.02
+                          ).to(torch.bfloat16) for name, dims in shard}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        weight_map |= {name: file for name, _ in shard}
+        del tensors
+    total = sum(int(np.prod(dims)) * 2 for _, dims in names)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+        "intermediate_size": shape.mlp, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "head_dim": d // shape.heads, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": shape.tied,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": config.eos_token_ids, "torch_dtype": "bfloat16",
+    }, indent=1))
+    tokenizer.backend.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "chat_template": tokenizer.chat_template,
+    }, indent=1, ensure_ascii=False))
+    tmp.rename(path)
+    return path

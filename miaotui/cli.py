@@ -654,11 +654,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from miaotui.compress.streamed import open_streamed
     from miaotui.loaders.gguf_export import export_gguf
 
-    args.dtype, args.decode_weight_dtype = "float32", "none"
-    llm = _load(args)
-    out = export_gguf(llm.model, llm.tokenizer, args.output, args.type)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
+    out = export_gguf(model, tokenizer, args.output, args.type)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from miaotui.compress.streamed import layers_of
 from miaotui.data import default_skip, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
@@ -81,18 +82,31 @@ class HessianAccumulator:
         return (self.abs_mean_sum / max(self.count, 1)).float()
 
 
-def capture_inputs(layer: nn.Module, names: list[str], run: Callable[[], None],
-                   keep_rows: int = 0) -> dict[str, HessianAccumulator]:
-    """Run `run()` once with hooks that accumulate the inputs of layer.<name> for each name."""
+class StopForward(Exception):
+    """Raised by a capture hook once the inputs it needs are seen: the rest of the layer need not run."""
+
+
+def capture_inputs(layer: nn.Module, names: list[str], run: Callable[..., object],
+                   keep_rows: int = 0, stop_early: bool = False) -> dict[str, HessianAccumulator]:
+    """Run the layer over the calibration samples once (`run`: layer_by_layer's forward_all) with
+    hooks that accumulate the inputs of layer.<name> for each name. stop_early: each sample's pass
+    stops once the last of `names` (in execution order) has seen its input - re-capturing the
+    down projection's inputs then skips nothing it needs, re-capturing q/k/v's skips the layer."""
     stats: dict[str, HessianAccumulator] = {}
     handles = []
+    last_name = names[-1] if stop_early else None
     for name in names:
         module = layer.get_submodule(name)
-        stats[name] = HessianAccumulator(module.in_features, keep_rows)
-        handles.append(module.register_forward_hook(
-            lambda _m, args, _out, acc=stats[name]: acc.add(args[0].detach())))
+        acc = stats[name] = HessianAccumulator(module.in_features, keep_rows)
+
+        def hook(_m, args, _out, acc=acc, last=name == last_name) -> None:
+            acc.add(args[0].detach())
+            if last:
+                raise StopForward
+
+        handles.append(module.register_forward_hook(hook))
     try:
-        run()
+        run(stoppable=True) if stop_early else run()
     finally:
         for h in handles:
             h.remove()
@@ -100,28 +114,42 @@ def capture_inputs(layer: nn.Module, names: list[str], run: Callable[[], None],
 
 
 @torch.inference_mode()
-def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: int = 8
+def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: int = 8, keep: bool = True
                    ) -> Iterator[tuple[int, DecoderLayer, Callable[[], torch.Tensor]]]:
     """Yield (index, layer, forward_all) for each decoder layer in order.
 
     forward_all() runs the layer (as it is at that moment) over every calibration sample and
     returns the outputs; after the caller has modified the layer, the generator feeds the
     *modified* layer's outputs to the next layer, so errors propagate as they will at inference.
+    A streamed model (compress/streamed.py) holds one float32 layer at a time: each is then kept
+    compact (keep) or released (a pass that only gathers statistics).
     """
     n, seq = calib.tokens.shape
     positions = torch.arange(seq)[None]
     cos, sin = model.rotary(positions, model.dtype)
     hidden = torch.cat([model.embed_tokens(calib.tokens[i:i + batch]) for i in range(0, n, batch)])
 
-    for index, layer in enumerate(tqdm(model.layers, desc=desc, unit="layer")):
+    store = layers_of(model)
+    for index in tqdm(range(len(model.layers)), desc=desc, unit="layer"):
+        layer = store.load(index)  # float32; read from the checkpoint if the model is streamed
         current = hidden
 
-        def forward_all(layer=layer, current=current) -> torch.Tensor:
-            return torch.cat([layer(current[i:i + batch], cos, sin, None)
-                              for i in range(0, n, batch)])
+        def forward_all(layer=layer, current=current, stoppable: bool = False) -> torch.Tensor | None:
+            outs = []
+            for i in range(0, n, batch):
+                try:
+                    outs.append(layer(current[i:i + batch], cos, sin, None))
+                except StopForward:  # a capture hook saw what it needed (capture_inputs)
+                    if not stoppable:
+                        raise
+            return torch.cat(outs) if outs else None
 
         yield index, layer, forward_all
         hidden = forward_all()
+        if keep:
+            store.done(index)
+        else:
+            store.release(index)
 
 
 def prepare_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,15 +166,19 @@ def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: in
     """Run every stage in order and save the result to out_dir; -> one metrics row per checkpoint
     (the input model first)."""
     from miaotui.api import LLM
+    from miaotui.compress.streamed import open_streamed
     from miaotui.loaders.miaotui_dir import save_model, update_stages
 
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(model_name, dtype="float32", device=device, decode_weight_dtype="none")
-    model, tokenizer = llm.model, llm.tokenizer
+    rows = [_metrics("input", LLM(model_name), recipe)] if recipe.eval_text else []
+    if device == "cpu":  # one decoder layer in float32 at a time (compress/streamed.py)
+        model, tokenizer = open_streamed(model_name)
+    else:
+        llm = LLM(model_name, dtype="float32", device=device, decode_weight_dtype="none")
+        model, tokenizer = llm.model, llm.tokenizer
     stages_done: list[dict[str, Any]] = list(getattr(model, "stages", []))
     record: dict[str, Any] | None = None
-    rows = [_metrics("input", llm, recipe)] if recipe.eval_text else []
     out_dir = Path(out_dir).resolve()
     work = Path(tempfile.mkdtemp(prefix=".recipe-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
@@ -191,6 +195,7 @@ def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: in
                 done["metrics"] = _metrics(stage.label, LLM(str(step_dir)), recipe)
                 rows.append(done["metrics"])
                 shutil.rmtree(step_dir, ignore_errors=True)
+        _compact_shell(model)
         out = save_model(model, tokenizer, out_dir, record, stages=stages_done)
         if recipe.eval_text:
             rows.append(_metrics(recipe.stages[-1].label, LLM(str(out)), recipe))
@@ -203,6 +208,17 @@ def run_recipe(model_name: str, recipe: Recipe, out_dir: str | Path, threads: in
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _compact_shell(model) -> None:
+    """A streamed model's layers are kept in the checkpoint's dtype as they finish; the embedding,
+    head and final norm join them for the saved result."""
+    store = getattr(model, "layer_store", None)
+    if store is None or store.keep_dtype == torch.float32:
+        return
+    for module in (model.embed_tokens, model.lm_head, model.norm):
+        if module is not None and module.weight.is_floating_point():
+            module.weight = torch.nn.Parameter(module.weight.detach().to(store.keep_dtype), requires_grad=False)
 
 
 def _calib(p: dict[str, Any], tokenizer, needed: bool, label: str):
@@ -240,11 +256,15 @@ def _summary(done: dict[str, Any]) -> str:
 def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: Path | None = None):
     """-> (model after the stage, its record, the quantization record if any). A distillation saves
     its progress in checkpoint_dir and resumes from it (the same command again after an interrupt)."""
+    from miaotui.compress.streamed import layers_of
+
     p, label = stage.params, stage.label
     try:
         if stage.kind == "prune":
             if p["structured"]:
                 from miaotui.compress.prune.structured import prune_structured
+
+                layers_of(model).load_all("structured pruning")
 
                 calib = _calib(p, tokenizer, p["method"] != "magnitude", label)
                 model, rec = prune_structured(model, p["structured"], p["sparsity"], p["method"], calib)
@@ -259,6 +279,7 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: 
             from miaotui.compress.prune.gradual import GradualSchedule, train_gradual
             from miaotui.compress.training import load_training_tokens
 
+            layers_of(model).load_all("gradual pruning")
             schedule = GradualSchedule(p["initial_sparsity"], p["final_sparsity"], p["begin_step"], p["end_step"],
                                        p["frequency"])
             tokens = load_training_tokens(p["text_file"], tokenizer, p["skip_tokens"])
@@ -271,6 +292,7 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: 
             from miaotui.compress.distill import DistillConfig, check_same_tokenizer, distill
             from miaotui.compress.training import load_training_tokens
 
+            layers_of(model).load_all("distillation")
             teacher = LLM(p["teacher"] or model_name, dtype="float32", decode_weight_dtype="none")
             check_same_tokenizer(teacher.tokenizer, tokenizer)
             cfg = DistillConfig(steps=p["steps"], lr=p["lr"] or 1e-4, batch=p["batch"], seq_len=p["seq_len"],

@@ -2,21 +2,27 @@
 
 Weights are (re)quantized with the gguf package: linear weights to the chosen type; for 4-bit
 types the token embedding goes to Q8_0 (as llama.cpp's own quantizer does); norms stay F32.
-Quantized miaotui models are dequantized first. Not for reading GGUF (gguf.py).
+Quantized miaotui models are dequantized first. The header is written from the modules' shapes,
+then the data a decoder layer at a time, so a streamed model (compress/streamed.py) is exported
+holding one float32 layer. Not for reading GGUF (gguf.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from miaotui.compress.streamed import layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.loaders.tokenizer import Tokenizer
+from miaotui.models.config import ModelConfig
 from miaotui.models.llama import Transformer
 
 EXPORT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -100,42 +106,92 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
 
     main_type = EXPORT_TYPES[type_name]
     embed_type = gguf.GGMLQuantizationType.Q8_0 if type_name in ("q4_0", "q4_1") else main_type
-
-    def add(name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qtype == gguf.GGMLQuantizationType.F32 or array.ndim == 1:
-            w.add_tensor(name, array)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, array.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-
-    add("token_embd.weight", model.embed_tokens.weight.detach().float().numpy(), embed_type)
-    add("output_norm.weight", model.norm.weight.detach().float().numpy(), gguf.GGMLQuantizationType.F32)
-    if model.lm_head is not None:
-        add("output.weight", _weight(model.lm_head), embed_type)
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        q, k, v = np.split(_weight(attn.qkv_proj), [c.q_size, c.q_size + c.kv_size])
-        if arch == "llama":
-            q, k = _permute_rope_rows(q, c.num_heads), _permute_rope_rows(k, c.num_kv_heads)
-        gate, up = np.split(_weight(mlp.gate_up_proj), 2)
-        for name, array in (("attn_q", q), ("attn_k", k), ("attn_v", v), ("attn_output", _weight(attn.o_proj)),
-                            ("ffn_gate", gate), ("ffn_up", up), ("ffn_down", _weight(mlp.down_proj))):
-            add(f"blk.{i}.{name}.weight", array, main_type)
-        if attn.qkv_proj.bias is not None:
-            qb, kb, vb = np.split(attn.qkv_proj.bias.detach().float().numpy(), [c.q_size, c.q_size + c.kv_size])
-            if arch == "llama":
-                qb, kb = _permute_rope_rows(qb, c.num_heads), _permute_rope_rows(kb, c.num_kv_heads)
-            for name, array in (("attn_q", qb), ("attn_k", kb), ("attn_v", vb)):
-                add(f"blk.{i}.{name}.bias", array, gguf.GGMLQuantizationType.F32)
-        add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight.detach().float().numpy(),
-            gguf.GGMLQuantizationType.F32)
-        add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight.detach().float().numpy(),
-            gguf.GGMLQuantizationType.F32)
+    plan = _tensor_plan(model, arch, main_type, embed_type)
+    for name, shape, qtype, _ in plan:  # every tensor's name, type and size first: the header
+        w.add_tensor_info(name, *_info(shape, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    # then the data, a decoder layer at a time (a streamed model reads each from its checkpoint)
+    store = layers_of(model)
+    by_layer: dict[int, list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, Any]]] = {}
+    for entry in plan:
+        by_layer.setdefault(entry[3][0], []).append(entry)
+    for index in tqdm(sorted(by_layer), desc=f"export {type_name}", unit="layer"):
+        layer = store.load(index) if index >= 0 else None
+        arrays = _layer_arrays(layer, c, arch) if layer is not None else None
+        for _name, shape, qtype, (_, get) in by_layer[index]:
+            array = np.ascontiguousarray(get(model) if arrays is None else arrays[get], dtype=np.float32)
+            assert array.shape == shape
+            w.write_tensor_data(_encode(array, qtype))
+        if layer is not None:
+            store.release(index)
     w.close()
     tmp.replace(path)
     return path
+
+
+def _info(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) for GGUFWriter.add_tensor_info, as `_encode` will write the tensor."""
+    n = int(np.prod(shape))
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return shape, np.dtype(np.float32), n * 4
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return shape, np.dtype(np.float16), n * 2
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype).view(np.uint8)
+
+
+def _tensor_plan(model: Transformer, arch: str, main_type: gguf.GGMLQuantizationType,
+                 embed_type: gguf.GGMLQuantizationType) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType,
+                                                                    tuple[int, Any]]]:
+    """(GGUF name, numpy shape, type, (layer index or -1, how to get it)) for every tensor, in file
+    order, from the modules' shapes alone (a streamed model's layers are not read yet)."""
+    c, f32 = model.config, gguf.GGMLQuantizationType.F32
+    d = c.hidden_size
+    plan = [("token_embd.weight", (c.vocab_size, d), embed_type, (-1, lambda m: m.embed_tokens.weight.detach().float()
+                                                                  .numpy())),
+            ("output_norm.weight", (d,), f32, (-1, lambda m: m.norm.weight.detach().float().numpy()))]
+    if model.lm_head is not None:
+        plan.append(("output.weight", (c.vocab_size, d), embed_type, (-1, lambda m: _weight(m.lm_head))))
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        inter = mlp.down_proj.in_features
+        shapes = {"attn_q": (c.q_size, d), "attn_k": (c.kv_size, d), "attn_v": (c.kv_size, d),
+                  "attn_output": (d, attn.o_proj.in_features), "ffn_gate": (inter, d), "ffn_up": (inter, d),
+                  "ffn_down": (d, inter)}
+        for name, shape in shapes.items():
+            plan.append((f"blk.{i}.{name}.weight", shape, main_type, (i, name)))
+        if attn.qkv_proj.bias is not None:
+            for name, size in (("attn_q", c.q_size), ("attn_k", c.kv_size), ("attn_v", c.kv_size)):
+                plan.append((f"blk.{i}.{name}.bias", (size,), f32, (i, name + ".bias")))
+        plan.append((f"blk.{i}.attn_norm.weight", (d,), f32, (i, "attn_norm")))
+        plan.append((f"blk.{i}.ffn_norm.weight", (d,), f32, (i, "ffn_norm")))
+    return plan
+
+
+def _layer_arrays(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str, np.ndarray]:
+    """One decoder layer's tensors under their GGUF names (q/k rows in llama.cpp's rope order)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q, k, v = np.split(_weight(attn.qkv_proj), [c.q_size, c.q_size + c.kv_size])
+    if arch == "llama":
+        q, k = _permute_rope_rows(q, c.num_heads), _permute_rope_rows(k, c.num_kv_heads)
+    gate, up = np.split(_weight(mlp.gate_up_proj), 2)
+    out = {"attn_q": q, "attn_k": k, "attn_v": v, "attn_output": _weight(attn.o_proj), "ffn_gate": gate,
+           "ffn_up": up, "ffn_down": _weight(mlp.down_proj),
+           "attn_norm": layer.input_layernorm.weight.detach().float().numpy(),
+           "ffn_norm": layer.post_attention_layernorm.weight.detach().float().numpy()}
+    if attn.qkv_proj.bias is not None:
+        qb, kb, vb = np.split(attn.qkv_proj.bias.detach().float().numpy(), [c.q_size, c.q_size + c.kv_size])
+        if arch == "llama":
+            qb, kb = _permute_rope_rows(qb, c.num_heads), _permute_rope_rows(kb, c.num_kv_heads)
+        out |= {"attn_q.bias": qb, "attn_k.bias": kb, "attn_v.bias": vb}
+    return out

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from miaotui.errors import MiaotuiError
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.loaders.safetensors_stream import Entry, write_safetensors
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
 from miaotui.models.llama import Transformer
@@ -49,16 +50,26 @@ def unpack_sparse(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, ..
     return dense.reshape(shape)
 
 
-def _compact(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Store pruned float matrices as bitmask + values; -> (tensors to write, {name: shape} stored sparse)."""
-    out, sparse = {}, {}
+def _is_sparse(name: str, t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.is_floating_point() and name.startswith("layers.") \
+        and float((t == 0).sum()) >= SPARSE_MIN_ZEROS * t.numel()
+
+
+def _entries(state: dict[str, torch.Tensor]) -> tuple[list[Entry], dict[str, list[int]]]:
+    """What to write, one tensor at a time: pruned float matrices as bitmask + values; -> (entries,
+    {name: shape} stored sparse)."""
+    out: list[Entry] = []
+    sparse: dict[str, list[int]] = {}
     for name, t in state.items():
-        if t.dim() == 2 and t.is_floating_point() and name.startswith("layers.") \
-                and float((t == 0).float().mean()) >= SPARSE_MIN_ZEROS:
-            out[name + MASK_SUFFIX], out[name + VALUES_SUFFIX] = pack_sparse(t)
+        if t.is_meta:
+            raise MiaotuiError(f"cannot save: tensor '{name}' was never read from the checkpoint")
+        if _is_sparse(name, t):
+            nnz = int(torch.count_nonzero(t))
+            out.append((name + MASK_SUFFIX, torch.uint8, (-(-t.numel() // 8),), lambda t=t: pack_sparse(t)[0]))
+            out.append((name + VALUES_SUFFIX, t.dtype, (nnz,), lambda t=t: pack_sparse(t)[1]))
             sparse[name] = list(t.shape)
         else:
-            out[name] = t
+            out.append((name, t.dtype, tuple(t.shape), lambda t=t: t))
     return out, sparse
 
 
@@ -80,9 +91,8 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
     if out_dir.exists() and any(out_dir.iterdir()) and not is_miaotui_dir(out_dir):
         raise MiaotuiError(f"output directory '{out_dir}' exists and is not a miaotui model; choose another")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    state, sparse = _compact(state)
-    save_file(state, tmp / "model.safetensors")
+    entries, sparse = _entries(model.state_dict())
+    write_safetensors(tmp / "model.safetensors", entries)  # one tensor at a time: no second copy
     meta = {"format_version": FORMAT_VERSION, "miaotui_version": __version__, "config": model.config.to_dict(),
             "compression": record or {}, "sparse_tensors": sparse,
             "stages": list(getattr(model, "stages", [])) if stages is None else stages}
@@ -154,10 +164,13 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device,
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare_kernels(layout_only)
+    return model.eval().requires_grad_(False), read_tokenizer(path, config), config
+
+
+def read_tokenizer(path: Path, config: ModelConfig) -> Tokenizer:
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
-    tokenizer = tokenizer_from_hf_dir(str(path / "tokenizer.json"), tok_cfg, tok_cfg.get("chat_template"),
-                                      config.eos_token_ids)
-    return model.eval().requires_grad_(False), tokenizer, config
+    return tokenizer_from_hf_dir(str(path / "tokenizer.json"), tok_cfg, tok_cfg.get("chat_template"),
+                                 config.eos_token_ids)
 
 
 def _is_qparam(name: str) -> bool:

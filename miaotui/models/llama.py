@@ -325,27 +325,35 @@ def fused_tensors(config: ModelConfig, hf: Mapping[str, torch.Tensor | Quantized
                   ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """HF Llama names (model.layers.N.self_attn.q_proj.weight, ...) mapped onto this module tree,
     q/k/v and gate/up fused: (name, tensor), one at a time (hf may read each tensor when asked)."""
+    yield from global_tensors(config, hf)
+    for i in range(config.num_layers):
+        yield from layer_tensors(config, hf, i)
+
+
+def global_tensors(config: ModelConfig, hf: Mapping[str, torch.Tensor | QuantizedTensor]
+                   ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """The tensors outside the decoder layers: token embedding, final norm, untied output head."""
     yield "embed_tokens.weight", _take(hf, "model.embed_tokens.weight")
     yield "norm.weight", _take(hf, "model.norm.weight")
     if not config.tie_word_embeddings:
         yield "lm_head.weight", _take(hf, "lm_head.weight")
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        yield f"layers.{i}.self_attn.qkv_proj.weight", _cat_rows(
-            [_take(hf, attn + f"{n}_proj.weight") for n in "qkv"]
-        )
-        if config.qkv_bias:
-            yield f"layers.{i}.self_attn.qkv_proj.bias", _cat_rows(
-                [_take(hf, attn + f"{n}_proj.bias") for n in "qkv"]
-            )
-        yield f"layers.{i}.self_attn.o_proj.weight", _take(hf, attn + "o_proj.weight")
-        yield f"layers.{i}.mlp.gate_up_proj.weight", _cat_rows(
-            [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")]
-        )
-        yield f"layers.{i}.mlp.down_proj.weight", _take(hf, p + "mlp.down_proj.weight")
-        yield f"layers.{i}.input_layernorm.weight", _take(hf, p + "input_layernorm.weight")
-        yield f"layers.{i}.post_attention_layernorm.weight", _take(hf, p + "post_attention_layernorm.weight")
+
+
+def layer_tensors(config: ModelConfig, hf: Mapping[str, torch.Tensor | QuantizedTensor], i: int
+                  ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Decoder layer i's tensors, named 'layers.{i}.<module>.<leaf>', q/k/v and gate/up fused."""
+    p = f"model.layers.{i}."
+    attn = p + "self_attn."
+    yield f"layers.{i}.self_attn.qkv_proj.weight", _cat_rows([_take(hf, attn + f"{n}_proj.weight") for n in "qkv"])
+    if config.qkv_bias:
+        yield f"layers.{i}.self_attn.qkv_proj.bias", _cat_rows([_take(hf, attn + f"{n}_proj.bias") for n in "qkv"])
+    yield f"layers.{i}.self_attn.o_proj.weight", _take(hf, attn + "o_proj.weight")
+    yield f"layers.{i}.mlp.gate_up_proj.weight", _cat_rows(
+        [_take(hf, p + "mlp.gate_proj.weight"), _take(hf, p + "mlp.up_proj.weight")]
+    )
+    yield f"layers.{i}.mlp.down_proj.weight", _take(hf, p + "mlp.down_proj.weight")
+    yield f"layers.{i}.input_layernorm.weight", _take(hf, p + "input_layernorm.weight")
+    yield f"layers.{i}.post_attention_layernorm.weight", _take(hf, p + "post_attention_layernorm.weight")
 
 
 def _cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | QuantizedTensor:

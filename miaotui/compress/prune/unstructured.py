@@ -29,6 +29,7 @@ from miaotui.compress.prune.masks import (
 from miaotui.compress.prune.sensitivity import calibration_gradients
 from miaotui.compress.prune.sparsegpt import sparsegpt_prune_weight
 from miaotui.compress.selectors import select_modules
+from miaotui.compress.streamed import each_layer, layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.models.llama import Transformer
 
@@ -96,12 +97,18 @@ def prune_model(model: Transformer, method: str, sparsity: float, pattern: str |
                                                            owl_lambda), strict=True))
     record.layer_sparsity = [layer_sparsity.get(i, 0.0) for i in range(len(model.layers))]
 
-    if method in ("magnitude", "taylor", "gradient"):
-        grads = calibration_gradients(model, calib, names) if method != "magnitude" else {}
+    if method in ("taylor", "gradient"):
+        layers_of(model).load_all(f"pruning by {method}")  # gradients of the whole network
+        grads = calibration_gradients(model, calib, names)
         for n in tqdm(names, desc=method, unit="matrix"):
             w = model.get_submodule(n).weight
-            score = element_scores(method, w, grads.get(n))
-            w.mul_(_mask(score, layer_sparsity[_layer_of(n)], nm, per_row=False).to(w.dtype))
+            w.mul_(_mask(element_scores(method, w, grads[n]), layer_sparsity[_layer_of(n)], nm,
+                         per_row=False).to(w.dtype))
+    elif method == "magnitude":
+        for i, layer in each_layer(model, method):
+            for n in by_layer.get(i, []):
+                w = layer.get_submodule(n.split(".", 2)[2]).weight
+                w.mul_(_mask(element_scores(method, w, None), layer_sparsity[i], nm, per_row=False).to(w.dtype))
     else:
         for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
             local = [n.split(".", 2)[2] for n in by_layer.get(i, [])]
@@ -124,7 +131,7 @@ def prune_model(model: Transformer, method: str, sparsity: float, pattern: str |
 def _owl_outlier_ratios(model: Transformer, calib: CalibrationSet, by_layer: dict[int, list[str]]) -> list[float]:
     """Per selected layer: the share of Wanda scores above 5x their mean (on the unpruned model)."""
     ratios = []
-    for i, layer, forward_all in layer_by_layer(model, calib, desc="owl statistics"):
+    for i, layer, forward_all in layer_by_layer(model, calib, desc="owl statistics", keep=False):
         local = [n.split(".", 2)[2] for n in by_layer.get(i, [])]
         if not local:
             continue

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
 from miaotui.compress.quantize.awq import awq_scale_layer
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
 from miaotui.compress.quantize.smoothquant import smooth_layer
+from miaotui.compress.streamed import each_layer
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
@@ -67,12 +67,20 @@ def quant_linear_from_codes(dense: Linear, fmt: QuantFormat, codes: torch.Tensor
     return q
 
 
+RTN_ROW_BLOCK = 1024  # rows rounded at once: the float temporaries stay ~1024 x K (a 28672-row matrix: 3% of it)
+
+
 def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False,
                         importance: torch.Tensor | None = None) -> QuantLinear:
-    """Round to nearest; given input-channel importance [K], each group's clipping range is searched too."""
-    scale, zero = compute_qparams(dense.weight.detach(), fmt, importance, clip_search=importance is not None)
-    return quant_linear_from_codes(dense, fmt, quantize_codes(dense.weight.detach(), scale, zero, fmt), scale, zero,
-                                   act_quant)
+    """Round to nearest; given input-channel importance [K], each group's clipping range is searched too.
+    Rows are independent: rounded a block at a time (same codes), so the temporaries stay small."""
+    weight = dense.weight.detach()
+    parts = []
+    for rows in weight.split(RTN_ROW_BLOCK):
+        scale, zero = compute_qparams(rows, fmt, importance, clip_search=importance is not None)
+        parts.append((quantize_codes(rows, scale, zero, fmt), scale, zero))
+    codes, scale, zero = (torch.cat(t) for t in zip(*parts, strict=True))
+    return quant_linear_from_codes(dense, fmt, codes, scale, zero, act_quant)
 
 
 def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant: bool,
@@ -107,7 +115,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     options = {"alpha": alpha} if method == "smoothquant" else {"damp": damp, "act_order": act_order}
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
-        for i, layer in enumerate(tqdm(model.layers, desc="rtn", unit="layer")):
+        for i, layer in each_layer(model, "rtn"):
             rtn_quantize_layer(layer, i, fmt, act_quant, record, modules=modules)
         return record
     if calib is None:
@@ -116,7 +124,10 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                           "seq_len": int(calib.tokens.shape[1])}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
         keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") else 0
-        stats = capture_inputs(layer, list(LAYER_LINEARS), forward_all, keep_rows=keep)
+        # GPTQ re-captures each later linear's inputs anyway (below): q/k/v's are all it needs now
+        first = method in ("gptq",)
+        stats = capture_inputs(layer, list(LAYER_LINEARS[:1] if first else LAYER_LINEARS), forward_all,
+                               keep_rows=keep, stop_early=first)
         if method == "smoothquant":
             smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
             rtn_quantize_layer(layer, i, fmt, True, record, modules=modules)
@@ -139,7 +150,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
             if n > 0:
                 # "True sequential": a linear's Hessian comes from inputs computed with the earlier
                 # linears of this layer already quantized, so it also corrects their error.
-                hessians[name] = capture_inputs(layer, [name], forward_all)[name].hessian
+                hessians[name] = capture_inputs(layer, [name], forward_all, stop_early=True)[name].hessian
             dense = layer.get_submodule(name)
             codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), hessians[name], fmt, damp=damp,
                                                       act_order=act_order)
