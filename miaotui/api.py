@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -22,12 +23,15 @@ from miaotui.engine.paged_cache import blocks_for_memory
 from miaotui.engine.request import EngineOutput, EngineRequest
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
+from miaotui.layers.linear import Linear
 from miaotui.loaders.load import load_model
+from miaotui.loaders.memory import available_bytes
 from miaotui.runtime import peak_rss_mb, release_freed_memory, resolve_dtypes
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 _ENGINE_OPTIONS = {f.name for f in fields(EngineConfig)}
+_TILES_HEADROOM = 2 * 10**9  # bytes left free after the tile copies: KV cache, activations, the rest
 # gguf_weights -> load_model's keep_quantized: a GGUF file's quantized matrices in their own bits
 # (native) or dequantized (float: the float path); auto: native unless the dtype is float32.
 GGUF_WEIGHTS = {"auto": None, "native": True, "float": False}
@@ -157,6 +161,13 @@ class LLM:
         """Inference copies of bf16 weights in 16-row tiles, where this CPU has their kernels
         (layers/linear.py); built on the final (sharded) weights."""
         if self.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu":
+            need = sum(m.weight.numel() * 2 for m in net.modules() if isinstance(m, Linear))
+            have = available_bytes()
+            if have is not None and need + _TILES_HEADROOM > have:
+                # a second copy of every weight would not fit: PyTorch's bf16 GEMM reads the one copy
+                print(f"note: {need / 1e9:.1f} GB of bf16 weights and {have / 1e9:.1f} GB of memory available: "
+                      f"no tile copies (bf16 decode runs PyTorch's GEMM, slower)", file=sys.stderr)
+                return
             net.add_bf16_tiles()
 
     @property

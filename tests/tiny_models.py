@@ -211,5 +211,48 @@ def quantize_q6_k(array: np.ndarray) -> np.ndarray:
     return blocks.reshape(array.shape[0], -1)
 
 
+def _two_bit_planes(q: np.ndarray) -> np.ndarray:
+    """codes [..., 256] < 4 -> 64 bytes: value 128 h + 32 j + l in bits 2j of byte 32 h + l (Q2_K, Q3_K)."""
+    v = q.reshape(*q.shape[:-1], 2, 4, 32).astype(np.uint8)
+    return (v << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2).astype(np.uint8).reshape(*q.shape[:-1], 64)
+
+
+def quantize_q3_k(array: np.ndarray) -> np.ndarray:
+    """16 groups of 16 per 256, w = d (s - 32) q, q in -4..3, s 6-bit: hmask 32, qs 64, scales 12, d."""
+    x = array.reshape(array.shape[0], -1, 256)
+    g = x.reshape(*x.shape[:-1], 16, 16)
+    scale = np.abs(g).max(-1) / 4
+    d = (np.maximum(scale.max(-1), 1e-8) / 31).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d[..., None]), 1, 31).astype(np.uint8)  # stored s = sc + 32
+    q = (np.clip(np.round(g / (d[..., None] * sc)[..., None]), -4, 3) + 4).astype(np.uint8).reshape(x.shape)
+    high = (q >> 2).reshape(*q.shape[:-1], 2, 4, 32)  # bit 4 h + j of hmask byte l: value 128 h + 32 j + l
+    hmask = (high << (4 * np.arange(2, dtype=np.uint8)[:, None, None] + np.arange(4, dtype=np.uint8)[:, None])
+             ).sum((-3, -2)).astype(np.uint8)
+    s = sc + 32
+    packed = np.concatenate([(s[..., 0:4] & 15) | ((s[..., 8:12] & 15) << 4),
+                             (s[..., 4:8] & 15) | ((s[..., 12:16] & 15) << 4),
+                             (s[..., 0:4] >> 4) | ((s[..., 4:8] >> 4) << 2) | ((s[..., 8:12] >> 4) << 4)
+                             | ((s[..., 12:16] >> 4) << 6)], axis=-1)
+    blocks = np.concatenate([hmask, _two_bit_planes(q & 3), packed, _f16_bytes(d)], axis=-1)
+    return blocks.reshape(array.shape[0], -1)
+
+
+def quantize_q2_k(array: np.ndarray) -> np.ndarray:
+    """16 groups of 16 per 256, w = d sc q - dmin m, sc and m 4-bit, q 2-bit: scales 16, qs 64, d, dmin."""
+    x = array.reshape(array.shape[0], -1, 256)
+    g = x.reshape(*x.shape[:-1], 16, 16)
+    lo, hi = np.minimum(g.min(-1), 0), g.max(-1)
+    scale, low = (hi - lo) / 3, -lo
+    d = (np.maximum(scale.max(-1), 1e-8) / 15).astype(np.float16).astype(np.float32)
+    dmin = (np.maximum(low.max(-1), 1e-8) / 15).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d[..., None]), 1, 15).astype(np.uint8)
+    m = np.clip(np.round(low / dmin[..., None]), 0, 15).astype(np.uint8)
+    q = np.clip(np.round((g + (dmin[..., None] * m)[..., None]) / (d[..., None] * sc)[..., None]), 0, 3)
+    blocks = np.concatenate([sc | (m << 4), _two_bit_planes(q.astype(np.uint8).reshape(x.shape)), _f16_bytes(d),
+                             _f16_bytes(dmin)], axis=-1)
+    return blocks.reshape(array.shape[0], -1)
+
+
 K_QUANTIZERS = {gguf.GGMLQuantizationType.Q4_K: quantize_q4_k, gguf.GGMLQuantizationType.Q5_K: quantize_q5_k,
-                gguf.GGMLQuantizationType.Q6_K: quantize_q6_k}
+                gguf.GGMLQuantizationType.Q6_K: quantize_q6_k, gguf.GGMLQuantizationType.Q3_K: quantize_q3_k,
+                gguf.GGMLQuantizationType.Q2_K: quantize_q2_k}

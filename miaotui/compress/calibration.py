@@ -162,6 +162,12 @@ def prepare_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> t
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i holds column i's update coefficients."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U: row i holds column i's
+    update coefficients. With P the order-reversing permutation and P H P = L L^T (lower Cholesky),
+    H^-1 = (P L^-T P)(P L^-1 P), and U = P L^-1 P is upper triangular with a positive diagonal: one
+    Cholesky and one triangular inverse (2/3 k^3 flops) instead of Cholesky, inverse and Cholesky
+    again - minutes saved on an 8B model's 14336-wide down projections."""
     h = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
+    return inverse.flip(0, 1)

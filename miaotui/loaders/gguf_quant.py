@@ -13,11 +13,13 @@ QuantFormat the few-row kernels run (layers/kernel_choice.py):
 | Q5_1 | 32: d, m, 5-bit q; w = d q + m | 8-bit slots, g32 asymmetric | q |
 | Q5_K | 256: as Q4_K with 5-bit q | 8-bit slots, g32 asymmetric | q |
 | Q6_K | 256: d, 16 x int8 sc, 6-bit q; w = d sc (q - 32) per 16 | 8-bit slots, g16 symmetric | q - 32 |
+| Q3_K | 256: d, 16 x 6-bit sc, 3-bit q3 (2 bits + mask); w = d (sc - 32) q3 per 16 | 8-bit, g16 sym | q3 in -4..3 |
+| Q2_K | 256: d, dmin, 16 x (4-bit sc, 4-bit m), 2-bit q; w = d sc q - dmin m per 16 | 8-bit slots, g16 asymmetric | q |
 
-(5- and 6-bit codes sit in 8-bit slots: exact, 34 bytes per 32 weights in memory (36 for Q6_K's
-groups of 16) against the file's 22-26.)
+(2- to 6-bit codes sit in 8-bit slots: exact, 34 bytes per 32 weights in memory (36 for the
+groups of 16 of Q2_K, Q3_K and Q6_K) against the file's 10.5-26.)
 An asymmetric group's zero point is offset / scale, so (code - zero) * scale gives the block's own
-w = scale * code + offset up to float32 rounding. Other types (Q3_K, Q2_K, IQ*, TQ*, ...) return
+w = scale * code + offset up to float32 rounding. Other types (IQ*, TQ*, ...) return
 None here: the loader dequantizes those tensors one at a time (loaders/gguf.py).
 Not for reading the file (gguf_file.py) or for writing GGUF (gguf_export.py).
 """
@@ -37,7 +39,8 @@ from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor
 _TINY_SCALE = 1e-30
 
 
-NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K)
+NATIVE_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K)
+_SUPER_BLOCK = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K)  # 256 values per block
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -106,7 +109,8 @@ def held_bytes(qtype: T, shape: tuple[int, ...], float_bytes: int) -> int:
         return n * float_bytes
     if qtype in (T.Q4_0, T.Q4_1, T.Q4_K):
         return n // 2 + n // 32 * (2 if qtype == T.Q4_0 else 4)
-    return n + n // (16 if qtype == T.Q6_K else 32) * (2 if qtype in (T.Q8_0, T.Q5_0, T.Q6_K) else 4)
+    group = 16 if qtype in (T.Q6_K, T.Q3_K, T.Q2_K) else 32
+    return n + n // group * (2 if qtype in (T.Q8_0, T.Q5_0, T.Q6_K, T.Q3_K) else 4)
 
 
 def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
@@ -116,7 +120,7 @@ def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
     if qtype not in NATIVE_TYPES or k % 32:
         return None
     n = raw.shape[0]
-    per_block = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+    per_block = 256 if qtype in _SUPER_BLOCK else 32
     blocks = np.asarray(raw).reshape(n, k // per_block, -1)
     if qtype == T.Q4_0:
         d = _f16(blocks, 0)
@@ -148,6 +152,27 @@ def native_weight(raw: np.ndarray, qtype: T, k: int) -> QuantizedTensor | None:
         q = (low | (high << 4)).reshape(n, -1, 256).astype(np.int8) - 32
         scale = _f16(blocks, 208)[..., None] * np.ascontiguousarray(blocks[..., 192:208]).view(np.int8)
         return _tensor(QuantFormat(8, 16, True), q, scale, np.zeros_like(scale), n, k)
+    if qtype == T.Q3_K:  # hmask 32, qs 64, scales 12, d: 16 groups of 16
+        # value 128 h + 32 j + l: 2 bits (2j) of qs[32 h + l], less 4 unless bit 4h + j of hmask[l]
+        qs = blocks[..., 32:96].reshape(n, -1, 2, 1, 32)
+        low = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, nb, 2, 4, 32]
+        hm = blocks[..., 0:32].reshape(n, -1, 1, 1, 32)
+        bit = (4 * np.arange(2, dtype=np.uint8)[:, None] + np.arange(4, dtype=np.uint8)[None, :])[..., None]
+        q = low.astype(np.int8) - np.where((hm >> bit) & 1, 0, 4).astype(np.int8)
+        sb = blocks[..., 96:108].astype(np.uint8)  # 16 6-bit scales: low nibbles of 0-7, 2-bit tops in 8-11
+        top = sb[..., 8:12]
+        sc = np.concatenate([(sb[..., 0:4] & 15) | ((top & 3) << 4), (sb[..., 4:8] & 15) | (((top >> 2) & 3) << 4),
+                             (sb[..., 0:4] >> 4) | (((top >> 4) & 3) << 4), (sb[..., 4:8] >> 4) | ((top >> 6) << 4)],
+                            axis=-1)
+        scale = _f16(blocks, 108)[..., None] * (sc.astype(np.float32) - 32)
+        return _tensor(QuantFormat(8, 16, True), q.reshape(n, -1, 256), scale, np.zeros_like(scale), n, k)
+    if qtype == T.Q2_K:  # scales 16, qs 64, d, dmin: 16 groups of 16
+        qs = blocks[..., 16:80].reshape(n, -1, 2, 1, 32)
+        q = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # value 128 h + 32 j + l
+        sb = blocks[..., 0:16]
+        scale, zero = _asymmetric(_f16(blocks, 80)[..., None] * (sb & 15).astype(np.float32),
+                                  -(_f16(blocks, 82)[..., None] * (sb >> 4).astype(np.float32)))
+        return _tensor(QuantFormat(8, 16, False), q.reshape(n, -1, 256), scale, zero, n, k)
     # Q4_K / Q5_K: super-blocks of 256 = 8 groups of 32, w = (d sc) q - (dmin m)
     d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]
     sc, mn = _k_scales(blocks[..., 4:16])

@@ -20,7 +20,9 @@ from tests.tiny_models import write_gguf_from_hf_dir, write_hf_dir
 EXPECTED_FORMAT = {T.Q4_0: QuantFormat(4, 32, True), T.Q4_1: QuantFormat(4, 32, False),
                    T.Q8_0: QuantFormat(8, 32, True), T.Q4_K: QuantFormat(4, 32, False),
                    T.Q5_0: QuantFormat(8, 32, True), T.Q5_1: QuantFormat(8, 32, False),
-                   T.Q5_K: QuantFormat(8, 32, False), T.Q6_K: QuantFormat(8, 16, True)}
+                   T.Q5_K: QuantFormat(8, 32, False), T.Q6_K: QuantFormat(8, 16, True),
+                   T.Q3_K: QuantFormat(8, 16, True), T.Q2_K: QuantFormat(8, 16, False)}
+HALF_FIELDS = {T.Q6_K: (208,), T.Q3_K: (108,), T.Q2_K: (80, 82), T.Q4_0: (0,), T.Q8_0: (0,), T.Q5_0: (0,)}
 LINEARS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
            "ffn_up.weight", "ffn_down.weight")
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]
@@ -30,7 +32,7 @@ def _random_blocks(qtype: T, n: int, k: int, rng: np.random.Generator) -> np.nda
     """Random bytes in qtype's blocks [n, bytes per row], with finite float16 scales (and mins)."""
     per_block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, k // per_block, size), dtype=np.uint8)
-    for start in (208,) if qtype == T.Q6_K else (0,) if qtype in (T.Q4_0, T.Q8_0, T.Q5_0) else (0, 2):
+    for start in HALF_FIELDS.get(qtype, (0, 2)):
         scales = (rng.uniform(0.5, 2.0, size=raw.shape[:2]) * 1e-3).astype(np.float16)
         scales[0, 0] = 0  # a group with scale 0 holds its offset alone
         raw[..., start:start + 2] = scales[..., None].view(np.uint8)
@@ -55,8 +57,8 @@ def test_types_without_an_exact_mapping_are_left_to_dequantize():
     raw = _random_blocks(T.Q8_0, 4, 256, rng)
     raw[0, 2] = 128  # code -128: int8 g32 symmetric holds -127..127
     assert native_weight(raw, T.Q8_0, 256) is None
-    three = rng.integers(0, 256, size=(4, GGML_QUANT_SIZES[T.Q3_K][1]), dtype=np.uint8)
-    assert native_weight(three, T.Q3_K, 256) is None  # dequantized by the loader
+    iq = rng.integers(0, 256, size=(4, 256 // 32 * GGML_QUANT_SIZES[T.IQ4_NL][1]), dtype=np.uint8)
+    assert native_weight(iq, T.IQ4_NL, 256) is None  # dequantized by the loader
 
 
 @pytest.fixture(scope="module")
