@@ -61,8 +61,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
             q = torch.round(col / s + z).clamp(fmt.qmin, fmt.qmax)
             codes[:, column] = q.to(torch.int16)
             err = (col - (q - z) * s) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place (no [N, B] temporary)
             err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # in place: no [N, K - i2] temporary per block
     codes = codes[:, torch.argsort(perm)]
     return codes, scale, zero
