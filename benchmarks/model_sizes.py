@@ -8,6 +8,10 @@ processes on THREADS threads:
 - decode (1B, 8B): `miaotui bench` tg32 from an empty context against llama-bench tg32, alternating
   run by run (medians), and the GB/s each reaches (weight bytes a step reads x tok/s) against the
   read bandwidth measured here;
+- a Hugging Face bf16 directory of the 8B shape (sharded safetensors): `miaotui info` (load time,
+  peak RSS), then `quantize --method rtn --bits 4`, `quantize --method gptq --bits 4 --group-size 128
+  --calib-samples 16` and `export-gguf --type q4_0` (each one's wall time and peak RSS; they stream
+  one decoder layer at a time), and the exported file run by llama-bench;
 - the same answers (the real SmolLM2-135M re-quantized by llama-quantize to Q4_K_M, Q5_K_M, Q6_K,
   Q8_0): WikiText-2 perplexity through the engine's decode steps (bf16, the few-row kernels) against
   the same weights dequantized to float32 (one pass), and greedy 32 tokens on 3 prompts with float32
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +39,9 @@ import gguf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.llama_cpp import llama_cpp_bin  # noqa: E402
+from benchmarks.random_gguf import SHAPES, write_random_hf_dir  # noqa: E402
 from benchmarks.vs_llamacpp import (  # noqa: E402
+    _LAUNCHER,
     THREADS,
     bf16_gguf,
     describe_machine,
@@ -43,7 +51,7 @@ from benchmarks.vs_llamacpp import (  # noqa: E402
     peak_rss_mb_of,
     read_bandwidth_gb_s,
 )
-from miaotui.loaders.model_store import cache_dir  # noqa: E402
+from miaotui.loaders.model_store import cache_dir, pull  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
@@ -129,6 +137,52 @@ def size_row(bin_dir: Path, size: str, kind: str, source: Path, repeat: int, gen
     return row
 
 
+def timed_job(command: list[str], log: Path) -> dict:
+    """One command's wall time and peak RSS (MB); its progress bars go to `log` (tail -f it)."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], stdout=subprocess.PIPE, stderr=err,
+                              text=True)
+    report = next(line for line in reversed(log.read_text().splitlines()) if line.startswith("LAUNCHER "))
+    code, max_kb = (int(v) for v in report.split()[1:])
+    if code:
+        raise RuntimeError(f"{' '.join(command[3:5])} failed ({code}): see {log}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": max_kb / 1024, "stdout": proc.stdout[-2000:]}
+
+
+HF_JOBS = {  # name: (miaotui arguments besides model, threads and output; the output's name)
+    "quantize rtn int4 g128": (["quantize", "--method", "rtn", "--bits", "4", "--group-size", "128"], "rtn4"),
+    "quantize gptq int4 g128 (16 x 512 tokens)": (["quantize", "--method", "gptq", "--bits", "4", "--group-size",
+                                                   "128", "--calib-samples", "16", "--calib-seq-len", "512"], "gptq4"),
+    "export-gguf q4_0": (["export-gguf", "--type", "q4_0"], "export-q4_0.gguf"),
+}
+
+
+def hf_section(bin_dir: Path, size: str, work: Path, jobs: list[str]) -> dict:
+    """The bf16 Hugging Face directory of `size`: load, then each compression / export job streamed."""
+    directory = write_random_hf_dir(SHAPES[size], pull("smollm2-135m"), work / f"random-{size}-hf")
+    size_bytes = sum(f.stat().st_size for f in directory.iterdir())
+    out = {"size": size, "dir_bytes": size_bytes, "load_rss_target_mb": (1.2 * size_bytes + 1e9) / MB,
+           "job_rss_target_mb": (size_bytes + 2e9) / MB, "jobs": {}}
+    print(f"{size} HF bf16 directory: {size_bytes / 1e9:.1f} GB; loading ...", flush=True)
+    out["load"] = miaotui_load(directory, 1)
+    for name in jobs:
+        args, output = HF_JOBS[name]
+        target = work / f"random-{size}-hf-{output}"
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        log = work / f"{target.name}.log"
+        print(f"{name}: running (progress: tail -f {log}) ...", flush=True)
+        job = timed_job([sys.executable, "-m", "miaotui.cli", *args, "-m", str(directory), "--threads", str(THREADS),
+                         "-o", str(target)], log)
+        out["jobs"][name] = job
+        print(f"{name}: {job['seconds']:.0f} s, peak RSS {job['peak_rss_mb']:,.0f} MB "
+              f"(target {out['job_rss_target_mb']:,.0f})", flush=True)
+        if args[0] == "export-gguf":
+            out["exported_in_llama_cpp"] = llama_bench_run(bin_dir, target, 0, 16, 1)
+            print(f"exported file in llama-bench: tg16 {out['exported_in_llama_cpp']['tg']:.2f} tok/s", flush=True)
+    return out
+
+
 def quality_row(bin_dir: Path, source: Path, kind: str, windows: int) -> dict:
     """In this process: weights held, decode-path perplexity against the float path, greedy equality."""
     import torch
@@ -168,6 +222,9 @@ def main() -> None:
                         help="random-weight shape:llama-quantize type, comma-separated ('' skips; 8b: a 15 GB "
                              "BF16 file is written first)")
     parser.add_argument("--quality-types", default=",".join(QUALITY_TYPES), help="135M re-quantizations ('' skips)")
+    parser.add_argument("--hf", default="8b", help="random-weight shape of the bf16 Hugging Face directory section "
+                        "('' skips; 8b: a 15 GB directory is written first)")
+    parser.add_argument("--hf-jobs", default=",".join(HF_JOBS), help="which of its jobs run (comma-separated)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--gen", type=int, default=32, help="decoded tokens per run")
     parser.add_argument("--windows", type=int, default=8, help="512-token windows for the perplexity")
@@ -189,11 +246,16 @@ def main() -> None:
             results["sizes"] = [r for r in last.get("sizes", []) if f"{r['size']}:{r['type']}" not in wanted]
             redo = set(args.quality_types.split(","))
             results["quality"] = [r for r in last.get("quality", []) if r["type"] not in redo]
+            if "hf" in last and not args.hf:
+                results["hf"] = last["hf"]
     ran_sizes, ran_quality = bool(args.files), bool(args.quality_types)
     for spec in [s for s in args.files.split(",") if s and ran_sizes]:
         size, _, kind = spec.partition(":")
         results["sizes"].append(size_row(bin_dir, size, kind, bf16_gguf(size, work), args.repeat, args.gen))
         results["sizes"].sort(key=lambda r: (r["size"], r["type"]))
+        write_results(results)
+    if args.hf:
+        results["hf"] = hf_section(bin_dir, args.hf, work, [j for j in args.hf_jobs.split(",") if j])
         write_results(results)
     source = bf16_gguf("135m", work)
     for kind in [k for k in args.quality_types.split(",") if k and ran_quality]:
@@ -223,6 +285,22 @@ def write_results(results: dict) -> None:
                 f"{ref['wall_s']:.1f} / {ref['peak_rss_mb']:,.0f} | {r['llama_tg']:.1f}{repack} | "
                 f"{r['miaotui_tg']:.1f} | {r['tg_ratio']:.2f}× | {r['llama_gb_s']:.1f} ({r['llama_gb_s'] / bw:.0%}) / "
                 f"{r['miaotui_gb_s']:.1f} ({r['miaotui_gb_s'] / bw:.0%}) |")
+    if results.get("hf"):
+        h = results["hf"]
+        load = h["load"]
+        lines += ["", f"{h['size']} bf16 Hugging Face directory ({h['dir_bytes'] / 1e9:.1f} GB, sharded safetensors): "
+                  f"load {load['load_s']:.1f} s, peak RSS {load['peak_rss_mb']:,.0f} MB (target "
+                  f"{h['load_rss_target_mb']:,.0f}).", "",
+                  "| job (streamed, one decoder layer at a time) | wall time | peak RSS MB (target) |",
+                  "|---|---:|---:|"]
+        for name, job in h["jobs"].items():
+            lines.append(f"| {name} | {job['seconds'] / 60:.1f} min | {job['peak_rss_mb']:,.0f} "
+                         f"({h['job_rss_target_mb']:,.0f}) |")
+        if h.get("exported_in_llama_cpp"):
+            ref = h["exported_in_llama_cpp"]
+            repack = "" if ref["repack"] else f" (repack off: the default crashed, {ref['default_failure']})"
+            lines += ["", f"The exported Q4_0 file in llama.cpp ({ref['build']}): llama-bench tg16 {ref['tg']:.2f} "
+                      f"tok/s{repack}."]
     if results["quality"]:
         lines += ["", "| SmolLM2-135M | matrix types | tensor MB in file | weights held MB | float path PPL "
                   "| decode path PPL | change | greedy 32 = float path |", "|---|---|---:|---:|---:|---:|---:|---|"]
