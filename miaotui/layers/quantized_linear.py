@@ -139,6 +139,7 @@ class QuantLinear(nn.Module):
         # 8-bit fast dequantize (dequantize_8bit): the same ([N, G], [N, G]) fp32
         self._byte_affine: tuple[torch.Tensor, torch.Tensor] | None = None
         self._q_tiles: QTiles | None = None  # tiles_q: q_tiles_layout
+        self._layouts_dropped = False  # drop_kernel_layouts: built again on the next call
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bias: torch.Tensor | None = None, layout_only: bool = False) -> None:
@@ -246,6 +247,17 @@ class QuantLinear(nn.Module):
             # (with the tiles, int4pack would run nowhere: linear_q_tiles takes every few-row call)
             self._int4, self._int4_scales_zeros = int4pack_layout(self.codes(), self.fmt, self.scale, self.zero)
 
+    def drop_kernel_layouts(self) -> None:
+        """Keep the stored codes alone (what a saved model holds, 1/3 of the memory with the AMX and
+        tile layouts): a streamed compression keeps its finished layers so (compress/streamed.py).
+        A later call builds the layouts again."""
+        if self.packed is None:
+            return
+        self._int8 = self._int4 = self._int4_scales_zeros = self._nibble_affine = self._amx4 = None
+        self._q_affine = self._q_tiles = self._byte_affine = None
+        self._cast_cache = {}
+        self._layouts_dropped = True
+
     def _in_dtype(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """t (the kernel input `name`) cast to the activations' dtype, once: a per-call cast copies."""
         if (name, dtype) not in self._cast_cache:
@@ -283,6 +295,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
+        if self._layouts_dropped:
+            self._layouts_dropped = False
+            self.prepare_kernels()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         kernel = self.kernel_for(x2.shape[0], x.dtype)
