@@ -71,8 +71,12 @@ class LayerStore:
         return layer
 
     def done(self, i: int) -> None:
-        """Keep layer i (as a stage left it) in its compact form from now on."""
+        """Keep layer i (as a stage left it) in its compact form from now on: float weights in the
+        checkpoint's dtype, packed layers as their stored codes alone."""
         _cast_floats(self.model.layers[i], self.keep_dtype)
+        for module in self.model.layers[i].modules():
+            if isinstance(module, QuantLinear):
+                module.drop_kernel_layouts()
         self.kept.add(i)
 
     def release(self, i: int) -> None:
