@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.gguf_file import GGUFFile, GGUFTensorInfo
-from miaotui.loaders.gguf_quant import GGUFBlocks, QuantizedTensor, held_bytes, native_weight
+from miaotui.loaders.gguf_quant import NATIVE_TYPES, GGUFBlocks, QuantizedTensor, held_bytes, native_weight
 from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
@@ -99,6 +100,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
     need = sum(held_bytes(t.qtype, t.shape, float_bytes) if keep_quantized else int(np.prod(t.shape)) * float_bytes
                for t in gguf_file.tensors)
     check_fits(need, Path(path).name)
+    _check_types_run(gguf_file, keep_quantized)
     permuted = _GGUF_ARCHITECTURES[config.architecture]
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
@@ -118,6 +120,21 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
         readers[hf_name] = partial(_read_tensor, gguf_file, t, heads, keep_quantized, blocks)
     tokenizer = tokenizer_from_gguf_metadata(meta, config.eos_token_ids)
     return config, LazyTensors(readers), tokenizer
+
+
+def _check_types_run(gguf_file: GGUFFile, keep_quantized: bool) -> None:
+    """Every tensor type either loads natively or has a dequantizer: asked of one zero block per
+    type before anything large is read, so a type nothing runs is a clear error up front."""
+    for qtype in sorted({t.qtype for t in gguf_file.tensors}):
+        if keep_quantized and qtype in NATIVE_TYPES:
+            continue
+        block, size = GGML_QUANT_SIZES[qtype]
+        try:
+            dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+        except (NotImplementedError, ValueError, KeyError):
+            name = next(t.name for t in gguf_file.tensors if t.qtype == qtype)
+            raise MiaotuiError(f"tensor '{name}' of '{gguf_file.path}' is in GGUF type {qtype.name}, which miaotui "
+                               f"cannot run yet (re-quantize the file to a K-quant, Q8_0 or Q4_0)") from None
 
 
 def _read_tensor(gguf_file: GGUFFile, t: GGUFTensorInfo, heads: int | None, keep_quantized: bool,
