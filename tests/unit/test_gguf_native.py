@@ -196,6 +196,9 @@ def test_blocks_go_straight_to_the_tile_layout(qtype):
     assert fast.packed is None and slow.packed is None  # both hold the tiles alone
     assert torch.equal(fast._q_tiles.tiles, slow._q_tiles.tiles)
     assert fast._q_tiles.zero_code == slow._q_tiles.zero_code
+    assert fast._q_tiles.exponent == slow._q_tiles.exponent
+    if qtype != T.Q4_1:  # (Q4_1's offset is the block's own m, not -zero * scale rounded back)
+        assert torch.equal(fast._q_tiles.meta, slow._q_tiles.meta)
     torch.testing.assert_close(fast.dequantized_weight(), torch.from_numpy(gguf.quants.dequantize(raw, qtype)),
                                rtol=1e-3, atol=1e-6)  # (the float16 meta of Q4_1's offsets)
     x = torch.randn(3, 512)
