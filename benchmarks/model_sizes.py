@@ -56,7 +56,7 @@ from miaotui.loaders.model_store import cache_dir, pull  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
-QUALITY_TYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+QUALITY_TYPES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 MB = 1e6
 
 

@@ -916,6 +916,47 @@ at::Tensor nibble_blocks(const at::Tensor& raw, int64_t block_bytes, int64_t sta
   return out;
 }
 
+// gguf_q_tiles(raw, qtype, k): a GGUF matrix in Q4_0 (2), Q4_1 (3) or Q8_0 (8) blocks, raw [N, row bytes],
+// straight into linear_q_tiles' tiles with the stored codes u = code - qmin (Q4_0 and Q4_1: the nibble
+// itself; Q8_0: q + 127, wrapping, for q in -127..127): the layout q_tiles_codes builds from unpacked
+// codes, in one pass over the file's bytes. A block's 16 nibble bytes hold value i (low) and i + 16
+// (high); a tile chunk's 4 bytes hold values 8c + m (low) and 8c + 4 + m (high).
+at::Tensor gguf_q_tiles(const at::Tensor& raw, int64_t qtype, int64_t k) {
+  TORCH_CHECK(qtype == 2 || qtype == 3 || qtype == 8, "gguf_q_tiles: Q4_0, Q4_1 or Q8_0 blocks");
+  const int64_t block_bytes = qtype == 2 ? 18 : qtype == 3 ? 20 : 34, start = qtype == 3 ? 4 : 2;
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && k % kBlock == 0 &&
+                  raw.size(1) == k / kBlock * block_bytes,
+              "raw: contiguous uint8 [N, K / 32 * block bytes]");
+  const int64_t n = raw.size(0), blocks = k / kBlock, tile_count = (n + 15) / 16;
+  const int64_t chunks = qtype == 8 ? 8 : 4;
+  auto tiles = at::zeros({tile_count, blocks, chunks, 64}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* out = tiles.data_ptr<uint8_t>();
+  at::parallel_for(0, tile_count, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < 16 && t * 16 + j < n; ++j) {
+        const uint8_t* row = src + (t * 16 + j) * blocks * block_bytes;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* qs = row + b * block_bytes + start;
+          uint8_t* block = out + (t * blocks + b) * chunks * 64 + 4 * j;
+          if (qtype == 8) {
+            for (int64_t c = 0; c < 8; ++c)
+              for (int m = 0; m < 4; ++m) block[c * 64 + m] = static_cast<uint8_t>(qs[4 * c + m] + 127);
+          } else {
+            for (int m = 0; m < 4; ++m) {
+              block[0 * 64 + m] = (qs[m] & 15) | ((qs[4 + m] & 15) << 4);
+              block[1 * 64 + m] = (qs[8 + m] & 15) | ((qs[12 + m] & 15) << 4);
+              block[2 * 64 + m] = (qs[m] >> 4) | (qs[4 + m] & 0xF0);
+              block[3 * 64 + m] = (qs[8 + m] >> 4) | (qs[12 + m] & 0xF0);
+            }
+          }
+        }
+      }
+    }
+  });
+  return tiles;
+}
+
 bool has_q_tiles() {
 #if defined(MIAOTUI_Q_TILES)
   return true;
@@ -1022,6 +1063,7 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("has_q_tiles() -> bool", &has_q_tiles);
   m.def("q_tiles_codes(Tensor codes, int bits) -> Tensor");
   m.def("nibble_blocks(Tensor raw, int block_bytes, int start, int minus) -> Tensor");
+  m.def("gguf_q_tiles(Tensor raw, int qtype, int k) -> Tensor");
   m.def("dequantize_q_tiles(Tensor tiles, Tensor meta, int n, int bits, int group_width, int zero_code, "
         "int exponent, Tensor(a!) out) -> ()");
   m.def("embedding_q_tiles(Tensor tiles, Tensor meta, Tensor ids, int bits, int group_width, int zero_code, "
@@ -1034,6 +1076,7 @@ TORCH_LIBRARY_IMPL(miaotui, CPU, m) {
   m.impl("linear_q_tiles", &linear_q_tiles);
   m.impl("q_tiles_codes", &q_tiles_codes);
   m.impl("nibble_blocks", &nibble_blocks);
+  m.impl("gguf_q_tiles", &gguf_q_tiles);
   m.impl("dequantize_q_tiles", &dequantize_q_tiles);
   m.impl("embedding_q_tiles", &embedding_q_tiles);
 }

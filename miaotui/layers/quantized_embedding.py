@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from miaotui.kernels import native_op
-from miaotui.layers.quant_formats import QuantizedTensor
+from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor
 from miaotui.layers.quantized_linear import QuantLinear
 
 
@@ -31,6 +31,18 @@ class QuantEmbedding(nn.Module):
             table = QuantLinear(dim, vocab, False, weight.fmt)
         table.set_codes(weight.codes, weight.scale, weight.zero, None, layout_only=True)
         return cls(table, dtype) if table.packed is None else None
+
+    @classmethod
+    def from_tiles(cls, vocab: int, dim: int, fmt: QuantFormat, tiles: tuple, dtype: torch.dtype
+                   ) -> QuantEmbedding | None:
+        """The table [V, D] from codes already in the tiles (QuantLinear.set_packed_tiles' arguments:
+        a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks), or None where the gather cannot run."""
+        if dtype not in (torch.float32, torch.bfloat16) or native_op("embedding_q_tiles") is None:
+            return None
+        with torch.device("meta"):
+            table = QuantLinear(dim, vocab, False, fmt)
+        table.set_packed_tiles(*tiles)
+        return cls(table, dtype)
 
     @property
     def num_embeddings(self) -> int:

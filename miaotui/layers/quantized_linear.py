@@ -98,21 +98,39 @@ def q_tiles_layout(codes: torch.Tensor, bits: int, scale: torch.Tensor, offset: 
     """codes: [N, K] uint8 stored codes (w = u * scale + offset per group); scale, offset: [N, G]
     float32. Padding rows have zero codes, scales and offsets. Where every offset is -z * scale for
     one code z (symmetric formats) only the scales are kept: 2 bytes a group, as in GGUF's Q4_0."""
-    n, k = codes.shape
-    tiles, pad = -(-n // 16), -n % 16
     packed = native_op("q_tiles_codes")(codes.contiguous(), bits)  # (the tiles exist with the native kernels)
-    scale, offset = scale.float(), offset.float()
-    first = int(torch.argmax((scale.reshape(-1) != 0).to(torch.uint8)))  # a group with a scale (rows of
-    z = round(float(-offset.reshape(-1)[first] / scale.reshape(-1)[first])) if scale.numel() and \
-        scale.reshape(-1)[first] != 0 else 0  # zeros say nothing of the zero code)
-    symmetric = 0 <= z < 2 ** bits and bool(torch.equal(offset, -z * scale))
+    return q_tiles_from_packed(packed, bits, scale, offset)
+
+
+def q_tiles_from_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor | None,
+                        zero_code: int | None = None) -> QTiles:
+    """Codes already in the tiles (q_tiles_codes, or gguf_q_tiles straight from a GGUF file's blocks)
+    and their scale, offset [N, G] float32 -> QTiles. zero_code: the caller knows offset = -zero_code *
+    scale (a GGUF Q4_0 / Q8_0 block's own arithmetic; offset may then be None), so it is not checked."""
+    n, groups = scale.shape
+    tiles, full, pad = -(-n // 16), n // 16, -n % 16
+    scale = scale.float()
+    if zero_code is None:
+        offset = offset.float()
+        first = int(torch.argmax((scale.reshape(-1) != 0).to(torch.uint8)))  # a group with a scale (rows of
+        z = round(float(-offset.reshape(-1)[first] / scale.reshape(-1)[first])) if scale.numel() and \
+            scale.reshape(-1)[first] != 0 else 0  # zeros say nothing of the zero code)
+        symmetric = 0 <= z < 2 ** bits and bool(torch.equal(offset, -z * scale))
+    else:
+        z, symmetric = zero_code, True
     parts = (scale,) if symmetric else (scale, offset)
     # fp16 keeps 11 bits over 2^-14..65504: bring the largest value near 2^14 by a power of two
-    largest = max(float(t.abs().max()) for t in parts) if scale.numel() else 0.0
+    largest = max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(t) for t in parts)) if scale.numel() else 0.
     exponent = 14 - math.frexp(largest)[1] if largest > 0 else 0
-    meta = torch.stack([F.pad(torch.ldexp(t, torch.tensor(float(exponent))), (0, 0, 0, pad)).view(tiles, 16, -1)
-                        .transpose(1, 2) for t in parts], dim=2).half()
-    return QTiles(packed.contiguous(), meta.contiguous(), z if symmetric else -1, exponent)
+    # meta[t, g, i, j] = part i [16 t + j, g] (padding rows 0): scaled, transposed and narrowed in one copy
+    meta = torch.empty(tiles, groups, len(parts), 16, dtype=torch.float16)
+    for i, t in enumerate(parts):
+        scaled = torch.ldexp(t, torch.tensor(float(exponent)))
+        meta[:full, :, i, :].copy_(scaled[:full * 16].view(full, 16, groups).transpose(1, 2))
+        if pad:
+            meta[full, :, i, :].zero_()
+            meta[full, :, i, :16 - pad].copy_(scaled[full * 16:].t())
+    return QTiles(packed.contiguous(), meta, z if symmetric else -1, exponent)
 
 
 class QuantLinear(nn.Module):
@@ -162,6 +180,15 @@ class QuantLinear(nn.Module):
             return
         self.packed = pack_codes(codes, fmt)
         self.prepare_kernels(layout_only)
+
+    def set_packed_tiles(self, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                         zero_code: int | None = None) -> None:
+        """Inference only: the weight given straight in linear_q_tiles' layout (packed: stored codes
+        u = code - qmin in tiles; w = u * scale + offset per group, offset = -zero_code * scale when
+        given), as a GGUF file's Q4_0, Q4_1 and Q8_0 blocks convert in one pass (loaders/gguf_quant.py)."""
+        self._q_tiles = q_tiles_from_packed(packed, self.fmt.storage_bits, scale, offset, zero_code)
+        if not self.keep_kernel_layout_only():
+            raise MiaotuiError("set_packed_tiles needs the tile kernel (this CPU or layer cannot run it)")
 
     def codes(self) -> torch.Tensor:
         if self.packed is None:

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.gguf_file import GGUFFile, GGUFTensorInfo
-from miaotui.loaders.gguf_quant import QuantizedTensor, held_bytes, native_weight
+from miaotui.loaders.gguf_quant import NATIVE_TYPES, GGUFBlocks, QuantizedTensor, held_bytes, native_weight
 from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
@@ -84,12 +85,14 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 4
+def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 4, blocks: bool = False
               ) -> tuple[ModelConfig, LazyTensors, Tokenizer]:
     """-> (config, Hugging Face-named tensors, read when asked for, tokenizer). keep_quantized: 2-D
     weights in a block type with an exact integer mapping come as QuantizedTensor (no float copy);
     the others as float32 tensors, float_bytes each once in the model's dtype (for the check, before
-    anything large is allocated, that the model fits in the memory available)."""
+    anything large is allocated, that the model fits in the memory available). blocks (with
+    keep_quantized): Q4_0, Q4_1 and Q8_0 matrices come as GGUFBlocks, the file's bytes, for an
+    inference load to lay out in one pass."""
     gguf_file = GGUFFile(path)
     meta = gguf_file.metadata
     names = {t.name for t in gguf_file.tensors}
@@ -97,6 +100,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
     need = sum(held_bytes(t.qtype, t.shape, float_bytes) if keep_quantized else int(np.prod(t.shape)) * float_bytes
                for t in gguf_file.tensors)
     check_fits(need, Path(path).name)
+    _check_types_run(gguf_file, keep_quantized)
     permuted = _GGUF_ARCHITECTURES[config.architecture]
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
@@ -113,14 +117,35 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
             heads = config.num_heads
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config.num_kv_heads
-        readers[hf_name] = partial(_read_tensor, gguf_file, t, heads, keep_quantized)
+        readers[hf_name] = partial(_read_tensor, gguf_file, t, heads, keep_quantized, blocks)
     tokenizer = tokenizer_from_gguf_metadata(meta, config.eos_token_ids)
     return config, LazyTensors(readers), tokenizer
 
 
-def _read_tensor(gguf_file: GGUFFile, t: GGUFTensorInfo, heads: int | None, keep_quantized: bool
-                 ) -> torch.Tensor | QuantizedTensor:
+def _check_types_run(gguf_file: GGUFFile, keep_quantized: bool) -> None:
+    """Every tensor type either loads natively or has a dequantizer: asked of one zero block per
+    type before anything large is read, so a type nothing runs is a clear error up front."""
+    for qtype in sorted({t.qtype for t in gguf_file.tensors}):
+        if keep_quantized and qtype in NATIVE_TYPES:
+            continue
+        block, size = GGML_QUANT_SIZES[qtype]
+        try:
+            dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+        except (NotImplementedError, ValueError, KeyError):
+            name = next(t.name for t in gguf_file.tensors if t.qtype == qtype)
+            raise MiaotuiError(f"tensor '{name}' of '{gguf_file.path}' is in GGUF type {qtype.name}, which miaotui "
+                               f"cannot run yet (re-quantize the file to a K-quant, Q8_0 or Q4_0)") from None
+
+
+def _read_tensor(gguf_file: GGUFFile, t: GGUFTensorInfo, heads: int | None, keep_quantized: bool,
+                 blocks: bool = False) -> torch.Tensor | QuantizedTensor | GGUFBlocks:
     """One tensor from the memory map, its q/k rows un-permuted when `heads` is given."""
+    if blocks and keep_quantized and GGUFBlocks.fits(t.qtype, t.shape):
+        raw = gguf_file.raw(t)  # a view of the map: its pages are the page cache's, read once by the layout
+        minus_128 = t.qtype.name == "Q8_0" and bool((raw.reshape(-1, 34)[:, 2:].view(np.int8) == -128).any())
+        if not minus_128:  # (int8 g32 symmetric holds -127..127: such a Q8_0 tensor is dequantized below)
+            found = GGUFBlocks(t.qtype, raw, t.shape[-1], partial(gguf_file.release, t))
+            return found.take_rows(_unpermute_rope_rows(np.arange(t.shape[0]), heads)) if heads is not None else found
     native = native_weight(gguf_file.raw(t), t.qtype, t.shape[-1]) if keep_quantized and len(t.shape) == 2 else None
     if native is not None:
         if heads is not None:

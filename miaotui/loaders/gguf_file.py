@@ -84,6 +84,8 @@ class GGUFFile:
                                "not b'GGUF')")
         try:
             self._parse()
+        except MiaotuiError:
+            raise
         except (struct.error, EOFError, ValueError, KeyError, IndexError) as exc:
             raise MiaotuiError(f"model file '{self.path}' is corrupt or truncated ({exc})") from None
         end = max((t.offset + t.nbytes for t in self.tensors), default=0)
@@ -106,7 +108,12 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cur.string()
             dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-            qtype = GGMLQuantizationType(cur.scalar("<I"))
+            type_id = cur.scalar("<I")
+            try:
+                qtype = GGMLQuantizationType(type_id)
+            except ValueError:
+                raise MiaotuiError(f"tensor '{name}' of '{self.path}' is in GGML type {type_id}, which miaotui does "
+                                   f"not know (a newer llama.cpp quantization?)") from None
             infos.append((name, tuple(reversed(dims)), qtype, cur.scalar("<Q")))
         alignment = int(self.metadata.get("general.alignment", 32))
         data_start = (cur.pos + alignment - 1) // alignment * alignment

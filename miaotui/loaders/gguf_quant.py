@@ -27,6 +27,7 @@ Not for reading the file (gguf_file.py) or for writing GGUF (gguf_export.py).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -192,3 +193,63 @@ def _tensor(fmt: QuantFormat, codes: np.ndarray, scale: np.ndarray, zero: np.nda
     return QuantizedTensor(fmt, torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k)).to(dtype),
                            torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, -1)),
                            torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(n, -1)))
+
+
+BLOCK_FORMATS = {T.Q4_0: QuantFormat(4, 32, True), T.Q4_1: QuantFormat(4, 32, False), T.Q8_0: QuantFormat(8, 32, True)}
+
+
+class GGUFBlocks:
+    """A matrix still in its GGUF file's Q4_0, Q4_1 or Q8_0 blocks (raw uint8 [N, row bytes], rows
+    permuted or stacked at the byte level): an inference load turns it into the tile kernel's
+    layout in one pass (gguf_q_tiles, `tiles`), never unpacking the codes; anything else asks for
+    the QuantizedTensor (`quantized`)."""
+
+    def __init__(self, qtype: T, raw: np.ndarray, k: int, release: Callable[[], None] | None = None) -> None:
+        self.qtype, self.raw, self.k = qtype, raw, k
+        self.fmt = BLOCK_FORMATS[qtype]
+        self.shape = (raw.shape[0], k)
+        self._release = release  # drops the mapped file pages raw views, once they are read
+
+    @staticmethod
+    def fits(qtype: T, shape: tuple[int, ...]) -> bool:
+        return qtype in BLOCK_FORMATS and len(shape) == 2 and shape[-1] % 32 == 0
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def take_rows(self, rows: np.ndarray) -> GGUFBlocks:
+        out = GGUFBlocks(self.qtype, self.raw[rows], self.k)  # (a copy)
+        self.release()
+        return out
+
+    @staticmethod
+    def cat(parts: list[GGUFBlocks]) -> GGUFBlocks | None:
+        """The parts' rows stacked, when they share one block type (else None)."""
+        if len({(p.qtype, p.k) for p in parts}) != 1:
+            return None
+        out = GGUFBlocks(parts[0].qtype, np.concatenate([p.raw for p in parts]), parts[0].k)
+        for p in parts:
+            p.release()
+        return out
+
+    def quantized(self) -> QuantizedTensor:
+        out = native_weight(self.raw, self.qtype, self.k)  # (copies what it keeps)
+        self.release()
+        return out
+
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+        """(packed tiles, scale, offset [N, K / 32] float32 or None, zero code or None) for
+        QuantLinear.set_packed_tiles."""
+        blocks = np.asarray(self.raw).reshape(self.shape[0], self.k // 32, -1)
+        with warnings.catch_warnings():  # a view of the read-only memory map: the op only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(self.raw))
+        packed = native_op("gguf_q_tiles")(raw, int(self.qtype), self.k)
+        d = torch.from_numpy(_f16(blocks, 0))
+        # w = u * scale + offset with u the stored code: Q4_1 w = d u + m; Q4_0 u = q, w = d (u - 8);
+        # Q8_0 u = q + 127, w = d (u - 127)
+        offset = torch.from_numpy(_f16(blocks, 2)) if self.qtype == T.Q4_1 else None
+        self.release()
+        return packed, d, offset, {T.Q4_0: 8, T.Q8_0: 127}.get(self.qtype)

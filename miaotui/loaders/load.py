@@ -51,7 +51,7 @@ def load_model(model: str | Path, dtype: torch.dtype, device: str | torch.device
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
         config, tensors, tokenizer = load_gguf(
             path, keep_quantized=dtype != torch.float32 if keep_quantized is None else keep_quantized,
-            float_bytes=torch.empty(0, dtype=dtype).element_size())
+            float_bytes=torch.empty(0, dtype=dtype).element_size(), blocks=layout_only)
         fmt = "gguf"
     if fmt != "miaotui":
         net = build_transformer(config, tensors, dtype=dtype, device=device, layout_only=layout_only)

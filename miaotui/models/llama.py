@@ -14,13 +14,21 @@ from torch import nn
 from miaotui.errors import MiaotuiError
 from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention
-from miaotui.layers.kernel_choice import bf16_tiles_fits, note_kernel, quant_kernel, this_cpu
+from miaotui.layers.kernel_choice import (
+    bf16_tiles_fits,
+    note_kernel,
+    q_tiles_fits,
+    q_tiles_format_fits,
+    quant_kernel,
+    this_cpu,
+)
 from miaotui.layers.linear import Linear, bf16_tiles_layout, make_linear, mixed_linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quant_formats import QuantFormat, QuantizedTensor, compute_qparams, quantize_codes
 from miaotui.layers.quantized_embedding import QuantEmbedding
 from miaotui.layers.quantized_linear import QTiles, QuantLinear, q_tiles_layout
 from miaotui.layers.rope import RotaryEmbedding, rope_inverse_frequencies
+from miaotui.loaders.gguf_quant import GGUFBlocks
 from miaotui.models.config import ModelConfig
 from miaotui.models.fused_decode import FusedDecode
 from miaotui.runtime import release_freed_memory
@@ -292,6 +300,25 @@ def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor | 
     for name, tensor in fused_tensors(config, hf_tensors):  # one at a time: each to its final form
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
+        if isinstance(tensor, GGUFBlocks):
+            tiles_run = layout_only and str(device) == "cpu" and q_tiles_fits(this_cpu()) \
+                and q_tiles_format_fits(tensor.fmt, tensor.k) and native_op("dequantize_q_tiles") is not None
+            table = QuantEmbedding.from_tiles(*tensor.shape, tensor.fmt, tensor.tiles(), dtype) \
+                if tiles_run and name == "embed_tokens.weight" and native_op("embedding_q_tiles") is not None \
+                else None
+            if table is not None:
+                model.embed_tokens = table
+                continue
+            if tiles_run and isinstance(module, Linear) and leaf == "weight":
+                # the file's blocks straight into the tile kernel's layout (one pass, no codes unpacked)
+                with torch.device("meta"):
+                    layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, tensor.fmt)
+                layer.set_packed_tiles(*tensor.tiles())
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+                del tensor
+                continue
+            tensor = tensor.quantized()
         if isinstance(tensor, QuantizedTensor):
             table = QuantEmbedding.from_quantized(tensor, dtype) \
                 if name == "embed_tokens.weight" and layout_only and str(device) == "cpu" else None
@@ -361,6 +388,11 @@ def _cat_rows(parts: list[torch.Tensor | QuantizedTensor]) -> torch.Tensor | Qua
     quantized when they share one format; one layer holds one format, so parts in different formats
     (a Q4_K_M file's Q6_K v beside Q4_K q and k) become 8-bit codes in asymmetric groups of 16 or 32
     (QuantizedTensor.widened: exact); dequantized (float32) only where even that cannot hold them."""
+    if all(isinstance(p, GGUFBlocks) for p in parts):
+        stacked = GGUFBlocks.cat(parts)
+        if stacked is not None:
+            return stacked
+    parts = [p.quantized() if isinstance(p, GGUFBlocks) else p for p in parts]
     if all(isinstance(p, QuantizedTensor) for p in parts):
         if len({p.fmt for p in parts}) > 1:
             group = 16 if any(p.fmt.group_size == 16 for p in parts) else 32

@@ -44,6 +44,28 @@ def test_truncated_gguf(capsys, tiny_hf_dir, tmp_path):
     assert_one_line_error(*run_cli(capsys, "info", "-m", str(path))[::2], "truncated")
 
 
+def test_tensor_types_nothing_runs_are_named_before_loading(capsys, tiny_hf_dir, tmp_path, monkeypatch):
+    import struct
+
+    import miaotui.loaders.gguf as gguf_loader
+
+    path = write_gguf_from_hf_dir(tiny_hf_dir, tmp_path / "t.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)  # then n_dims, dims, type
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 99)
+    unknown = tmp_path / "unknown.gguf"
+    unknown.write_bytes(bytes(data))
+    assert_one_line_error(*run_cli(capsys, "info", "-m", str(unknown))[::2], "GGML type 99")
+
+    def no_dequantizer(data, qtype):  # as for a type the gguf package reads but cannot decode
+        raise NotImplementedError
+
+    monkeypatch.setattr(gguf_loader, "dequantize", no_dequantizer)
+    assert_one_line_error(*run_cli(capsys, "info", "-m", str(path))[::2], "type F32")
+
+
 def test_unsupported_architecture(capsys, tiny_hf_dir, tmp_path):
     path = write_gguf_from_hf_dir(tiny_hf_dir, tmp_path / "f.gguf", arch="falcon")
     assert_one_line_error(*run_cli(capsys, "info", "-m", str(path))[::2], "falcon")

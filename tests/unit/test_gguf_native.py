@@ -175,3 +175,49 @@ def test_a_model_larger_than_the_memory_available_is_a_clear_error_before_loadin
                           text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "truncated" in done.stderr or "memory" in done.stderr
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_blocks_go_straight_to_the_tile_layout(qtype):
+    """An inference load lays Q4_0 / Q4_1 / Q8_0 blocks out for the tile kernel in one pass
+    (gguf_q_tiles): the same tiles, and the same weights, as unpacking the codes first."""
+    from miaotui.kernels import native_op
+    from miaotui.layers.kernel_choice import q_tiles_fits, this_cpu
+    from miaotui.loaders.gguf_quant import GGUFBlocks
+
+    if native_op("gguf_q_tiles") is None or not q_tiles_fits(this_cpu()):
+        pytest.skip("the tile kernel runs on AVX-512 VNNI CPUs")
+    raw = _random_blocks(qtype, 40, 512, np.random.default_rng(3))  # 40 rows: a padded last tile
+    blocks = GGUFBlocks(qtype, raw, 512)
+    via_codes = native_weight(raw, qtype, 512)
+    fast, slow = QuantLinear(512, 40, False, blocks.fmt), QuantLinear(512, 40, False, blocks.fmt)
+    fast.set_packed_tiles(*blocks.tiles())
+    slow.set_codes(via_codes.codes, via_codes.scale, via_codes.zero, None, layout_only=True)
+    assert fast.packed is None and slow.packed is None  # both hold the tiles alone
+    assert torch.equal(fast._q_tiles.tiles, slow._q_tiles.tiles)
+    assert fast._q_tiles.zero_code == slow._q_tiles.zero_code
+    assert fast._q_tiles.exponent == slow._q_tiles.exponent
+    if qtype != T.Q4_1:  # (Q4_1's offset is the block's own m, not -zero * scale rounded back)
+        assert torch.equal(fast._q_tiles.meta, slow._q_tiles.meta)
+    torch.testing.assert_close(fast.dequantized_weight(), torch.from_numpy(gguf.quants.dequantize(raw, qtype)),
+                               rtol=1e-3, atol=1e-6)  # (the float16 meta of Q4_1's offsets)
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(fast(x), slow(x), rtol=2e-3, atol=1e-4)
+
+
+def test_an_inference_load_takes_the_blocks_path(k_hf_dir, tmp_path):
+    from miaotui.layers.kernel_choice import q_tiles_fits, this_cpu
+    from miaotui.layers.quantized_embedding import QuantEmbedding
+
+    if not q_tiles_fits(this_cpu()):
+        pytest.skip("the tile kernel runs on AVX-512 VNNI CPUs")
+    quant = {s: T.Q4_0 for s in LINEARS} | {"token_embd.weight": T.Q8_0}
+    path = write_gguf_from_hf_dir(k_hf_dir, tmp_path / "q40.gguf", quant=quant)
+    fast = load_model(path, torch.float32, keep_quantized=True, layout_only=True)
+    slow = load_model(path, torch.float32, keep_quantized=True)
+    assert isinstance(fast.model.embed_tokens, QuantEmbedding)
+    layer = fast.model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer, QuantLinear) and layer.packed is None and layer.fmt == QuantFormat(4, 32, True)
+    for ids in (IDS, IDS[:1]):
+        got, want = _logits(fast, ids), _logits(slow, ids)
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-3
