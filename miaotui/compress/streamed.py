@@ -230,23 +230,28 @@ def _checkpoint_float_dtype(path: Path, config: ModelConfig) -> torch.dtype:
 def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
     from miaotui.loaders.miaotui_dir import MARKER, MASK_SUFFIX, VALUES_SUFFIX, read_tokenizer, unpack_sparse
 
+    weights = str(path / "model.safetensors")
     try:
         meta = json.loads((path / MARKER).read_text())
         config = ModelConfig.from_dict(meta["config"])
-        handle = safe_open(str(path / "model.safetensors"), framework="pt")
+        with safe_open(weights, framework="pt") as handle:
+            names = list(handle.keys())
+            first = next((n for n in names if n.startswith("layers.") and n.endswith("norm.weight")), None)
+            keep = handle.get_slice(first).get_dtype() if first else "F32"
     except (OSError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as exc:
         raise MiaotuiError(f"'{path}' is unreadable: {exc}") from None
     sparse = meta.get("sparse_tensors") or {}
     compression = meta.get("compression") or {}
     fmt = QuantFormat(**compression["format"]) if compression.get("layers") else None
     quantized = set(compression.get("layers") or [])
-    names = list(handle.keys())
 
     def read(name: str) -> torch.Tensor:
-        if name in sparse:
-            return unpack_sparse(handle.get_tensor(name + MASK_SUFFIX), handle.get_tensor(name + VALUES_SUFFIX),
-                                 tuple(sparse[name]))
-        return handle.get_tensor(name)
+        # a mapping closed again at once, as hf.py reads: pages read so far do not stay resident
+        with safe_open(weights, framework="pt") as handle:
+            if name in sparse:
+                return unpack_sparse(handle.get_tensor(name + MASK_SUFFIX), handle.get_tensor(name + VALUES_SUFFIX),
+                                     tuple(sparse[name]))
+            return handle.get_tensor(name)
 
     def tensors_under(prefix: str) -> dict[str, torch.Tensor]:
         wanted = {n.removesuffix(MASK_SUFFIX).removesuffix(VALUES_SUFFIX) for n in names if n.startswith(prefix)}
@@ -261,8 +266,6 @@ def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
         packed = {n.removeprefix(prefix): fmt for n in quantized if n.startswith(prefix)}
         return _layer_from(config, tensors_under(prefix), packed, bool(compression.get("act_quant")))
 
-    first = next((n for n in names if n.startswith("layers.") and n.endswith("norm.weight")), None)
-    keep = handle.get_slice(first).get_dtype() if first else "F32"
     shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16, str(path))
     shell.compression = compression
     return shell, read_tokenizer(path, config)
