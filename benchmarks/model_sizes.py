@@ -158,14 +158,20 @@ HF_JOBS = {  # name: (miaotui arguments besides model, threads and output; the o
 }
 
 
-def hf_section(bin_dir: Path, size: str, work: Path, jobs: list[str]) -> dict:
-    """The bf16 Hugging Face directory of `size`: load, then each compression / export job streamed."""
+def hf_section(bin_dir: Path, size: str, work: Path, jobs: list[str], results: dict) -> dict:
+    """The bf16 Hugging Face directory of `size`: load, then each compression / export job streamed;
+    results are written after each job (a job not run keeps its last result, same machine)."""
     directory = write_random_hf_dir(SHAPES[size], pull("smollm2-135m"), work / f"random-{size}-hf")
     size_bytes = sum(f.stat().st_size for f in directory.iterdir())
-    out = {"size": size, "dir_bytes": size_bytes, "load_rss_target_mb": (1.2 * size_bytes + 1e9) / MB,
-           "job_rss_target_mb": (size_bytes + 2e9) / MB, "jobs": {}}
+    last = results.get("hf") if (results.get("hf") or {}).get("size") == size else {}
+    out = results["hf"] = {"size": size, "dir_bytes": size_bytes, "load_rss_target_mb": (1.2 * size_bytes + 1e9) / MB,
+                           "job_rss_target_mb": (size_bytes + 2e9) / MB,
+                           "jobs": {k: v for k, v in (last.get("jobs") or {}).items() if k not in jobs}}
+    if "exported_in_llama_cpp" in last and "export-gguf q4_0" not in jobs:
+        out["exported_in_llama_cpp"] = last["exported_in_llama_cpp"]
     print(f"{size} HF bf16 directory: {size_bytes / 1e9:.1f} GB; loading ...", flush=True)
     out["load"] = miaotui_load(directory, 1)
+    write_results(results)
     for name in jobs:
         args, output = HF_JOBS[name]
         target = work / f"random-{size}-hf-{output}"
@@ -180,6 +186,7 @@ def hf_section(bin_dir: Path, size: str, work: Path, jobs: list[str]) -> dict:
         if args[0] == "export-gguf":
             out["exported_in_llama_cpp"] = llama_bench_run(bin_dir, target, 0, 16, 1)
             print(f"exported file in llama-bench: tg16 {out['exported_in_llama_cpp']['tg']:.2f} tok/s", flush=True)
+        write_results(results)
     return out
 
 
@@ -246,7 +253,7 @@ def main() -> None:
             results["sizes"] = [r for r in last.get("sizes", []) if f"{r['size']}:{r['type']}" not in wanted]
             redo = set(args.quality_types.split(","))
             results["quality"] = [r for r in last.get("quality", []) if r["type"] not in redo]
-            if "hf" in last and not args.hf:
+            if "hf" in last:
                 results["hf"] = last["hf"]
     ran_sizes, ran_quality = bool(args.files), bool(args.quality_types)
     for spec in [s for s in args.files.split(",") if s and ran_sizes]:
@@ -255,8 +262,7 @@ def main() -> None:
         results["sizes"].sort(key=lambda r: (r["size"], r["type"]))
         write_results(results)
     if args.hf:
-        results["hf"] = hf_section(bin_dir, args.hf, work, [j for j in args.hf_jobs.split(",") if j])
-        write_results(results)
+        hf_section(bin_dir, args.hf, work, [j for j in args.hf_jobs.split(",") if j], results)
     source = bf16_gguf("135m", work)
     for kind in [k for k in args.quality_types.split(",") if k and ran_quality]:
         results["quality"].append(quality_row(bin_dir, source, kind, args.windows))
