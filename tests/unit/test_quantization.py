@@ -280,3 +280,20 @@ def test_dense_path_keeps_its_weight_for_backward():
     y.float().sum().backward()
     expected = layers[0].dequantized_weight().sum(0).bfloat16().float()
     assert torch.allclose(x.grad[0].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_inverse_hessian_factor():
+    """GPTQ's update coefficients: U upper triangular with U^T U = (H + damp)^-1, the blocked
+    triangular inverse included (a width above its block)."""
+    from miaotui.compress.calibration import inverse_hessian_cholesky, lower_triangular_inverse
+
+    torch.manual_seed(0)
+    k = 300
+    x = torch.randn(2 * k, k, dtype=torch.float64)
+    h = x.t() @ x
+    u = inverse_hessian_cholesky(h, 0.01)
+    damped = h + 0.01 * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    assert torch.equal(u, u.triu()) and bool((torch.diag(u) > 0).all())
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(damped))
+    lower = torch.linalg.cholesky(damped)
+    torch.testing.assert_close(lower_triangular_inverse(lower, block=64) @ lower, torch.eye(k, dtype=h.dtype))
