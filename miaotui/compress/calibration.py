@@ -57,6 +57,7 @@ class HessianAccumulator:
         self.abs_max = torch.zeros(in_features)  # per input channel: SmoothQuant's max|X_j|
         self.abs_mean_sum = torch.zeros(in_features, dtype=torch.float64)  # AWQ's mean|X_j|
 
+    @torch.autocast("cpu", enabled=False)  # statistics in float32 even inside a bf16 calibration pass
     def add(self, x: torch.Tensor) -> None:
         if self.kept < self.keep_rows:
             take = x.reshape(-1, x.shape[-1])[: self.keep_rows - self.kept].float().clone()
@@ -122,7 +123,8 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
     returns the outputs; after the caller has modified the layer, the generator feeds the
     *modified* layer's outputs to the next layer, so errors propagate as they will at inference.
     A streamed model (compress/streamed.py) holds one float32 layer at a time: each is then kept
-    compact (keep) or released (a pass that only gathers statistics).
+    compact (keep) or released (a pass that only gathers statistics); a bf16 checkpoint's passes
+    run under bf16 autocast where the CPU has native bf16 (LayerStore.calibration_dtype).
     """
     n, seq = calib.tokens.shape
     positions = torch.arange(seq)[None]
@@ -130,6 +132,7 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
     hidden = torch.cat([model.embed_tokens(calib.tokens[i:i + batch]) for i in range(0, n, batch)])
 
     store = layers_of(model)
+    bf16 = store.calibration_dtype == torch.bfloat16  # a streamed bf16 checkpoint on a bf16-native CPU
     for index in tqdm(range(len(model.layers)), desc=desc, unit="layer"):
         layer = store.load(index)  # float32; read from the checkpoint if the model is streamed
         current = hidden
@@ -138,7 +141,8 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
             outs = []
             for i in range(0, n, batch):
                 try:
-                    outs.append(layer(current[i:i + batch], cos, sin, None))
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        outs.append(layer(current[i:i + batch], cos, sin, None))
                 except StopForward:  # a capture hook saw what it needed (capture_inputs)
                     if not stoppable:
                         raise

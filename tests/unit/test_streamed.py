@@ -58,6 +58,7 @@ def test_streamed_quantization_equals_whole_model(bf16_hf_dir, calib_text, metho
     fmt = QuantFormat(8, -1, True) if method == "smoothquant" else QuantFormat(4, 32, False)
     whole = load_model(bf16_hf_dir, torch.float32)
     streamed, tokenizer = open_streamed(str(bf16_hf_dir))
+    streamed.layer_store.calibration_dtype = torch.float32  # as the whole model calibrates (bf16: below)
     calib = load_calibration(calib_text, tokenizer, samples=4, seq_len=32) if method != "rtn" else None
     seen: list[int] = []
     _watch_loads(streamed, seen)
@@ -76,6 +77,7 @@ def test_streamed_quantization_equals_whole_model(bf16_hf_dir, calib_text, metho
 def test_streamed_pruning_equals_whole_model(bf16_hf_dir, calib_text, method):
     whole = load_model(bf16_hf_dir, torch.float32)
     streamed, tokenizer = open_streamed(str(bf16_hf_dir))
+    streamed.layer_store.calibration_dtype = torch.float32
     calib = load_calibration(calib_text, tokenizer, samples=4, seq_len=32)
     seen: list[int] = []
     _watch_loads(streamed, seen)
@@ -88,6 +90,32 @@ def test_streamed_pruning_equals_whole_model(bf16_hf_dir, calib_text, method):
         w_whole = whole.model.get_submodule(name).weight
         w_streamed = streamed.get_submodule(name).weight
         assert torch.equal(w_whole == 0, w_streamed == 0) or method == "sparsegpt", name
+
+
+def test_a_bf16_checkpoint_calibrates_in_bf16_where_native(bf16_hf_dir, calib_text, tmp_path):
+    from miaotui.runtime import cpu_has_fast_bf16
+
+    streamed, tokenizer = open_streamed(str(bf16_hf_dir))
+    want = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert streamed.layer_store.calibration_dtype == want
+    calib = load_calibration(calib_text, tokenizer, samples=4, seq_len=32)
+    rec = quantize_model(streamed, "gptq", QuantFormat(4, 32, False), calib)
+    assert rec.calibration["compute_dtype"] == str(want).removeprefix("torch.")
+    # as good as float32 calibration: the quantized model's logits as far from the float model's
+    from miaotui.loaders.miaotui_dir import save_model
+
+    whole = load_model(bf16_hf_dir, torch.float32)
+    ids = torch.tensor([list(range(5, 69))])
+    positions = torch.arange(ids.shape[1])[None]
+    reference = whole.model(ids, positions)
+    quantize_model(whole.model, "gptq", QuantFormat(4, 32, False), calib)
+    saved = load_model(save_model(streamed, tokenizer, tmp_path / "s", rec.to_dict()), torch.float32)
+    streamed_error = _error(saved.model(ids, positions), reference)
+    assert streamed_error < 1.25 * _error(whole.model(ids, positions), reference) + 1e-3
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
 
 
 def test_whole_model_stage_checks_memory_first(bf16_hf_dir, monkeypatch):

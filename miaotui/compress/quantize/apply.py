@@ -16,7 +16,7 @@ from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_b
 from miaotui.compress.quantize.awq import awq_scale_layer
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
 from miaotui.compress.quantize.smoothquant import smooth_layer
-from miaotui.compress.streamed import each_layer
+from miaotui.compress.streamed import each_layer, layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
@@ -121,7 +121,8 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     if calib is None:
         raise MiaotuiError(f"method '{method}' needs calibration text (--calib-file)")
     record.calibration = {"file": calib.source, "sha256": calib.sha256, "samples": int(calib.tokens.shape[0]),
-                          "seq_len": int(calib.tokens.shape[1])}
+                          "seq_len": int(calib.tokens.shape[1]),
+                          "compute_dtype": str(layers_of(model).calibration_dtype).removeprefix("torch.")}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
         keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") else 0
         # GPTQ re-captures each later linear's inputs anyway (below): q/k/v's are all it needs now
