@@ -53,16 +53,15 @@ class LayerStore:
     """Decoder layers read from the checkpoint on demand (see the module docstring)."""
 
     def __init__(self, model: Transformer, read_layer: Callable[[int], DecoderLayer], keep_dtype: torch.dtype,
-                 source: str) -> None:
+                 source: str, stored_bf16: bool = False) -> None:
         self.model = model
         self._read_layer = read_layer
         self.keep_dtype = keep_dtype  # finished float layers are kept in this (the checkpoint's own) dtype
         self.source = source
-        # Calibration passes of a bf16 checkpoint run in bf16 where the CPU multiplies it natively (as
-        # GPU tools calibrate in the model's dtype; ~2.7x faster GEMMs with AMX); the weights stay
-        # float32 for the algorithms, and the statistics (Hessians) are summed in float32.
-        self.calibration_dtype = torch.bfloat16 if keep_dtype == torch.bfloat16 and cpu_has_fast_bf16() \
-            else torch.float32
+        # Calibration passes of a checkpoint stored in bf16 run in bf16 where the CPU multiplies it
+        # natively (as GPU tools calibrate in the model's dtype; ~2.7x faster GEMMs with AMX); the
+        # weights stay float32 for the algorithms, and the statistics (Hessians) are summed in float32.
+        self.calibration_dtype = torch.bfloat16 if stored_bf16 and cpu_has_fast_bf16() else torch.float32
         self.loaded: set[int] = set()  # in model.layers now
         self.kept: set[int] = set()  # changed by a stage: never read again from the checkpoint
 
@@ -174,12 +173,13 @@ def open_streamed(model_name: str) -> tuple[Transformer, Tokenizer]:
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
         config, tensors, tokenizer = load_gguf(path, keep_quantized=False, float_bytes=0)
     shell = _shell(config, dict(global_tensors(config, tensors)))
-    keep = _checkpoint_float_dtype(path, config)
+    stored = _stored_float_dtype(path)
+    keep = torch.bfloat16 if stored is None else stored  # (a quantized GGUF's layers: bf16)
 
     def read_layer(i: int) -> DecoderLayer:
         return _layer_from(config, {name.split(".", 2)[2]: t for name, t in layer_tensors(config, tensors, i)})
 
-    shell.layer_store = LayerStore(shell, read_layer, keep, str(path))
+    shell.layer_store = LayerStore(shell, read_layer, keep, str(path), stored_bf16=stored == torch.bfloat16)
     return shell, tokenizer
 
 
@@ -216,22 +216,22 @@ def _layer_from(config: ModelConfig, state: dict[str, Any], quantized: dict[str,
     return layer.eval().requires_grad_(False)
 
 
-def _checkpoint_float_dtype(path: Path, config: ModelConfig) -> torch.dtype:
-    """float32 for a float32 checkpoint; else bfloat16 (16-bit floats, GGUF quants) - what finished
-    float layers are kept and saved in."""
+def _stored_float_dtype(path: Path) -> torch.dtype | None:
+    """The float dtype a checkpoint stores its matrices in (float32, float16 or bfloat16), or None
+    for a GGUF file of quantized blocks."""
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         try:
             with safe_open(str(files[0]), framework="pt") as f:
-                name = next(iter(f.keys()))
-                dtype = f.get_slice(name).get_dtype()
+                name = next(n for n in f.keys() if n.endswith("proj.weight"))  # noqa: SIM118
+                return names.get(f.get_slice(name).get_dtype(), torch.bfloat16)
         except (SafetensorError, OSError, StopIteration, IndexError):
             return torch.bfloat16
-        return {"F32": torch.float32, "F16": torch.float16}.get(dtype, torch.bfloat16)
     from miaotui.loaders.gguf_file import GGUFFile
 
     types = {t.qtype.name for t in GGUFFile(path).tensors if len(t.shape) == 2}
-    return torch.float32 if types == {"F32"} else torch.bfloat16
+    return names.get(types.pop()) if len(types) == 1 else None
 
 
 def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
@@ -273,6 +273,7 @@ def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
         packed = {n.removeprefix(prefix): fmt for n in quantized if n.startswith(prefix)}
         return _layer_from(config, tensors_under(prefix), packed, bool(compression.get("act_quant")))
 
-    shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16, str(path))
+    shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16, str(path),
+                                   stored_bf16=keep == "BF16")
     shell.compression = compression
     return shell, read_tokenizer(path, config)

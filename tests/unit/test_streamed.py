@@ -154,3 +154,12 @@ def test_cli_quantize_then_export_streams_a_saved_model(bf16_hf_dir, tmp_path, c
     ref = load_model(out, torch.float32).model(ids, positions)
     back = load_model(gguf_path, torch.float32).model(ids, positions)
     assert float((back - ref).norm() / ref.norm()) < 0.05
+
+
+def test_calibration_stays_float32_for_float32_and_quantized_checkpoints(tiny_hf_dir, tiny_gguf, tmp_path):
+    from tests.tiny_models import write_gguf_from_hf_dir
+
+    for source in (tiny_hf_dir, tiny_gguf, write_gguf_from_hf_dir(tiny_hf_dir, tmp_path / "q8.gguf", quant={
+            "weight": gguf.GGMLQuantizationType.Q8_0})):
+        model, _ = open_streamed(str(source))
+        assert model.layer_store.calibration_dtype == torch.float32, source
