@@ -5,8 +5,8 @@ leaves every decoder layer in the checkpoint: a stage asks `LayerStore.load(i)` 
 float32, works on it, and `done(i)` keeps it in its compact form (packed integer codes, or the
 checkpoint's own 16-bit float dtype) - or `release(i)` drops it when nothing needs it again. So
 quantizing, pruning or exporting holds the compressed model, one float32 layer and one layer's
-calibration activations, never a float32 copy of the whole model: an 8B bf16 checkpoint (14 GB)
-is compressed in 16 GB. Stages that train or score the whole network (distillation, gradual and
+calibration activations, never a float32 copy of the whole model: GPTQ of an 8B bf16 checkpoint
+(15 GB) peaks at 13 GB. Stages that train or score the whole network (distillation, gradual and
 gradient-scored pruning, structured pruning) call `load_all`, which checks that fits first.
 
 A model loaded whole (tests, the API) gets an `InMemoryLayers` with the same interface.
