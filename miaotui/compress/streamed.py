@@ -53,11 +53,10 @@ class LayerStore:
     """Decoder layers read from the checkpoint on demand (see the module docstring)."""
 
     def __init__(self, model: Transformer, read_layer: Callable[[int], DecoderLayer], keep_dtype: torch.dtype,
-                 source: str, stored_bf16: bool = False) -> None:
+                 stored_bf16: bool = False) -> None:
         self.model = model
         self._read_layer = read_layer
         self.keep_dtype = keep_dtype  # finished float layers are kept in this (the checkpoint's own) dtype
-        self.source = source
         # Calibration passes of a checkpoint stored in bf16 run in bf16 where the CPU multiplies it
         # natively (as GPU tools calibrate in the model's dtype; ~2.7x faster GEMMs with AMX); the
         # weights stay float32 for the algorithms, and the statistics (Hessians) are summed in float32.
@@ -94,10 +93,6 @@ class LayerStore:
                 self.model.layers[i] = DecoderLayer(self.model.config)
             self.loaded.discard(i)
 
-    @property
-    def complete(self) -> bool:
-        return len(self.loaded) == len(self.model.layers)
-
     def load_all(self, why: str) -> None:
         """Every layer in float32 at once (a stage that trains or scores the whole network)."""
         missing = [i for i in range(len(self.model.layers)) if i not in self.loaded]
@@ -117,7 +112,6 @@ class InMemoryLayers:
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
-        self.complete = True
         self.calibration_dtype = torch.float32  # (the model's own dtype: it is loaded whole)
 
     def load(self, i: int) -> DecoderLayer:
@@ -138,17 +132,14 @@ def layers_of(model: Transformer) -> LayerStore | InMemoryLayers:
     return store if store is not None else InMemoryLayers(model)
 
 
-def each_layer(model: Transformer, desc: str, keep: bool = True) -> Iterator[tuple[int, DecoderLayer]]:
+def each_layer(model: Transformer, desc: str) -> Iterator[tuple[int, DecoderLayer]]:
     """(i, layer i in float32) in order, with a progress bar; after the caller's turn the layer is
-    kept compact (keep) or released."""
+    kept compact."""
     store = layers_of(model)
     for i in tqdm(range(len(model.layers)), desc=desc, unit="layer"):
         layer = store.load(i)
         yield i, layer
-        if keep:
-            store.done(i)
-        else:
-            store.release(i)
+        store.done(i)
 
 
 # -- opening a checkpoint ------------------------------------------------------------------------
@@ -179,7 +170,7 @@ def open_streamed(model_name: str) -> tuple[Transformer, Tokenizer]:
     def read_layer(i: int) -> DecoderLayer:
         return _layer_from(config, {name.split(".", 2)[2]: t for name, t in layer_tensors(config, tensors, i)})
 
-    shell.layer_store = LayerStore(shell, read_layer, keep, str(path), stored_bf16=stored == torch.bfloat16)
+    shell.layer_store = LayerStore(shell, read_layer, keep, stored_bf16=stored == torch.bfloat16)
     return shell, tokenizer
 
 
@@ -273,7 +264,7 @@ def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
         packed = {n.removeprefix(prefix): fmt for n in quantized if n.startswith(prefix)}
         return _layer_from(config, tensors_under(prefix), packed, bool(compression.get("act_quant")))
 
-    shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16, str(path),
+    shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16,
                                    stored_bf16=keep == "BF16")
     shell.compression = compression
     return shell, read_tokenizer(path, config)
