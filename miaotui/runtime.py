@@ -43,11 +43,11 @@ def default_decode_weight_dtype(device: str | torch.device, compute: torch.dtype
     """Batch-1 decode reads every weight per token. On CPUs without native bf16 those matmuls are
     memory-bound and a float16 copy of the weights reads half the bytes (layers/linear.py). With
     bf16 and vectorized int8 kernels (AVX-512), an int8 copy of the output head alone: the head is
-    a fifth of the model's bytes, and its best logits are recomputed exactly (models/llama.py)."""
+    a fifth of the model's bytes, and its best logits are recomputed exactly (models/transformer.py)."""
     if torch.device(device).type == "cpu" and compute == torch.float32:
         return torch.float16
     if torch.device(device).type == "cpu" and compute == torch.bfloat16 and "avx512f" in cpu_flags():
-        return torch.int8  # an int8 copy of the output head alone (models/llama.py: logits)
+        return torch.int8  # an int8 copy of the output head alone (models/transformer.py: logits)
     return None
 
 

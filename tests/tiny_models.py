@@ -37,6 +37,33 @@ def train_tokenizer(vocab_size: int = 420) -> Tokenizer:
     return tok
 
 
+WINDOW = 8  # the families' sliding windows in tests: shorter than the test sequences
+# family -> (config class, model class, config fields): each family's own features switched on
+FAMILY_CONFIGS = {
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=32, rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                      "rope_theta": 10000.0})),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+        mlp_only_layers=[1])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                            sliding_window=WINDOW)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        pad_token_id=0, sliding_window=WINDOW, partial_rotary_factor=0.5, max_position_embeddings=256,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                         "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 8.0]})),
+}
+
+
 def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: int = 0,
                  rope_scaling: dict | None = None, vocab_size: int = 420, **shape: int) -> Path:
     """A tiny checkpoint saved by transformers itself, plus a trained byte-level BPE tokenizer.
@@ -58,6 +85,10 @@ def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: i
     elif arch == "mistral":
         config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=None, **common)
         cls = transformers.MistralForCausalLM
+    elif arch in FAMILY_CONFIGS:
+        config_cls, cls, extra = FAMILY_CONFIGS[arch]
+        config_cls, cls = getattr(transformers, config_cls), getattr(transformers, cls)
+        config = config_cls(**(common | extra | shape))
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

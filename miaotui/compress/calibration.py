@@ -19,7 +19,7 @@ from miaotui.compress.streamed import layers_of
 from miaotui.data import default_skip, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
-from miaotui.models.llama import DecoderLayer, Transformer
+from miaotui.models.transformer import DecoderLayer, Transformer
 
 
 @dataclass(slots=True)
@@ -128,8 +128,8 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
     """
     n, seq = calib.tokens.shape
     positions = torch.arange(seq)[None]
-    cos, sin = model.rotary(positions, model.dtype)
-    hidden = torch.cat([model.embed_tokens(calib.tokens[i:i + batch]) for i in range(0, n, batch)])
+    ropes = model.rope_tables(positions, model.dtype)
+    hidden = torch.cat([model.embed(calib.tokens[i:i + batch]) for i in range(0, n, batch)])
 
     store = layers_of(model)
     bf16 = store.calibration_dtype == torch.bfloat16  # a streamed bf16 checkpoint on a bf16-native CPU
@@ -138,6 +138,7 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
         current = hidden
 
         def forward_all(layer=layer, current=current, stoppable: bool = False) -> torch.Tensor | None:
+            cos, sin = ropes[layer.rope_kind]
             outs = []
             for i in range(0, n, batch):
                 try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from miaotui.compress.training import TrainingProgress, apply_masks, cosine_lr, sample_batch, sparse_masks
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 from miaotui.runtime import cpu_has_fast_bf16
 
 CHECKPOINT_FILE = "distill_state.pt"

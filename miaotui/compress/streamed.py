@@ -32,7 +32,8 @@ from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.loaders.memory import GB, available_bytes
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import DecoderLayer, Transformer, global_tensors, layer_tensors
+from miaotui.models.registry import spec_named
+from miaotui.models.transformer import DecoderLayer, Transformer
 from miaotui.runtime import cpu_has_fast_bf16
 
 
@@ -90,7 +91,7 @@ class LayerStore:
             self.done(i)
         elif i in self.loaded:
             with torch.device("meta"):
-                self.model.layers[i] = DecoderLayer(self.model.config)
+                self.model.layers[i] = DecoderLayer(self.model.config, i)
             self.loaded.discard(i)
 
     def load_all(self, why: str) -> None:
@@ -163,12 +164,14 @@ def open_streamed(model_name: str) -> tuple[Transformer, Tokenizer]:
         if magic != GGUF_MAGIC and path.suffix != ".gguf":
             raise MiaotuiError(f"'{path}' is neither a GGUF file nor a model directory")
         config, tensors, tokenizer = load_gguf(path, keep_quantized=False, float_bytes=0)
-    shell = _shell(config, dict(global_tensors(config, tensors)))
+    spec = spec_named(config.architecture)
+    shell = _shell(config, dict(spec.global_tensors(config, tensors)))
     stored = _stored_float_dtype(path)
     keep = torch.bfloat16 if stored is None else stored  # (a quantized GGUF's layers: bf16)
 
     def read_layer(i: int) -> DecoderLayer:
-        return _layer_from(config, {name.split(".", 2)[2]: t for name, t in layer_tensors(config, tensors, i)})
+        return _layer_from(config, {name.split(".", 2)[2]: t for name, t in spec.layer_tensors(config, tensors, i)},
+                           index=i)
 
     shell.layer_store = LayerStore(shell, read_layer, keep, stored_bf16=stored == torch.bfloat16)
     return shell, tokenizer
@@ -185,10 +188,11 @@ def _shell(config: ModelConfig, tensors: dict[str, Any]) -> Transformer:
 
 
 def _layer_from(config: ModelConfig, state: dict[str, Any], quantized: dict[str, QuantFormat] | None = None,
-                act_quant: bool = False) -> DecoderLayer:
-    """A DecoderLayer from its tensors (names relative to the layer); `quantized` names its packed linears."""
+                act_quant: bool = False, index: int = 0) -> DecoderLayer:
+    """Decoder layer `index` from its tensors (names relative to the layer); `quantized` names its
+    packed linears."""
     with torch.device("meta"):
-        layer = DecoderLayer(config)
+        layer = DecoderLayer(config, index)
         for name, fmt in (quantized or {}).items():
             dense = layer.get_submodule(name)
             parent, _, child = name.rpartition(".")
@@ -262,7 +266,7 @@ def _open_miaotui_dir(path: Path) -> tuple[Transformer, Tokenizer]:
     def read_layer(i: int) -> DecoderLayer:
         prefix = f"layers.{i}."
         packed = {n.removeprefix(prefix): fmt for n in quantized if n.startswith(prefix)}
-        return _layer_from(config, tensors_under(prefix), packed, bool(compression.get("act_quant")))
+        return _layer_from(config, tensors_under(prefix), packed, bool(compression.get("act_quant")), i)
 
     shell.layer_store = LayerStore(shell, read_layer, torch.float32 if keep == "F32" else torch.bfloat16,
                                    stored_bf16=keep == "BF16")

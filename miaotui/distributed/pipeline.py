@@ -17,7 +17,7 @@ from torch import nn
 from miaotui.distributed.tensor_parallel import even_split
 from miaotui.distributed.wrapped_model import WrappedModel
 from miaotui.errors import MiaotuiError
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 class PipelineStage(WrappedModel):
@@ -57,13 +57,13 @@ class PipelineStage(WrappedModel):
         for r0 in range(0, batch, rows):
             r1 = min(r0 + rows, batch)
             if self.first:
-                x = net.embed_tokens(tokens[r0:r1])
+                x = net.embed(tokens[r0:r1])
             else:
                 x = torch.empty(r1 - r0, seq, dim, dtype=dtype, device=tokens.device)
                 dist.recv(x, src=self.pp_ranks[self.stage - 1], group=self.group)
-            cos, sin = net.rotary(positions[r0:r1], dtype)
+            ropes = net.rope_tables(positions[r0:r1], dtype)
             for i, layer in enumerate(net.layers):
-                x = layer(x, cos, sin, None if kv_views is None else kv_views[i])
+                x = layer(x, *ropes[layer.rope_kind], None if kv_views is None else kv_views[i])
             if self.last:
                 outs.append(net.norm(x))
             else:  # hand this micro-batch on and start the next one while it travels

@@ -27,7 +27,7 @@ from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 def even_split(total: int, parts: int, rank: int) -> tuple[int, int]:

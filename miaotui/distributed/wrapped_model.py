@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 class WrappedModel(nn.Module):

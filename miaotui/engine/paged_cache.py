@@ -95,19 +95,25 @@ class PackedLayerView:
             return None
         return self.flat[0], self.flat[1], self.slots, g.gather, g.lengths
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attend, window: int | None = None,
+               scale: float | None = None, native_ok: bool = True) -> torch.Tensor:
         """q: [1, H, N, hd]; k, v: [1, KV, N, hd] this step's entries (stored here) -> [1, H, N, hd].
-        attention(q [G, H, n, hd], keys [G, KV, T, hd], values, mask [G, 1, n, T]) runs each group."""
+        attention(q [G, H, n, hd], keys [G, KV, T, hd], values, mask [G, 1, n, T]) runs each group.
+        window: each query sees only the last `window` keys, itself included (sliding layers);
+        scale: the scores' scale (None: hd ** -0.5); native_ok: False where attention() does more than
+        the native kernel (soft-capping)."""
         k_flat, v_flat = self.flat
         # index_copy_/index_select, not tensor[index]: 8x faster here (advanced indexing's generic kernel).
         k_flat.index_copy_(0, self.slots, k[0].transpose(0, 1).to(k_flat.dtype))  # [N, KV, hd]
         v_flat.index_copy_(0, self.slots, v[0].transpose(0, 1).to(v_flat.dtype))
+        how = (window, q.shape[-1] ** -0.5 if scale is None else scale, native_ok)
         if len(self.groups) == 1:  # the rows in order, all of the same length: no reordering
-            return self._attend_group(q[0], k_flat, v_flat, self.groups[0], attention).reshape(q.shape)
+            return self._attend_group(q[0], k_flat, v_flat, self.groups[0], attention, *how).reshape(q.shape)
         out = torch.empty_like(q)
         for g in self.groups:
             index = g.token_index.reshape(-1)
-            out[0].index_copy_(1, index, self._attend_group(q[0].index_select(1, index), k_flat, v_flat, g, attention))
+            out[0].index_copy_(1, index, self._attend_group(q[0].index_select(1, index), k_flat, v_flat, g,
+                                                            attention, *how))
         return out
 
     def _native_fits(self, q: torch.Tensor, k_flat: torch.Tensor, g: AttentionGroup) -> bool:
@@ -115,18 +121,27 @@ class PackedLayerView:
                 and q.shape[0] % k_flat.shape[1] == 0)
 
     def _attend_group(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: AttentionGroup,
-                      attention: Attend) -> torch.Tensor:
+                      attention: Attend, window: int | None = None, scale: float | None = None,
+                      native_ok: bool = True) -> torch.Tensor:
         """q: [H, G * n, hd] the group's queries, rows in order -> [H, G * n, hd]."""
         (rows, t), n = g.gather.shape, g.token_index.shape[1]
         kv, hd = k_flat.shape[1], k_flat.shape[2]
-        if self._native_fits(q, k_flat, g):
+        scale = hd ** -0.5 if scale is None else scale
+        # the native kernel reads each query's whole prefix: it serves a sliding layer while the
+        # prefix still fits in the window
+        windowed = window is not None and int(g.lengths.max()) > window
+        if native_ok and not windowed and self._native_fits(q, k_flat, g):
             # queries [G, n, H, hd]; each one attends over its own prefix of the row's slots. bf16
             # queries and pool: bf16 dot products on the pool in place (AVX512-BF16); else float32.
             bf16 = q.dtype == k_flat.dtype == torch.bfloat16 and hd % 32 == 0 and _CPU_BF16_DOT
             qn = q.transpose(0, 1).to(torch.bfloat16 if bf16 else torch.float32).contiguous()
-            out = self.native(qn.view(rows, n, q.shape[0], hd), k_flat, v_flat, g.gather, g.lengths, hd ** -0.5)
+            out = self.native(qn.view(rows, n, q.shape[0], hd), k_flat, v_flat, g.gather, g.lengths, scale)
             return out.view(rows * n, q.shape[0], hd).transpose(0, 1).to(q.dtype)
         keys = k_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
-        out = attention(q.view(-1, rows, n, hd).transpose(0, 1), keys, values, g.mask)  # [G, H, n, hd]
+        mask = g.mask
+        if windowed:  # [G, 1, n, T]: and key position >= the query's position + 1 - window
+            ctx = torch.arange(t, device=mask.device)
+            mask = mask & (ctx[None, None, :] >= (g.lengths - window)[:, :, None])[:, None]
+        out = attention(q.view(-1, rows, n, hd).transpose(0, 1), keys, values, mask)  # [G, H, n, hd]
         return out.transpose(0, 1).reshape(-1, rows * n, hd)

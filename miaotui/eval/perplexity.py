@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from miaotui.errors import MiaotuiError
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 @dataclass(slots=True)

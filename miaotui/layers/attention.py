@@ -1,4 +1,6 @@
-"""Grouped-query self-attention with rotary embedding over a caller-owned (paged) KV cache.
+"""Grouped-query self-attention with rotary embedding over a caller-owned (paged) KV cache, with
+what the families add: RMSNorm on each q and k head, a query scale, score soft-capping, a sliding
+window, partial rotation.
 
 Not for cache management: the engine allocates the cache and says where to write.
 """
@@ -13,6 +15,7 @@ from torch import nn
 
 from miaotui.kernels import native_op
 from miaotui.layers.linear import make_linear
+from miaotui.layers.norm import RMSNorm
 from miaotui.layers.rope import apply_rope
 from miaotui.models.config import ModelConfig
 from miaotui.runtime import cpu_flags
@@ -23,7 +26,8 @@ _AMX_BF16 = "amx_bf16" in cpu_flags()  # bf16 flash attention beats the float32 
 class KVView(Protocol):
     """A cache the engine manages (paged, packed rows): stores this step's k/v, runs the attention."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor: ...
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention, window: int | None = None,
+               scale: float | None = None, native_ok: bool = True) -> torch.Tensor: ...
 
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
                    ) -> torch.Tensor | None: ...
@@ -32,7 +36,7 @@ class KVView(Protocol):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -42,10 +46,20 @@ class Attention(nn.Module):
         # q, k and v share their input: one fused matmul instead of three.
         self.qkv_proj = make_linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias)
         self.o_proj = make_linear(self.q_size, config.hidden_size, False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.scale = config.query_scale if config.query_scale is not None else self.head_dim ** -0.5
+        self.softcap = config.attn_softcap
+        self.window = config.window(layer)
+        # Llama's attention: the native rope and fused decode kernels run it
+        self.plain = not config.qk_norm and self.scale == self.head_dim ** -0.5 and self.softcap is None \
+            and self.window is None and config.rotary_dim == self.head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_view: KVView | None) -> torch.Tensor:
-        # x: [B, S, D]; cos, sin: [B or 1, 1, S, hd]; kv_view: this layer's view of the engine's paged
+        # x: [B, S, D]; cos, sin: [B or 1, 1, S, rot]; kv_view: this layer's view of the engine's paged
         # cache for one packed step (B = 1), or None: causal attention over x alone (scoring, training).
+        if not self.plain:
+            return self._forward_general(x, cos, sin, kv_view)
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
         native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
@@ -75,9 +89,35 @@ class Attention(nn.Module):
             out = self._attention(q, k, v, None, is_causal=seq > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
 
+    def _forward_general(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_view: KVView | None
+                         ) -> torch.Tensor:
+        """The same attention with the families' additions, in PyTorch ops."""
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(batch, seq, self.num_heads, self.head_dim)
+        k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, before rope (Qwen3, Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, S, hd]
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if kv_view is not None:
+            out = kv_view.attend(q, k, v, self._attention, self.window, self.scale, self.softcap is None)
+        elif self.window is None and self.softcap is None:
+            out = self._attention(q, k, v, None, is_causal=seq > 1)
+        else:
+            at = torch.arange(seq, device=x.device)
+            mask = at[None, :] <= at[:, None]  # [S, T]: causal
+            if self.window is not None:
+                mask &= at[None, :] > at[:, None] - self.window
+            out = self._attention(q, k, v, mask[None, None])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    is_causal: bool = False) -> torch.Tensor:
         """q: [B, H, S, hd], k, v: [B, KV, T, hd], mask: [B, 1, S, T] bool or None -> [B, H, S, hd]."""
+        if self.softcap is not None:
+            return self._softcapped(q, k, v, mask, is_causal)
         dtype = q.dtype
         if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not (
                 dtype == torch.bfloat16 and _AMX_BF16):
@@ -86,6 +126,22 @@ class Attention(nn.Module):
             # it is ~2x faster than float32 (512-token causal prefill, 9 heads: 2.6 vs 4.5 ms).
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads,
+            scale=self.scale,
         )
         return out.to(dtype)
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    is_causal: bool) -> torch.Tensor:
+        """Scores capped at +-softcap by cap * tanh(s / cap) before the softmax (Gemma 2): no fused
+        kernel takes that, so the scores are formed in float32."""
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1).float()  # [B, H, T, hd]
+        v = v.repeat_interleave(groups, dim=1).float()
+        scores = q.float() @ k.transpose(-1, -2) * self.scale  # [B, H, S, T]
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if is_causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v).to(q.dtype)

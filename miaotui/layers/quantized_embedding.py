@@ -1,7 +1,7 @@
 """QuantEmbedding: an embedding table kept in its own integer bits (a GGUF file's token_embd), in
 the few-row kernel's tile layout: a lookup dequantizes just the rows it gathers (embedding_q_tiles),
 and a tied output head multiplies by the same tiles (QuantLinear's kernels). One copy in memory
-instead of a bf16 table plus an int8 head copy. Not for choosing when to use it (models/llama.py).
+instead of a bf16 table plus an int8 head copy. Not for choosing when to use it (models/transformer.py).
 """
 
 from __future__ import annotations

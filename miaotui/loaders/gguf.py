@@ -7,6 +7,7 @@ Not for writing GGUF (export lives with quantization) or for running the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,60 +24,14 @@ from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from miaotui.models.config import ModelConfig
-
-# GGUF architectures we read, and whether llama.cpp's converter permuted their q/k rows.
-_GGUF_ARCHITECTURES = {"llama": True, "qwen2": False}
-
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
-}
+from miaotui.models.registry import spec_for_gguf, spec_named
+from miaotui.models.spec import GLOBAL_GGUF_NAMES
 
 
 def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
-    arch = meta.get("general.architecture", "<missing>")
-    if arch not in _GGUF_ARCHITECTURES:
-        raise MiaotuiError(f"unsupported model architecture '{arch}' in GGUF file "
-                           f"(miaotui reads GGUF: {', '.join(_GGUF_ARCHITECTURES)})")
-
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise MiaotuiError(f"GGUF metadata lacks '{arch}.{key}'")
-        return value
-
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    rope_scaling = None
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_ids = sorted({int(i) for i in (eos, eot) if i is not None})
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])),
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=eos_ids,
-    )
+    """GGUF metadata -> ModelConfig, by the family's own parser."""
+    spec = spec_for_gguf(meta.get("general.architecture", "<missing>"))
+    return spec.config_from_gguf(meta, tensor_names)
 
 
 def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -101,7 +56,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
                for t in gguf_file.tensors)
     check_fits(need, Path(path).name)
     _check_types_run(gguf_file, keep_quantized)
-    permuted = _GGUF_ARCHITECTURES[config.architecture]
+    spec = spec_named(config.architecture)
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
         factors = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
@@ -109,15 +64,18 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
                                "factors": dequantize(gguf_file.raw(factors), factors.qtype).astype(np.float32).tolist()}
     readers = {}
     for t in gguf_file.tensors:
-        hf_name = _hf_name(t.name)
+        hf_name = _hf_name(t.name, spec.gguf_layer_names)
         if hf_name is None:
             continue
         heads = None
+        permuted = spec.gguf_rope_permuted
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             heads = config.num_heads
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config.num_kv_heads
         readers[hf_name] = partial(_read_tensor, gguf_file, t, heads, keep_quantized, blocks)
+        if spec.gguf_norm_plus_one and hf_name.endswith("norm.weight"):
+            readers[hf_name] = partial(_minus_one, readers[hf_name])  # the model file adds it back
     tokenizer = tokenizer_from_gguf_metadata(meta, config.eos_token_ids)
     return config, LazyTensors(readers), tokenizer
 
@@ -161,10 +119,15 @@ def _read_tensor(gguf_file: GGUFFile, t: GGUFTensorInfo, heads: int | None, keep
     return torch.from_numpy(array)
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def _minus_one(read) -> torch.Tensor:
+    """A norm llama.cpp's converter stored as 1 + w (Gemma), back to the checkpoint's w."""
+    return read() - 1.0
+
+
+def _hf_name(gguf_name: str, layer_names: Mapping[str, str]) -> str | None:
+    if gguf_name in GLOBAL_GGUF_NAMES:
+        return GLOBAL_GGUF_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
     return None

@@ -23,7 +23,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 EXPORT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                 "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,

@@ -19,9 +19,7 @@ from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
-
-# Hugging Face class name -> our architecture name.
-_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+from miaotui.models.registry import spec_for_hf
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -32,40 +30,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConfig:
-    arch_names = cfg.get("architectures") or [cfg.get("model_type", "<missing>")]
-    hf_arch = arch_names[0]
-    arch = _HF_ARCHITECTURES.get(hf_arch) or {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(hf_arch)
-    if arch is None:
-        raise MiaotuiError(f"unsupported model architecture '{hf_arch}' "
-                           f"(miaotui runs: {', '.join(_HF_ARCHITECTURES)})")
-    # transformers 5 writes rope settings under rope_parameters; 4.x under rope_theta/rope_scaling.
-    rope_params = cfg.get("rope_parameters") or {}
-    rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
-    rope_scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default"
-                                               else None)
-    heads = int(cfg["num_attention_heads"])
-    eos_ids: set[int] = set()
-    for source in (cfg, generation):
-        value = source.get("eos_token_id")
-        eos_ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=sorted(eos_ids),
-    )
+    """config.json (and generation_config.json) -> ModelConfig, by the family's own parser."""
+    return spec_for_hf(cfg).config_from_hf(cfg, generation)
 
 
 def load_safetensors_dir(directory: Path) -> LazyTensors:

@@ -18,7 +18,7 @@ from miaotui.loaders.miaotui_dir import is_miaotui_dir, load_miaotui_dir
 from miaotui.loaders.model_store import resolve_model
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import Transformer, build_transformer
+from miaotui.models.transformer import Transformer, build_transformer
 
 
 @dataclass

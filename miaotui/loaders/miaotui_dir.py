@@ -23,7 +23,7 @@ from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.loaders.safetensors_stream import Entry, write_safetensors
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 MARKER = "miaotui_model.json"
 FORMAT_VERSION = 1

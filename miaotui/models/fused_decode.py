@@ -20,6 +20,7 @@ from miaotui.kernels import native_op
 from miaotui.layers.attention import Attention, KVView
 from miaotui.layers.kernel_choice import BF16_TILES_MAX_ROWS, KernelLog, bf16_kernel, note_kernel, this_cpu
 from miaotui.layers.linear import Linear
+from miaotui.layers.mlp import GatedMLP
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.quantized_linear import QuantLinear
 
@@ -68,13 +69,14 @@ def _hooked(module: nn.Module) -> bool:
 
 def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
     """The plan for a decode step of `rows` rows, or None where the layer must run its modules."""
-    from miaotui.models.llama import DecoderLayer, SwiGLU
+    from miaotui.models.transformer import DecoderLayer
 
     if type(layer) is not DecoderLayer or rows > FUSED_MAX_ROWS:
         return None
     attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-    if type(attn) is not Attention or type(mlp) is not SwiGLU or type(ln1) is not RMSNorm \
-            or type(ln2) is not RMSNorm or any(_hooked(m) for m in (layer, attn, mlp, ln1, ln2)):
+    if type(attn) is not Attention or not attn.plain or type(mlp) is not GatedMLP or mlp.act != "silu" \
+            or layer.attn_out_norm is not None or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm \
+            or any(_hooked(m) for m in (layer, attn, mlp, ln1, ln2)):
         return None
     if ln1.weight.dtype != torch.bfloat16 or ln2.weight.dtype != torch.bfloat16 or ln1.eps != ln2.eps:
         return None

@@ -9,7 +9,7 @@ from miaotui.cli import main
 from miaotui.kernels import native_op
 from miaotui.layers.kernel_choice import KernelLog, q_tiles_fits, this_cpu
 from miaotui.models.fused_decode import FusedDecode
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 from tests.tiny_models import write_hf_dir
 
 pytestmark = pytest.mark.skipif(

@@ -55,7 +55,7 @@ def test_int8_head_copy_keeps_the_best_logits_exact(tiny_hf_dir):
     """The int8 head copy serves few-row calls; its best candidates are recomputed from the real
     head, so greedy picks and the top logits equal the bf16 model's own."""
     from miaotui.loaders.load import load_model
-    from miaotui.models.llama import INT8_HEAD_MAX_ROWS
+    from miaotui.models.transformer import INT8_HEAD_MAX_ROWS
 
     plain = load_model(tiny_hf_dir, torch.bfloat16).model
     with_copy = load_model(tiny_hf_dir, torch.bfloat16, decode_weight_dtype=torch.int8).model

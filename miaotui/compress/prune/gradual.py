@@ -19,7 +19,7 @@ from miaotui.compress.prune.masks import check_sparsity, unstructured_mask
 from miaotui.compress.selectors import select_modules
 from miaotui.compress.training import TrainingProgress, cosine_lr, sample_batch
 from miaotui.errors import MiaotuiError
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 @dataclass(frozen=True, slots=True)

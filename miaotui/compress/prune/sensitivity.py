@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 def calibration_gradients(model: Transformer, calib: CalibrationSet, names: list[str], batch: int = 2

@@ -22,7 +22,7 @@ from miaotui.compress.prune.sensitivity import calibration_gradients, input_sq_s
 from miaotui.compress.selectors import decoder_linears
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 STRUCTURES = ("channels", "heads", "layers")
 CRITERIA = ("magnitude", "wanda", "taylor", "gradient")

@@ -31,7 +31,7 @@ from miaotui.compress.prune.sparsegpt import sparsegpt_prune_weight
 from miaotui.compress.selectors import select_modules
 from miaotui.compress.streamed import each_layer, layers_of
 from miaotui.errors import MiaotuiError
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "gradient")
 NEEDS_CALIBRATION = ("wanda", "sparsegpt", "taylor", "gradient")

@@ -21,7 +21,7 @@ from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
 from miaotui.layers.quantized_linear import QuantLinear
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 # The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
-from miaotui.models.llama import DecoderLayer
+from miaotui.models.transformer import DecoderLayer
 
 
 def _normalised_weight_mean(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

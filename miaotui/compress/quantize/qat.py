@@ -19,7 +19,7 @@ from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, r
 from miaotui.compress.training import TrainingProgress, cosine_lr, sample_batch
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
-from miaotui.models.llama import Transformer
+from miaotui.models.transformer import Transformer
 
 
 class FakeQuantize(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from miaotui.models.llama import DecoderLayer
+from miaotui.models.transformer import DecoderLayer
 
 
 def smoothing_scales(act_abs_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""Phi-3 and Phi-4 (Phi3ForCausalLM): Llama's layer with q/k/v and gate/up stored fused, LongRoPE
+scaling, an optional sliding window and partial rotation (Phi-4-mini).
+
+Not for Phi-1/2 (LayerNorm, parallel blocks) or Phi-3.5-MoE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from miaotui.models.config import ModelConfig
+from miaotui.models.config_sources import hf_common
+from miaotui.models.spec import ModelSpec
+from miaotui.models.weights import Named, Tensors, take
+
+
+def layer_tensors(config: ModelConfig, hf: Tensors, i: int) -> Named:
+    p, out = f"model.layers.{i}.", f"layers.{i}."
+    yield out + "self_attn.qkv_proj.weight", take(hf, p + "self_attn.qkv_proj.weight")  # [q; k; v] rows
+    if config.qkv_bias:
+        yield out + "self_attn.qkv_proj.bias", take(hf, p + "self_attn.qkv_proj.bias")
+    yield out + "self_attn.o_proj.weight", take(hf, p + "self_attn.o_proj.weight")
+    yield out + "mlp.gate_up_proj.weight", take(hf, p + "mlp.gate_up_proj.weight")  # [gate; up] rows
+    yield out + "mlp.down_proj.weight", take(hf, p + "mlp.down_proj.weight")
+    yield out + "input_layernorm.weight", take(hf, p + "input_layernorm.weight")
+    yield out + "post_attention_layernorm.weight", take(hf, p + "post_attention_layernorm.weight")
+
+
+def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConfig:
+    found = hf_common(cfg, generation)
+    scaling = found["rope_scaling"]
+    if scaling is not None and cfg.get("original_max_position_embeddings"):
+        # transformers 4.x keeps LongRoPE's original context beside rope_scaling, not in it
+        scaling = {"original_max_position_embeddings": int(cfg["original_max_position_embeddings"])} | scaling
+    return ModelConfig(architecture="phi3", **(found | {"rope_scaling": scaling}))
+
+
+PHI3 = ModelSpec("phi3", ("Phi3ForCausalLM", "phi3"), config_from_hf, layer_tensors)

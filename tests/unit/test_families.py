@@ -1,0 +1,98 @@
+"""Every family against transformers itself: tiny random checkpoints with each family's features
+switched on (sliding windows shorter than the sequences, 8 experts top-2, soft-caps, q/k norms,
+YaRN, LongRoPE, partial rotation), logits through LLM and through the serving engine's paged
+steps, and greedy generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miaotui.engine.paged_cache import PagedKVCache
+from miaotui.engine.step import PackRow, pack_rows, run_model_step
+from miaotui.errors import MiaotuiError
+from tests.tiny_models import FAMILY_CONFIGS, WINDOW, write_hf_dir
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+LENGTHS = (3, 11, 2 * WINDOW + 5)  # a mixed-length batch, the longest past the window twice
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, checkpoint directory, transformers' model, miaotui's LLM) for one family."""
+    import transformers
+
+    from miaotui import LLM
+
+    directory = write_hf_dir(tmp_path_factory.mktemp(request.param), arch=request.param, tie=False, seed=3)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return request.param, directory, reference, LLM(str(directory), dtype="float32", block_size=4)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 400, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _reference_logits(reference, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].float()  # [S, V]
+
+
+def test_logits_equal_transformers(family):
+    _, _, reference, llm = family
+    for ids in _prompts():
+        with torch.inference_mode():
+            ours = llm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+        torch.testing.assert_close(ours, _reference_logits(reference, ids), atol=ATOL, rtol=0)
+
+
+def test_paged_engine_steps_equal_transformers(family):
+    """The rows prefilled together in chunks of 5 through the paged cache (several attention groups,
+    cached keys read back, windows applied across chunk boundaries): every position's logits."""
+    _, _, reference, llm = family
+    prompts, block = _prompts(), 4
+    cache = PagedKVCache(llm.model.config, 64, block, torch.float32, torch.device("cpu"))
+    tables = [list(range(1 + 16 * r, 17 + 16 * r)) for r in range(len(prompts))]
+    got: list[list[torch.Tensor]] = [[] for _ in prompts]
+    done = [0] * len(prompts)
+    while any(d < len(p) for d, p in zip(done, prompts, strict=True)):
+        live = [r for r, p in enumerate(prompts) if done[r] < len(p)]
+        rows = [PackRow(prompts[r][done[r]:done[r] + 5], done[r], tables[r], all_logits=True) for r in live]
+        step, _, slices = pack_rows(rows, block)
+        with torch.inference_mode():
+            logits, _ = run_model_step(llm.model, cache, step)
+        for r, row, part in zip(live, rows, slices, strict=True):
+            got[r].append(logits[part])
+            done[r] += len(row.tokens)
+    for ids, parts in zip(prompts, got, strict=True):
+        torch.testing.assert_close(torch.cat(parts), _reference_logits(reference, ids), atol=ATOL, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(family):
+    from miaotui import SamplingParams
+
+    _, _, reference, llm = family
+    prompts = _prompts()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    for ids, out in zip(prompts, outs, strict=True):
+        expected = list(ids)  # transformers' greedy choice at each step, end-of-text tokens included
+        for _ in range(32):
+            expected.append(int(_reference_logits(reference, expected)[-1].argmax()))
+        assert out.outputs[0].token_ids == expected[len(ids):]
+
+
+def test_an_unsupported_architecture_names_itself_and_the_supported(tmp_path):
+    import json
+
+    from miaotui.loaders.load import load_model
+
+    directory = write_hf_dir(tmp_path / "m", arch="llama")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (directory / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MiaotuiError) as err:
+        load_model(directory, torch.float32)
+    message = str(err.value)
+    assert "'FalconForCausalLM'" in message and "Gemma3ForCausalLM" in message and "\n" not in message
