@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance criterion (structured: magnitude, wanda, taylor or gradient)")
     p.add_argument("--sparsity", type=float, default=None, help="share removed, in [0, 1) (N:M sets it)")
     p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4")
-    p.add_argument("--structured", default=None, choices=["channels", "heads", "layers"],
-                   help="remove whole MLP channels, attention heads or layers: a smaller dense model")
+    p.add_argument("--structured", default=None, choices=["channels", "heads", "experts", "layers"],
+                   help="remove whole MLP channels, attention heads, experts or layers: a smaller model")
     p.add_argument("--owl", action="store_true", help="outlier-weighted per-layer sparsity (OWL)")
     p.add_argument("--targets", action="append", default=None, help="regex of module names to prune (repeatable)")
     p.add_argument("--ignore", action="append", default=None, help="regex of module names to leave (repeatable)")

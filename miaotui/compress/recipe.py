@@ -145,8 +145,8 @@ def _check_values(stage: Stage) -> None:
     p, label = stage.params, stage.label
     if stage.kind == "prune" and p["structured"]:
         if p["sparsity"] is None:
-            raise MiaotuiError(f"{label}: field 'sparsity' is required (the share of channels, heads or layers "
-                               f"removed)")
+            raise MiaotuiError(f"{label}: field 'sparsity' is required (the share of channels, heads, experts or "
+                               f"layers removed)")
         if p["pattern"] or p["owl"] or p["targets"] or p["ignore"]:
             raise MiaotuiError(f"{label}: 'structured' removes the same share from every layer: drop field "
                                f"'pattern', 'owl', 'targets' and 'ignore'")

@@ -11,11 +11,14 @@ from torch import nn
 
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
+from miaotui.models.plan import model_linears
 
 
 def decoder_linears(model: nn.Module) -> list[str]:
-    """Full names of the dense linears inside decoder layers, e.g. 'layers.3.mlp.down_proj'."""
-    return [name for name, m in model.named_modules() if isinstance(m, Linear) and name.startswith("layers.")]
+    """Full names of the dense compressible linears inside decoder layers (models/plan.py; an MoE
+    router is not one), e.g. 'layers.3.mlp.down_proj', 'layers.3.mlp.experts.5.gate_up_proj'."""
+    planned = set(model_linears(model.config))
+    return [name for name, m in model.named_modules() if isinstance(m, Linear) and name in planned]
 
 
 def select_modules(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None,

@@ -1,8 +1,10 @@
 """Tensor parallelism in the Megatron layout, applied to a loaded model in place of its layers.
 
-- q/k/v and gate/up are column-parallel (each rank keeps some output rows), o and down are
-  row-parallel (each rank keeps the matching input columns), and their outputs are summed by an
-  all-reduce. The embedding and the tied or untied output head are vocabulary-parallel.
+- The layer plan's roles (models/plan.py): q/k/v and gate/up are column-parallel (each rank keeps
+  some output rows), o and down are row-parallel (each rank keeps the matching input columns), and
+  their outputs are summed by an all-reduce. Each expert of a mixture splits like a dense MLP (its
+  channels), the router is replicated, and one all-reduce sums the mixture's output. The embedding
+  and the tied or untied output head are vocabulary-parallel.
 - Grouped-query heads: when tp divides both the query and the key/value heads, each rank takes
   whole groups. Otherwise each rank takes a contiguous, as-even-as-possible share of query heads
   and a private copy of the key/value head of each one (multi-head locally): always correct, at
@@ -27,6 +29,7 @@ from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.models.config import ModelConfig
+from miaotui.models.plan import COLUMN_GATE_UP, COLUMN_QKV, ROW, layer_plan
 from miaotui.models.transformer import Transformer
 
 
@@ -99,6 +102,11 @@ def _cols(module: nn.Module, index: torch.Tensor) -> nn.Module:
     return lin
 
 
+def _share(total: int, tp: int, rank: int) -> int:
+    start, end = even_split(total, tp, rank)
+    return end - start
+
+
 def _all_reduce_output(group):
     def hook(_module, _args, output):
         dist.all_reduce(output, group=group)
@@ -136,19 +144,28 @@ def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) ->
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
     k_rows = torch.cat([c.q_size + torch.arange(g * hd, (g + 1) * hd) for g in kv_heads])
     v_rows = k_rows + c.kv_size
-    i0, i1 = even_split(c.intermediate_size, tp, rank)
-    inter = torch.arange(i0, i1)
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = _rows(attn.qkv_proj, torch.cat([q_rows, k_rows, v_rows]))
-        attn.o_proj = _cols(attn.o_proj, q_rows)
+    for i, layer in enumerate(model.layers):
+        plan = layer_plan(c, i)
+        attn = layer.self_attn
+        for name, role in plan.tp_roles.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = layer.get_submodule(owner_name)
+            if role == COLUMN_QKV:
+                attn.qkv_proj = _rows(attn.qkv_proj, torch.cat([q_rows, k_rows, v_rows]))
+            elif role == COLUMN_GATE_UP:  # (its down_proj, ROW, is split to match below)
+                width = owner.intermediate_size
+                inter = torch.arange(*even_split(width, tp, rank))
+                owner.gate_up_proj = _rows(owner.gate_up_proj, torch.cat([inter, width + inter]))
+                owner.down_proj = _cols(owner.down_proj, inter)
+                owner.intermediate_size = len(inter)
+            elif role == ROW and leaf == "o_proj":
+                attn.o_proj = _cols(attn.o_proj, q_rows)
         attn.num_heads, attn.num_kv_heads = len(q_heads), len(kv_heads)
         attn.q_size, attn.kv_size = len(q_heads) * hd, len(kv_heads) * hd
-        mlp.gate_up_proj = _rows(mlp.gate_up_proj, torch.cat([inter, c.intermediate_size + inter]))
-        mlp.down_proj = _cols(mlp.down_proj, inter)
-        mlp.intermediate_size = i1 - i0
         attn.o_proj.register_forward_hook(_all_reduce_output(group))
-        mlp.down_proj.register_forward_hook(_all_reduce_output(group))
+        # each rank's MLP output is a partial sum over its channels (of every expert it ran): one
+        # all-reduce per MLP block, after an MoE's weighted sum over experts
+        (layer.mlp if plan.router else layer.mlp.down_proj).register_forward_hook(_all_reduce_output(group))
     vocab = [even_split(c.vocab_size, tp, r) for r in range(tp)]
     v0, v1 = vocab[rank]
     embed = model.embed_tokens.weight.detach()
@@ -156,5 +173,7 @@ def shard_tensor_parallel(model: Transformer, tp: int, rank: int, group=None) ->
         model.lm_head = _rows(model.lm_head, torch.arange(v0, v1))
     model.embed_tokens = VocabParallelEmbedding(embed[v0:v1].clone(), v0, group)
     # The KV cache holds this rank's kv heads only.
-    local = replace(c, num_heads=len(q_heads), num_kv_heads=len(kv_heads), intermediate_size=i1 - i0)
+    local = replace(c, num_heads=len(q_heads), num_kv_heads=len(kv_heads),
+                    intermediate_size=_share(c.intermediate_size, tp, rank),
+                    moe_intermediate_size=_share(c.moe_intermediate_size, tp, rank))
     return TensorParallelModel(model, local, [b - a for a, b in vocab], group)

@@ -186,6 +186,7 @@ def test_smoothing_preserves_the_float_function(tiny_llm):
     import copy
 
     from miaotui.compress.quantize.smoothquant import smooth_layer
+    from miaotui.models.plan import layer_plan
 
     layer = copy.deepcopy(tiny_llm.model.layers[0])
     x = torch.randn(2, 6, tiny_llm.config.hidden_size) * 3
@@ -193,7 +194,7 @@ def test_smoothing_preserves_the_float_function(tiny_llm):
     before = layer(x, cos, sin, None)
     stats = {n: torch.rand(layer.get_submodule(n).in_features) * 10 for n in
              ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}
-    smooth_layer(layer, stats, alpha=0.5)
+    smooth_layer(layer, layer_plan(tiny_llm.config, 0), stats, alpha=0.5)
     torch.testing.assert_close(layer(x, cos, sin, None), before, rtol=1e-4, atol=1e-4)
 
 

@@ -1,5 +1,6 @@
-"""Structured pruning: remove whole MLP channels, attention heads or decoder layers, so the
-model becomes an ordinary, physically smaller dense model (a new ModelConfig).
+"""Structured pruning: remove whole MLP channels, attention heads, experts (a mixture of experts'
+MLPs) or decoder layers, so the model becomes an ordinary, physically smaller model (a new
+ModelConfig). Which groups a layer has comes from its plan (models/plan.py).
 
 Each structure is ranked by the sum of its weights' element scores under a criterion
 (magnitude, wanda, taylor, gradient; importance.py). Every layer keeps the same shape (the
@@ -22,9 +23,10 @@ from miaotui.compress.prune.sensitivity import calibration_gradients, input_sq_s
 from miaotui.compress.selectors import decoder_linears
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
+from miaotui.models.plan import layer_plan
 from miaotui.models.transformer import Transformer
 
-STRUCTURES = ("channels", "heads", "layers")
+STRUCTURES = ("channels", "heads", "experts", "layers")
 CRITERIA = ("magnitude", "wanda", "taylor", "gradient")
 CHANNEL_MULTIPLE = 32  # kept MLP width is rounded to a multiple of this (friendlier GEMM shapes)
 
@@ -57,10 +59,11 @@ def _scores(model: Transformer, criterion: str, calib: CalibrationSet | None) ->
     return {n: element_scores(criterion, model.get_submodule(n).weight, grads.get(n), norms.get(n)) for n in names}
 
 
-def channel_scores(scores: dict[str, torch.Tensor], layer: int, inter: int) -> torch.Tensor:
-    """[I]: gate row j + up row j + down column j."""
-    gu = scores[f"layers.{layer}.mlp.gate_up_proj"].sum(1)  # [2I]
-    return gu[:inter] + gu[inter:] + scores[f"layers.{layer}.mlp.down_proj"].sum(0)
+def channel_scores(scores: dict[str, torch.Tensor], mlp: str, inter: int) -> torch.Tensor:
+    """[I] for the gated MLP named `mlp` ('layers.3.mlp', 'layers.3.mlp.experts.5'): gate row j + up
+    row j + down column j."""
+    gu = scores[f"{mlp}.gate_up_proj"].sum(1)  # [2I]
+    return gu[:inter] + gu[inter:] + scores[f"{mlp}.down_proj"].sum(0)
 
 
 def head_scores(scores: dict[str, torch.Tensor], layer: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -89,16 +92,7 @@ def prune_structured(model: Transformer, structure: str, sparsity: float, criter
     before = model.num_parameters()
     removed: dict[str, Any] = {}
     if structure == "channels":
-        keep = max(CHANNEL_MULTIPLE, round(c.intermediate_size * (1 - sparsity) / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE)
-        keep = min(keep, c.intermediate_size)
-        for i in range(c.num_layers):
-            kept = torch.topk(channel_scores(scores, i, c.intermediate_size), keep).indices.sort().values
-            gu = f"layers.{i}.mlp.gate_up_proj.weight"
-            state[gu] = torch.cat([state[gu][kept], state[gu][c.intermediate_size + kept]])
-            down = f"layers.{i}.mlp.down_proj.weight"
-            state[down] = state[down][:, kept]
-        removed = {"intermediate_size": [c.intermediate_size, keep]}
-        config = replace(c, intermediate_size=keep)
+        config, removed = _prune_channels(c, scores, state, sparsity)
     elif structure == "heads":
         per_group = c.num_heads // c.num_kv_heads
         drop = round(per_group * sparsity)
@@ -120,6 +114,8 @@ def prune_structured(model: Transformer, structure: str, sparsity: float, criter
             state[o] = state[o][:, rows]
         removed = {"num_heads": [c.num_heads, keep_per_group * c.num_kv_heads]}
         config = replace(c, num_heads=keep_per_group * c.num_kv_heads)
+    elif structure == "experts":
+        config, removed = _prune_experts(c, scores, state, sparsity)
     else:
         drop = round(c.num_layers * sparsity)
         if drop < 1 or drop >= c.num_layers:
@@ -136,9 +132,66 @@ def prune_structured(model: Transformer, structure: str, sparsity: float, criter
                 renamed[k] = v
         state = renamed
         removed = {"layers": sorted(set(range(c.num_layers)) - set(kept))}
-        config = replace(c, num_layers=len(kept))
+        config = replace(c, num_layers=len(kept),
+                         layer_types=None if c.layer_types is None else [c.layer_types[k] for k in kept],
+                         dense_layers=[kept.index(d) for d in c.dense_layers if d in kept])
     smaller = rebuild(config, state, model)
     return smaller, StructuredRecord(structure, criterion, sparsity, before, smaller.num_parameters(), removed)
+
+
+def _kept_width(width: int, sparsity: float) -> int:
+    keep = max(CHANNEL_MULTIPLE, round(width * (1 - sparsity) / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE)
+    return min(keep, width)
+
+
+def _prune_channels(c, scores: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sparsity: float
+                    ) -> tuple[Any, dict[str, Any]]:
+    """The same number of channels removed from every gated MLP of a kind (dense, or experts)."""
+    keep_dense, keep_moe = _kept_width(c.intermediate_size, sparsity), _kept_width(c.moe_intermediate_size, sparsity)
+    for i in range(c.num_layers):
+        width, keep = (c.moe_intermediate_size, keep_moe) if c.is_moe(i) else (c.intermediate_size, keep_dense)
+        for mlp in layer_plan(c, i).mlps:
+            name = f"layers.{i}.{mlp}"
+            kept = torch.topk(channel_scores(scores, name, width), keep).indices.sort().values
+            gu = f"{name}.gate_up_proj.weight"
+            state[gu] = torch.cat([state[gu][kept], state[gu][width + kept]])
+            state[f"{name}.down_proj.weight"] = state[f"{name}.down_proj.weight"][:, kept]
+    removed: dict[str, Any] = {}
+    if any(not c.is_moe(i) for i in range(c.num_layers)):
+        removed["intermediate_size"] = [c.intermediate_size, keep_dense]
+    if c.num_experts:
+        removed["moe_intermediate_size"] = [c.moe_intermediate_size, keep_moe]
+    return replace(c, intermediate_size=keep_dense, moe_intermediate_size=keep_moe), removed
+
+
+def _prune_experts(c, scores: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sparsity: float
+                   ) -> tuple[Any, dict[str, Any]]:
+    """The same number of experts removed from every MoE layer, the lowest-scored of each; their
+    router rows go with them, and top-k shrinks where fewer experts than k remain."""
+    drop = round(c.num_experts * sparsity)
+    if c.num_experts == 0 or drop < 1 or drop >= c.num_experts:
+        raise MiaotuiError(f"sparsity {sparsity} removes {drop} of the {c.num_experts} experts per layer; "
+                           f"it must remove at least 1 and keep at least 1" if c.num_experts
+                           else "structure 'experts' needs a mixture-of-experts model")
+    keep = c.num_experts - drop
+    removed: dict[str, Any] = {}
+    for i in range(c.num_layers):
+        if not c.is_moe(i):
+            continue
+        p = f"layers.{i}.mlp"
+        totals = torch.stack([scores[f"{p}.experts.{e}.gate_up_proj"].sum() + scores[f"{p}.experts.{e}.down_proj"].sum()
+                              for e in range(c.num_experts)])
+        kept = torch.topk(totals, keep).indices.sort().values.tolist()
+        removed[f"layers.{i}"] = sorted(set(range(c.num_experts)) - set(kept))
+        moved = {}
+        for k in [k for k in state if k.startswith(f"{p}.experts.")]:
+            e, rest = k.removeprefix(f"{p}.experts.").split(".", 1)
+            tensor = state.pop(k)
+            if int(e) in kept:
+                moved[f"{p}.experts.{kept.index(int(e))}.{rest}"] = tensor
+        state |= moved
+        state[f"{p}.router.weight"] = state[f"{p}.router.weight"][kept]
+    return replace(c, num_experts=keep, experts_per_token=min(c.experts_per_token, keep)), {"experts": removed}
 
 
 def rebuild(config, state: dict[str, torch.Tensor], like: Transformer) -> Transformer:

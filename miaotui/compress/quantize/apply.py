@@ -21,10 +21,9 @@ from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, compute_qparams, quantize_codes
 from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.models.plan import layer_plan
 from miaotui.models.transformer import Transformer
 
-# The matmuls of one decoder layer, in execution order (fused: q/k/v and gate/up share inputs).
-LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant")
 AWQ_SAMPLE_ROWS = 4096  # input rows per linear kept for AWQ's grid search
 
@@ -83,11 +82,12 @@ def rtn_quantize_linear(dense: Linear, fmt: QuantFormat, act_quant: bool = False
     return quant_linear_from_codes(dense, fmt, codes, scale, zero, act_quant)
 
 
-def rtn_quantize_layer(layer: nn.Module, index: int, fmt: QuantFormat, act_quant: bool,
+def rtn_quantize_layer(layer: nn.Module, index: int, linears: tuple[str, ...], fmt: QuantFormat, act_quant: bool,
                        record: QuantizationRecord, importance: dict[str, torch.Tensor] | None = None,
                        modules: Collection[str] | None = None) -> None:
-    """Round the (selected) linears of one decoder layer, after any scaling the method applied, and record them."""
-    for name in LAYER_LINEARS:
+    """Round the (selected) linears of one decoder layer (LayerPlan.linears), after any scaling the
+    method applied, and record them."""
+    for name in linears:
         if modules is not None and f"layers.{index}.{name}" not in modules:
             continue
         imp = None if importance is None else importance[name]
@@ -116,7 +116,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in each_layer(model, "rtn"):
-            rtn_quantize_layer(layer, i, fmt, act_quant, record, modules=modules)
+            rtn_quantize_layer(layer, i, layer_plan(model.config, i).linears, fmt, act_quant, record, modules=modules)
         return record
     if calib is None:
         raise MiaotuiError(f"method '{method}' needs calibration text (--calib-file)")
@@ -125,34 +125,41 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                           "compute_dtype": str(layers_of(model).calibration_dtype).removeprefix("torch.")}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
         keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") else 0
+        plan = layer_plan(model.config, i)
         # GPTQ re-captures each later linear's inputs anyway (below): q/k/v's are all it needs now
         first = method in ("gptq",)
-        stats = capture_inputs(layer, list(LAYER_LINEARS[:1] if first else LAYER_LINEARS), forward_all,
+        stats = capture_inputs(layer, list(plan.linears[:1] if first else plan.inputs_to_capture), forward_all,
                                keep_rows=keep, stop_early=first)
         if method == "smoothquant":
-            smooth_layer(layer, {name: acc.abs_max for name, acc in stats.items()}, alpha)
-            rtn_quantize_layer(layer, i, fmt, True, record, modules=modules)
+            smooth_layer(layer, plan, {name: acc.abs_max for name, acc in stats.items()}, alpha)
+            rtn_quantize_layer(layer, i, plan.linears, fmt, True, record, modules=modules)
             continue
-        hessians = {name: acc.hessian for name, acc in stats.items()}  # [K, K] each
+        hessians = {name: acc.hessian for name, acc in stats.items() if acc.count}  # [K, K] each
         if method in ("awq", "awq-gptq"):
-            alphas, scales = awq_scale_layer(layer, {name: acc.samples for name, acc in stats.items()}, fmt)
+            alphas, scales = awq_scale_layer(layer, plan, {name: acc.samples for name, acc in stats.items()}, fmt)
             record.options.setdefault("alphas", []).append(alphas)
             # The inputs are now x / s: H becomes diag(1/s) H diag(1/s).
             for name, s in scales.items():
                 hessians[name] = hessians[name] / s[:, None] / s[None, :]
             if method == "awq":
                 # E[x_j^2] of the scaled inputs weights each group's clipping search.
-                rtn_quantize_layer(layer, i, fmt, act_quant, record,
+                rtn_quantize_layer(layer, i, plan.linears, fmt, act_quant, record,
                                    {name: torch.diag(h) / 2 for name, h in hessians.items()}, modules)
                 continue
-        for n, name in enumerate(LAYER_LINEARS):
+        for n, name in enumerate(plan.linears):
             if modules is not None and f"layers.{i}.{name}" not in modules:
                 continue
             if n > 0:
                 # "True sequential": a linear's Hessian comes from inputs computed with the earlier
                 # linears of this layer already quantized, so it also corrects their error.
-                hessians[name] = capture_inputs(layer, [name], forward_all, stop_early=True)[name].hessian
+                found = capture_inputs(layer, [name], forward_all, stop_early=True)[name]
+                hessians[name] = found.hessian if found.count else None
             dense = layer.get_submodule(name)
+            if hessians.get(name) is None:  # an expert no calibration token was routed to: nothing to weigh by
+                set_submodule(layer, name, rtn_quantize_linear(dense, fmt, act_quant))
+                record.layers.append(f"layers.{i}.{name}")
+                record.options.setdefault("rtn_fallback", []).append(f"layers.{i}.{name}")
+                continue
             codes, scale, zero = gptq_quantize_weight(dense.weight.detach(), hessians[name], fmt, damp=damp,
                                                       act_order=act_order)
             set_submodule(layer, name, quant_linear_from_codes(dense, fmt, codes, scale, zero, act_quant))

@@ -3,8 +3,9 @@ before rounding and folding the inverse scale into the op that produces their in
 
 For each input group, s = mean|X|^a / mean|W~|^(1-a) (W~: |W| normalised per quantization
 group), a chosen by grid search over [0, 1] to minimise ||X W^T - X Q(W diag s)^T diag(s)^-1||.
-Producers: RMSNorm weights (q/k/v, gate/up) and the up-projection rows (down_proj). o_proj is
-left unscaled (its producer, v, is shared by several query heads under grouped-query attention).
+Producers (models/plan.py's folds): RMSNorm weights (q/k/v; gate/up, with an MoE's router scaled
+alongside its experts) and the up-projection rows (down_proj). o_proj is left unscaled (its
+producer, v, is shared by several query heads under grouped-query attention).
 The final rounding (apply.py) then searches each group's clipping range, weighting the error by
 the energy of the scaled inputs E[(x_j / s_j)^2]. Not for the kernels.
 """
@@ -12,9 +13,11 @@ the energy of the scaled inputs E[(x_j / s_j)^2]. Not for the kernels.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from miaotui.compress.quantize.folding import consumer_weight, fold_scale
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
-from miaotui.models.transformer import DecoderLayer
+from miaotui.models.plan import LayerPlan
 
 
 def _normalised_weight_mean(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -47,23 +50,20 @@ def search_scales(x: torch.Tensor, weight: torch.Tensor, fmt: QuantFormat, grid:
 
 
 @torch.no_grad()
-def awq_scale_layer(layer: DecoderLayer, inputs: dict[str, torch.Tensor], fmt: QuantFormat
+def awq_scale_layer(layer: nn.Module, plan: LayerPlan, inputs: dict[str, torch.Tensor], fmt: QuantFormat
                     ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Search and fold AWQ scales into one decoder layer in place.
+    """Search and fold AWQ scales into one decoder layer in place, at each of its plan's folds.
 
-    -> (chosen alpha per linear, scale s [K] per linear: its inputs are now x / s).
+    inputs: sample input rows [R, K] by linear name (a fold's first consumer represents it).
+    -> (chosen alpha per quantized linear, scale s [K] per quantized linear: its inputs are now x / s).
     """
     alphas, scales = {}, {}
-    for linear_name, norm in (("self_attn.qkv_proj", layer.input_layernorm),
-                              ("mlp.gate_up_proj", layer.post_attention_layernorm)):
-        linear = layer.get_submodule(linear_name)
-        s, alphas[linear_name] = search_scales(inputs[linear_name], linear.weight, fmt)
-        scales[linear_name] = s
-        norm.weight.div_(s.to(norm.weight.dtype))
-        linear.weight.mul_(s[None, :].to(linear.weight.dtype))
-    mlp = layer.mlp
-    s, alphas["mlp.down_proj"] = search_scales(inputs["mlp.down_proj"], mlp.down_proj.weight, fmt)
-    scales["mlp.down_proj"] = s
-    mlp.gate_up_proj.weight[mlp.intermediate_size:].div_(s[:, None].to(mlp.gate_up_proj.weight.dtype))
-    mlp.down_proj.weight.mul_(s[None, :].to(mlp.down_proj.weight.dtype))
+    for fold in plan.folds:
+        x = inputs.get(fold.consumers[0])
+        if x is None or x.numel() == 0:  # an expert no calibration token reached: left unscaled
+            continue
+        s, alpha = search_scales(x, consumer_weight(layer, fold), fmt)
+        fold_scale(layer, fold, s)
+        for name in fold.quantized:
+            alphas[name], scales[name] = alpha, s
     return alphas, scales

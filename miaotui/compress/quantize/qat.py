@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from miaotui.compress.quantize.apply import LAYER_LINEARS, QuantizationRecord, rtn_quantize_layer
+from miaotui.compress.quantize.apply import QuantizationRecord, rtn_quantize_layer
 from miaotui.compress.training import TrainingProgress, cosine_lr, sample_batch
 from miaotui.layers.linear import Linear
 from miaotui.layers.quant_formats import QuantFormat, fake_quantize
+from miaotui.models.plan import layer_plan
 from miaotui.models.transformer import Transformer
 
 
@@ -46,8 +47,8 @@ def train_qat(model: Transformer, tokens: torch.Tensor, fmt: QuantFormat, steps:
               progress: bool = True) -> QATResult:
     """tokens: [T] training text. Trains decoder-layer linears and norms; embeddings stay frozen."""
     fake: list[Linear] = []
-    for layer in model.layers:
-        for name in LAYER_LINEARS:
+    for i, layer in enumerate(model.layers):
+        for name in layer_plan(model.config, i).linears:
             module = layer.get_submodule(name)
             parametrize.register_parametrization(module, "weight", FakeQuantize(fmt))  # same W, Q(W) forward
             fake.append(module)
@@ -90,5 +91,5 @@ def pack_after_qat(model: Transformer, fmt: QuantFormat, result: QATResult, text
         "steps": result.steps, "seconds": result.seconds, "first_loss": result.first_loss,
         "last_loss": result.last_loss, "text_sha256": text_sha256})
     for i, layer in enumerate(model.layers):
-        rtn_quantize_layer(layer, i, fmt, False, record)
+        rtn_quantize_layer(layer, i, layer_plan(model.config, i).linears, fmt, False, record)
     return record
