@@ -25,6 +25,18 @@ def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family name (tests/tiny_models.py FAMILY_CONFIGS) -> its tiny checkpoint, written once per session."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = write_hf_dir(tmp_path_factory.mktemp(name), arch=name, tie=False, seed=3)
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(tiny_hf_dir):
     from miaotui import LLM
 

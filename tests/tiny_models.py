@@ -96,7 +96,9 @@ def write_hf_dir(directory: Path, arch: str = "llama", tie: bool = True, seed: i
     with torch.no_grad():  # random norms and biases so every tensor matters
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+                # (Gemma's norms scale by 1 + w: their w lie around 0)
+                centre = 0.0 if arch.startswith("gemma") or "norm" not in name else 1.0
+                p.copy_(centre + 0.1 * torch.randn_like(p))
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE,

@@ -30,7 +30,10 @@ class PipelineStage(WrappedModel):
             raise MiaotuiError(f"pipeline of {stages} stages needs at least {stages} layers (the model has {layers})")
         start, end = even_split(layers, stages, stage)
         # config.num_layers is this stage's layer count: the KV cache holds these layers only.
-        super().__init__(model, replace(model.config, num_layers=end - start))
+        c = model.config
+        super().__init__(model, replace(c, num_layers=end - start,
+                                        layer_types=None if c.layer_types is None else c.layer_types[start:end],
+                                        dense_layers=[d - start for d in c.dense_layers if start <= d < end]))
         self.transformer.layers = nn.ModuleList(list(self.transformer.layers)[start:end])
         self.stage, self.stages, self.pp_ranks, self.group = stage, stages, pp_ranks, group
 

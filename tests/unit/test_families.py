@@ -19,13 +19,13 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
+def family(request, family_dir):
     """(name, checkpoint directory, transformers' model, miaotui's LLM) for one family."""
     import transformers
 
     from miaotui import LLM
 
-    directory = write_hf_dir(tmp_path_factory.mktemp(request.param), arch=request.param, tie=False, seed=3)
+    directory = family_dir(request.param)
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return request.param, directory, reference, LLM(str(directory), dtype="float32", block_size=4)
 
