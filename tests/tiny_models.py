@@ -45,20 +45,20 @@ FAMILY_CONFIGS = {
         head_dim=32, rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                       "rope_theta": 10000.0})),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
-        mlp_only_layers=[1])),
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2,
                                                             sliding_window=WINDOW)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
-        final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"])),
+        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=32, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, num_hidden_layers=3,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=32, tie_word_embeddings=True,
+        num_hidden_layers=6,  # 5 sliding layers, 1 global
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         pad_token_id=0, sliding_window=WINDOW, partial_rotary_factor=0.5, max_position_embeddings=256,
+        original_max_position_embeddings=64,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
                          "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 8.0]})),
 }

@@ -30,7 +30,7 @@ from miaotui.models.spec import GLOBAL_GGUF_NAMES
 
 def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """GGUF metadata -> ModelConfig, by the family's own parser."""
-    spec = spec_for_gguf(meta.get("general.architecture", "<missing>"))
+    spec = spec_for_gguf(meta.get("general.architecture", "<missing>"), meta)
     return spec.config_from_gguf(meta, tensor_names)
 
 
@@ -62,10 +62,27 @@ def load_gguf(path: str | Path, keep_quantized: bool = True, float_bytes: int = 
         factors = next(t for t in gguf_file.tensors if t.name == "rope_freqs.weight")
         config.rope_scaling = {"rope_type": "freq_factors",
                                "factors": dequantize(gguf_file.raw(factors), factors.qtype).astype(np.float32).tolist()}
+    if "rope_factors_short.weight" in names:  # LongRoPE (Phi-3): the two divisor sets as tensors
+        arch = meta["general.architecture"]
+        short, long = (next(t for t in gguf_file.tensors if t.name == f"rope_factors_{n}.weight")
+                       for n in ("short", "long"))
+        config.rope_scaling = {
+            "rope_type": "longrope",
+            "short_factor": dequantize(gguf_file.raw(short), short.qtype).astype(np.float32).tolist(),
+            "long_factor": dequantize(gguf_file.raw(long), long.qtype).astype(np.float32).tolist(),
+            "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length")
+                                                    or config.max_position_embeddings),
+            "attention_factor": float(meta.get(f"{arch}.rope.scaling.attn_factor") or 1.0),
+        }
     readers = {}
     for t in gguf_file.tensors:
         hf_name = _hf_name(t.name, spec.gguf_layer_names)
         if hf_name is None:
+            continue
+        if "{e}" in hf_name:  # a stack of expert matrices [E, N, K]: one tensor per expert
+            for e in range(t.shape[0]):
+                readers[hf_name.format(e=e)] = partial(_read_tensor, gguf_file, t.expert(e), None, keep_quantized,
+                                                       blocks)
             continue
         heads = None
         permuted = spec.gguf_rope_permuted

@@ -20,9 +20,12 @@ from tqdm import tqdm
 
 from miaotui.compress.streamed import layers_of
 from miaotui.errors import MiaotuiError
+from miaotui.layers.moe import MoE
 from miaotui.layers.quantized_linear import QuantLinear
+from miaotui.layers.rope import rope_frequencies
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
+from miaotui.models.registry import spec_named
 from miaotui.models.transformer import Transformer
 
 EXPORT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -65,9 +68,16 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
     if type_name not in EXPORT_TYPES:
         raise MiaotuiError(f"unknown GGUF type '{type_name}' (use one of {', '.join(EXPORT_TYPES)})")
     c = model.config
-    arch = "qwen2" if c.architecture == "qwen2" else "llama"
-    if c.rope_scaling and c.rope_scaling.get("rope_type") not in (None, "default", "linear"):
-        raise MiaotuiError(f"GGUF export of rope scaling '{c.rope_scaling.get('rope_type')}' is not supported")
+    arch = spec_named(c.architecture).gguf_export_arch
+    if arch is None:
+        raise MiaotuiError(f"GGUF export of architecture '{c.architecture}' is not supported (llama.cpp has no "
+                           f"such architecture)")
+    if arch == "gemma2" and model.lm_head is not None:
+        raise MiaotuiError("GGUF export of a Gemma 2 with an untied output head is not supported (llama.cpp's "
+                           "gemma2 reads the embedding as its head)")
+    rope_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type"))
+    if rope_type not in (None, "default", "linear", "yarn", "llama3", "freq_factors", "longrope", "su"):
+        raise MiaotuiError(f"GGUF export of rope scaling '{rope_type}' is not supported")
     tokens, types, merges = _tokenizer_fields(tokenizer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,20 +85,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(f"miaotui export ({type_name})")
     w.add_file_type(_FILE_TYPES[type_name])
-    w.add_block_count(c.num_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    if c.rope_scaling and c.rope_scaling.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+    _add_model_fields(w, c, arch, rope_type)
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tokenizer.gguf_pre)
@@ -150,6 +147,98 @@ def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(array, qtype).view(np.uint8)
 
 
+def _add_model_fields(w: gguf.GGUFWriter, c: ModelConfig, arch: str, rope_type: str | None) -> None:
+    """The hyper-parameters under llama.cpp's keys for `arch`."""
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)  # (Mixtral's: its experts' width)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.rotary_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    scaling = c.rope_scaling or {}
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_type == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings")
+                                            or c.max_position_embeddings))
+    elif rope_type in ("longrope", "su"):  # the factors themselves are tensors (rope_factors_*)
+        rope = rope_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(rope.long_from)
+        w.add_rope_scaling_attn_factors(rope.attention_factor)
+    if c.num_experts:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.experts_per_token)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if c.sliding_window is not None and arch != "llama":  # (llama.cpp's 'llama' has no window: Mistral's is lost)
+        w.add_sliding_window(c.sliding_window)
+    if c.attn_softcap is not None:
+        w.add_attn_logit_softcapping(c.attn_softcap)
+    if c.final_softcap is not None:
+        w.add_final_logit_softcapping(c.final_softcap)
+    if c.local_rope_theta is not None:
+        w.add_rope_freq_base_swa(c.local_rope_theta)
+
+
+def _rope_tensors(c: ModelConfig, rope_type: str | None) -> list[tuple[str, np.ndarray]]:
+    """Rope scaling llama.cpp reads from tensors: per-frequency divisors (Llama 3.1's rope_freqs),
+    LongRoPE's short and long divisors (Phi-3's rope_factors_*)."""
+    scaling = c.rope_scaling or {}
+    if rope_type in ("llama3", "freq_factors"):
+        base = rope_frequencies(c.rotary_dim, c.rope_theta, None).inv_freq
+        scaled = rope_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).inv_freq
+        return [("rope_freqs.weight", (base / scaled).numpy())]
+    if rope_type in ("longrope", "su"):
+        return [(f"rope_factors_{kind}.weight", np.asarray(scaling[f"{kind}_factor"], dtype=np.float32))
+                for kind in ("long", "short")]
+    return []
+
+
+def _matrix_type(wanted: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
+    """The type a matrix is written in: `wanted`, or F16 where its rows are not whole blocks of it
+    (as llama.cpp's converter falls back)."""
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _layer_shapes(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
+    """A decoder layer's GGUF tensors (names inside 'blk.N.', without '.weight' for matrices and
+    norms) and numpy shapes, from its modules' shapes alone (a streamed layer is not read yet)."""
+    attn, d = layer.self_attn, c.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if arch == "phi3":  # llama.cpp keeps Phi-3's fused projections fused
+        shapes["attn_qkv"] = (c.q_size + 2 * c.kv_size, d)
+    else:
+        shapes |= {"attn_q": (c.q_size, d), "attn_k": (c.kv_size, d), "attn_v": (c.kv_size, d)}
+    shapes["attn_output"] = (d, attn.o_proj.in_features)
+    if attn.qkv_proj.bias is not None:
+        shapes |= {"attn_q.bias": (c.q_size,), "attn_k.bias": (c.kv_size,), "attn_v.bias": (c.kv_size,)}
+    if attn.q_norm is not None:
+        shapes |= {"attn_q_norm": (c.head_dim,), "attn_k_norm": (c.head_dim,)}
+    mlp = layer.mlp
+    if isinstance(mlp, MoE):
+        n, inter = len(mlp.experts), mlp.experts[0].down_proj.in_features
+        shapes |= {"ffn_gate_inp": (n, d), "ffn_gate_exps": (n, inter, d), "ffn_up_exps": (n, inter, d),
+                   "ffn_down_exps": (n, d, inter)}
+    elif arch == "phi3":
+        shapes |= {"ffn_up": (2 * mlp.down_proj.in_features, d), "ffn_down": (d, mlp.down_proj.in_features)}
+    else:
+        inter = mlp.down_proj.in_features
+        shapes |= {"ffn_gate": (inter, d), "ffn_up": (inter, d), "ffn_down": (d, inter)}
+    shapes |= {"attn_norm": (d,), "ffn_norm": (d,)}
+    if layer.attn_out_norm is not None:
+        shapes |= {"post_attention_norm": (d,), "post_ffw_norm": (d,)}
+    return shapes
+
+
 def _tensor_plan(model: Transformer, arch: str, main_type: gguf.GGMLQuantizationType,
                  embed_type: gguf.GGMLQuantizationType) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType,
                                                                     tuple[int, Any]]]:
@@ -157,41 +246,60 @@ def _tensor_plan(model: Transformer, arch: str, main_type: gguf.GGMLQuantization
     order, from the modules' shapes alone (a streamed model's layers are not read yet)."""
     c, f32 = model.config, gguf.GGMLQuantizationType.F32
     d = c.hidden_size
+    rope_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type"))
     plan = [("token_embd.weight", (c.vocab_size, d), embed_type, (-1, lambda m: m.embed_tokens.weight.detach().float()
                                                                   .numpy())),
             ("output_norm.weight", (d,), f32, (-1, lambda m: m.norm.weight.detach().float().numpy()))]
+    plan += [(name, array.shape, f32, (-1, lambda m, a=array: a)) for name, array in _rope_tensors(c, rope_type)]
     if model.lm_head is not None:
         plan.append(("output.weight", (c.vocab_size, d), embed_type, (-1, lambda m: _weight(m.lm_head))))
     for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        inter = mlp.down_proj.in_features
-        shapes = {"attn_q": (c.q_size, d), "attn_k": (c.kv_size, d), "attn_v": (c.kv_size, d),
-                  "attn_output": (d, attn.o_proj.in_features), "ffn_gate": (inter, d), "ffn_up": (inter, d),
-                  "ffn_down": (d, inter)}
-        for name, shape in shapes.items():
-            plan.append((f"blk.{i}.{name}.weight", shape, main_type, (i, name)))
-        if attn.qkv_proj.bias is not None:
-            for name, size in (("attn_q", c.q_size), ("attn_k", c.kv_size), ("attn_v", c.kv_size)):
-                plan.append((f"blk.{i}.{name}.bias", (size,), f32, (i, name + ".bias")))
-        plan.append((f"blk.{i}.attn_norm.weight", (d,), f32, (i, "attn_norm")))
-        plan.append((f"blk.{i}.ffn_norm.weight", (d,), f32, (i, "ffn_norm")))
+        for name, shape in _layer_shapes(layer, c, arch).items():
+            qtype = _matrix_type(main_type, shape) if len(shape) >= 2 and name != "ffn_gate_inp" else f32
+            # (the router stays F32)
+            full = f"blk.{i}.{name}" if name.endswith(".bias") else f"blk.{i}.{name}.weight"
+            plan.append((full, shape, qtype, (i, name)))
     return plan
 
 
 def _layer_arrays(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str, np.ndarray]:
-    """One decoder layer's tensors under their GGUF names (q/k rows in llama.cpp's rope order)."""
+    """One decoder layer's tensors under their GGUF names (_layer_shapes' keys; q/k rows in
+    llama.cpp's rope order where its architecture interleaves them)."""
     attn, mlp = layer.self_attn, layer.mlp
-    q, k, v = np.split(_weight(attn.qkv_proj), [c.q_size, c.q_size + c.kv_size])
-    if arch == "llama":
-        q, k = _permute_rope_rows(q, c.num_heads), _permute_rope_rows(k, c.num_kv_heads)
-    gate, up = np.split(_weight(mlp.gate_up_proj), 2)
-    out = {"attn_q": q, "attn_k": k, "attn_v": v, "attn_output": _weight(attn.o_proj), "ffn_gate": gate,
-           "ffn_up": up, "ffn_down": _weight(mlp.down_proj),
-           "attn_norm": layer.input_layernorm.weight.detach().float().numpy(),
-           "ffn_norm": layer.post_attention_layernorm.weight.detach().float().numpy()}
+    permute = arch == "llama"  # llama.cpp's converter interleaves q/k rows for its "llama" only
+    qkv = _weight(attn.qkv_proj)
+    out: dict[str, np.ndarray] = {}
+    if arch == "phi3":
+        out["attn_qkv"] = qkv
+    else:
+        q, k, v = np.split(qkv, [c.q_size, c.q_size + c.kv_size])
+        if permute:
+            q, k = _permute_rope_rows(q, c.num_heads), _permute_rope_rows(k, c.num_kv_heads)
+        out |= {"attn_q": q, "attn_k": k, "attn_v": v}
+    out["attn_output"] = _weight(attn.o_proj)
     if attn.qkv_proj.bias is not None:
         qb, kb, vb = np.split(attn.qkv_proj.bias.detach().float().numpy(), [c.q_size, c.q_size + c.kv_size])
-        if arch == "llama":
+        if permute:
             qb, kb = _permute_rope_rows(qb, c.num_heads), _permute_rope_rows(kb, c.num_kv_heads)
         out |= {"attn_q.bias": qb, "attn_k.bias": kb, "attn_v.bias": vb}
+    if attn.q_norm is not None:
+        out |= {"attn_q_norm": _vector(attn.q_norm), "attn_k_norm": _vector(attn.k_norm)}
+    if isinstance(mlp, MoE):
+        gate_up = [np.split(_weight(e.gate_up_proj), 2) for e in mlp.experts]
+        out |= {"ffn_gate_inp": _weight(mlp.router), "ffn_gate_exps": np.stack([g for g, _ in gate_up]),
+                "ffn_up_exps": np.stack([u for _, u in gate_up]),
+                "ffn_down_exps": np.stack([_weight(e.down_proj) for e in mlp.experts])}
+    elif arch == "phi3":
+        out |= {"ffn_up": _weight(mlp.gate_up_proj), "ffn_down": _weight(mlp.down_proj)}
+    else:
+        gate, up = np.split(_weight(mlp.gate_up_proj), 2)
+        out |= {"ffn_gate": gate, "ffn_up": up, "ffn_down": _weight(mlp.down_proj)}
+    # (Gemma's norms are kept as their multipliers 1 + w: what llama.cpp's converter writes too)
+    out |= {"attn_norm": _vector(layer.input_layernorm), "ffn_norm": _vector(layer.post_attention_layernorm)}
+    if layer.attn_out_norm is not None:
+        out |= {"post_attention_norm": _vector(layer.attn_out_norm), "post_ffw_norm": _vector(layer.mlp_out_norm)}
     return out
+
+
+def _vector(norm: torch.nn.Module) -> np.ndarray:
+    return norm.weight.detach().float().numpy()

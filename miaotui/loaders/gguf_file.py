@@ -39,6 +39,11 @@ class GGUFTensorInfo:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
+    def expert(self, e: int) -> GGUFTensorInfo:
+        """Matrix e of a stacked [E, N, K] expert tensor, as a tensor of its own."""
+        size = self.nbytes // self.shape[0]
+        return GGUFTensorInfo(f"{self.name}[{e}]", self.shape[1:], self.qtype, self.offset + e * size, size)
+
 
 class _Cursor:
     def __init__(self, buf: memoryview) -> None:

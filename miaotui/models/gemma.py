@@ -95,14 +95,14 @@ def _from_gguf(name: str):
             qk_norm=name == "gemma3", hidden_act="gelu_tanh", sandwich_norms=True, embed_scale=math.sqrt(hidden),
             query_scale=scale, attn_softcap=softcaps["attn_logit_softcapping"],
             final_softcap=softcaps["final_logit_softcapping"],
-            local_rope_theta=10000.0 if name == "gemma3" else None,
+            local_rope_theta=float(meta.get(f"{name}.rope.freq_base_swa", 10000.0)) if name == "gemma3" else None,
         )
     return parse
 
 
 GEMMA2 = ModelSpec("gemma2", ("Gemma2ForCausalLM", "gemma2"), _from_hf("gemma2"), layer_tensors,
                    global_tensors=global_tensors, gguf_arch="gemma2", config_from_gguf=_from_gguf("gemma2"),
-                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True, gguf_export=True)
+                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True)
 GEMMA3 = ModelSpec("gemma3", ("Gemma3ForCausalLM", "gemma3_text"), _from_hf("gemma3"), layer_tensors,
                    global_tensors=global_tensors, gguf_arch="gemma3", config_from_gguf=_from_gguf("gemma3"),
-                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True, gguf_export=True)
+                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True)

@@ -36,10 +36,11 @@ def _from_gguf(name: str, gguf_arch: str, **fixed: Any):
 
 
 LLAMA = ModelSpec("llama", ("LlamaForCausalLM", "llama"), _from_hf("llama"), layer_tensors,
-                  gguf_arch="llama", config_from_gguf=_from_gguf("llama", "llama"), gguf_rope_permuted=True,
-                  gguf_export=True)
-MISTRAL = ModelSpec("mistral", ("MistralForCausalLM", "mistral"), _from_hf("mistral"), layer_tensors)
+                  gguf_arch="llama", config_from_gguf=_from_gguf("llama", "llama"), gguf_rope_permuted=True)
+# (llama.cpp converts Mistral to 'llama', without its sliding window: a GGUF file never says "mistral")
+MISTRAL = ModelSpec("mistral", ("MistralForCausalLM", "mistral"), _from_hf("mistral"), layer_tensors,
+                    gguf_export_as="llama")
 QWEN2 = ModelSpec("qwen2", ("Qwen2ForCausalLM", "qwen2"), _from_hf("qwen2", qkv_bias=True), layer_tensors,
-                  gguf_arch="qwen2", config_from_gguf=_from_gguf("qwen2", "qwen2"), gguf_export=True)
+                  gguf_arch="qwen2", config_from_gguf=_from_gguf("qwen2", "qwen2"))
 QWEN3 = ModelSpec("qwen3", ("Qwen3ForCausalLM", "qwen3"), _from_hf("qwen3", qk_norm=True), layer_tensors,
-                  gguf_arch="qwen3", config_from_gguf=_from_gguf("qwen3", "qwen3", qk_norm=True), gguf_export=True)
+                  gguf_arch="qwen3", config_from_gguf=_from_gguf("qwen3", "qwen3", qk_norm=True))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from miaotui.models.config import ModelConfig
-from miaotui.models.config_sources import hf_common
-from miaotui.models.spec import ModelSpec
+from miaotui.models.config_sources import gguf_common, hf_common
+from miaotui.models.spec import LLAMA_GGUF_NAMES, ModelSpec
 from miaotui.models.weights import Named, Tensors, gated_mlp, split_qkv_attention, take
 
 
@@ -49,7 +49,34 @@ def qwen3_moe_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelC
                        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
 
 
+def _gguf_names(block: str, router: str, expert_names: tuple[str, str, str]) -> dict[str, str]:
+    """llama.cpp's names: the router as ffn_gate_inp, each projection's experts stacked [E, N, K]."""
+    gate, up, down = expert_names
+    dense = {k: v for k, v in LLAMA_GGUF_NAMES.items() if not k.startswith("ffn_") or k.startswith("ffn_norm")}
+    return dense | {"ffn_gate_inp.weight": f"{block}.{router}.weight",
+                    "ffn_gate_exps.weight": f"{block}.experts.{{e}}.{gate}.weight",
+                    "ffn_up_exps.weight": f"{block}.experts.{{e}}.{up}.weight",
+                    "ffn_down_exps.weight": f"{block}.experts.{{e}}.{down}.weight"}
+
+
+def _from_gguf(name: str, arch: str, **fixed: Any):
+    def parse(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+        found = gguf_common(meta, arch, tensor_names)
+        expert_width = meta.get(f"{arch}.expert_feed_forward_length") or found["intermediate_size"]
+        return ModelConfig(architecture=name, **found, num_experts=int(meta[f"{arch}.expert_count"]),
+                           experts_per_token=int(meta[f"{arch}.expert_used_count"]),
+                           moe_intermediate_size=int(expert_width), norm_topk_prob=True, **fixed)
+    return parse
+
+
 MIXTRAL = ModelSpec("mixtral", ("MixtralForCausalLM", "mixtral"), mixtral_from_hf,
-                    _layer_tensors("block_sparse_moe", "gate", ("w1", "w3", "w2")))
+                    _layer_tensors("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                    # llama.cpp writes Mixtral as a 'llama' with experts (and without its sliding window)
+                    gguf_arch="llama", gguf_match=lambda meta: bool(meta.get("llama.expert_count")),
+                    config_from_gguf=_from_gguf("mixtral", "llama"),
+                    gguf_layer_names=_gguf_names("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+                    gguf_rope_permuted=True)
 QWEN3_MOE = ModelSpec("qwen3_moe", ("Qwen3MoeForCausalLM", "qwen3_moe"), qwen3_moe_from_hf,
-                      _layer_tensors("mlp", "gate", ("gate_proj", "up_proj", "down_proj")))
+                      _layer_tensors("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+                      gguf_arch="qwen3moe", config_from_gguf=_from_gguf("qwen3_moe", "qwen3moe", qk_norm=True),
+                      gguf_layer_names=_gguf_names("mlp", "gate", ("gate_proj", "up_proj", "down_proj")))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from miaotui.models.config import ModelConfig
-from miaotui.models.config_sources import hf_common
+from miaotui.models.config_sources import gguf_common, hf_common
 from miaotui.models.spec import ModelSpec
 from miaotui.models.weights import Named, Tensors, take
 
@@ -35,4 +35,14 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConf
     return ModelConfig(architecture="phi3", **(found | {"rope_scaling": scaling}))
 
 
-PHI3 = ModelSpec("phi3", ("Phi3ForCausalLM", "phi3"), config_from_hf, layer_tensors)
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    """(LongRoPE's factors are tensors in the file: loaders/gguf.py reads them into rope_scaling.)"""
+    return ModelConfig(architecture="phi3", **gguf_common(meta, "phi3", tensor_names))
+
+
+# llama.cpp keeps Phi-3's fused projections fused
+PHI3_GGUF_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                   "attn_qkv.weight": "self_attn.qkv_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+                   "ffn_up.weight": "mlp.gate_up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+PHI3 = ModelSpec("phi3", ("Phi3ForCausalLM", "phi3"), config_from_hf, layer_tensors, gguf_arch="phi3",
+                 config_from_gguf=config_from_gguf, gguf_layer_names=PHI3_GGUF_NAMES)

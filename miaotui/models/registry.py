@@ -16,10 +16,11 @@ from miaotui.models.phi3 import PHI3
 from miaotui.models.spec import ModelSpec
 from miaotui.models.weights import Named, Tensors
 
-SPECS: tuple[ModelSpec, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
+# (MIXTRAL before LLAMA: both are 'llama' in GGUF, told apart by MIXTRAL.gguf_match)
+SPECS: tuple[ModelSpec, ...] = (MIXTRAL, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, QWEN3_MOE)
 _BY_NAME = {s.name: s for s in SPECS}
 _BY_HF = {hf: s for s in SPECS for hf in s.hf_classes}
-_BY_GGUF = {s.gguf_arch: s for s in SPECS if s.gguf_arch is not None}
+_GGUF_ARCHS = sorted({s.gguf_arch for s in SPECS if s.gguf_arch is not None})
 
 
 def spec_named(name: str) -> ModelSpec:
@@ -39,11 +40,14 @@ def spec_for_hf(cfg: dict) -> ModelSpec:
     raise MiaotuiError(f"unsupported model architecture '{shown}' (miaotui runs: {supported})")
 
 
-def spec_for_gguf(arch: str) -> ModelSpec:
-    if arch not in _BY_GGUF:
-        raise MiaotuiError(f"unsupported model architecture '{arch}' in GGUF file "
-                           f"(miaotui reads GGUF: {', '.join(_BY_GGUF)})")
-    return _BY_GGUF[arch]
+def spec_for_gguf(arch: str, meta: dict | None = None) -> ModelSpec:
+    """The spec of a GGUF file's general.architecture; where several families share one (llama.cpp
+    writes Mixtral as 'llama' with experts), the first whose gguf_match accepts the metadata."""
+    for spec in SPECS:
+        if spec.gguf_arch == arch and (spec.gguf_match is None or spec.gguf_match(meta or {})):
+            return spec
+    raise MiaotuiError(f"unsupported model architecture '{arch}' in GGUF file "
+                       f"(miaotui reads GGUF: {', '.join(_GGUF_ARCHS)})")
 
 
 def model_tensors(config: ModelConfig, hf: Tensors) -> Named:

@@ -40,9 +40,19 @@ class ModelSpec:
     # (config, tensors) -> the embedding, final norm and output head on the module tree
     global_tensors: Callable[[ModelConfig, Tensors], Named] = global_tensors
     gguf_arch: str | None = None  # general.architecture in GGUF files, None: miaotui reads no GGUF of it
+    # whether a GGUF file of gguf_arch is this family (None: any); for architectures llama.cpp shares
+    gguf_match: Callable[[dict[str, Any]], bool] | None = None
     # (GGUF metadata, tensor names) -> ModelConfig
     config_from_gguf: Callable[[dict[str, Any], set[str]], ModelConfig] | None = None
+    # GGUF names inside 'blk.N.' -> Hugging Face names inside 'model.layers.N.'; '{e}' in a name: the
+    # GGUF tensor stacks one matrix per expert [E, N, K]
     gguf_layer_names: Mapping[str, str] = field(default_factory=lambda: LLAMA_GGUF_NAMES)
     gguf_rope_permuted: bool = False  # llama.cpp's converter interleaved the q/k rows (its "llama" arch)
     gguf_norm_plus_one: bool = False  # llama.cpp's converter stored (1 + w) norms (Gemma)
-    gguf_export: bool = False  # export-gguf writes this architecture (loaders/gguf_export.py)
+    # the GGUF architecture export-gguf writes it as (loaders/gguf_export.py): gguf_arch by default;
+    # 'llama' for Mistral, which llama.cpp runs as a Llama
+    gguf_export_as: str | None = None
+
+    @property
+    def gguf_export_arch(self) -> str | None:
+        return self.gguf_export_as or self.gguf_arch
