@@ -18,6 +18,8 @@ class WrappedModel(nn.Module):
         super().__init__()
         self.inner = inner  # a Transformer or another WrappedModel
         self.config = config  # this rank's shapes: its heads, its layers (the KV cache follows them)
+        # the whole model's (a pipeline stage's config names its own layers only)
+        self.whole_config = getattr(inner, "whole_config", None) or inner.config
 
     @property
     def transformer(self) -> Transformer:

@@ -3,7 +3,8 @@ caching (a full block is found again by the hash of its tokens and of everything
 
 Blocks are reference-counted: sequences sharing a prompt prefix share its blocks. A freed block
 that holds a full, hashed prefix stays findable until the pool needs it (least recently used
-first). Block 0 is reserved as a scratch slot for padding writes and is never handed out.
+first). Block 0 is reserved as a scratch slot for padding writes and is never handed out; in a
+table it also stands for a block given back because every layer's sliding window has passed it.
 Not for the tensors (paged_cache.py) or for scheduling (llm_engine.py).
 """
 
@@ -97,19 +98,35 @@ class BlockManager:
             return
         for i, h in enumerate(block_hashes(tokens[:computed], self.block_size)):
             block = table[i]
-            if block in self.block_hash:
+            if block == 0 or block in self.block_hash:  # (given back, or findable already)
                 continue
             if h in self.cached:  # an identical block exists already: keep that one findable
                 continue
             self.block_hash[block] = h
             self.cached[h] = block
 
+    def drop_before(self, table: list[int], position: int) -> int:
+        """Give back the blocks holding only positions before `position` (no query will attend to
+        them again: they lie outside every layer's sliding window); their table entries become 0.
+        A hashed block stays findable by prefix until the pool needs it. -> blocks given back."""
+        dropped = 0
+        for i in range(min(len(table), max(0, position) // self.block_size)):
+            if table[i] != 0:
+                self._release_block(table[i])
+                table[i] = 0
+                dropped += 1
+        return dropped
+
     def release(self, table: list[int]) -> None:
         for block in table:
-            self.ref_count[block] -= 1
-            if self.ref_count[block] == 0:
-                if block in self.block_hash:
-                    self.evictable[block] = None
-                else:
-                    self.free.append(block)
+            if block != 0:
+                self._release_block(block)
         table.clear()
+
+    def _release_block(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            if block in self.block_hash:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)

@@ -74,6 +74,12 @@ class LLMEngine:
             if draft_model is None:
                 raise MiaotuiError("speculation by a draft model needs the draft model loaded")
             self.proposer = DraftModelProposer(draft_model, num_blocks, bs)
+        # Every layer slides (Mistral, Mixtral v0.1, Phi-3): a row's blocks before its widest window
+        # are given back as it grows, so a long chat holds a bounded cache. (Not with a draft model,
+        # whose own cache shares the block tables.)
+        whole = getattr(model, "whole_config", model.config)
+        windows = [whole.window(i) for i in range(whole.num_layers)]
+        self.window_span = max(windows) if None not in windows and config.speculate != "model" else None
         self.sampler = Sampler()
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
@@ -306,6 +312,7 @@ class LLMEngine:
                 self._score_prompt(req, start, n, all_logits[offsets[row]:offsets[row] + n])
             req.computed = start + n
             self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
+            self._drop_passed_blocks(req)
             if start < len(req.prompt_ids):
                 self.stats.prompt_tokens += min(n, len(req.prompt_ids) - start)
         sampling = [row for row, (req, start, n) in enumerate(rows)
@@ -345,6 +352,12 @@ class LLMEngine:
             if req not in self.running:  # finished (stop, length)
                 return
         self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
+        self._drop_passed_blocks(req)
+
+    def _drop_passed_blocks(self, req: EngineRequest) -> None:
+        """The next query sits at position req.computed and sees keys after computed - window."""
+        if self.window_span is not None:
+            self.blocks.drop_before(req.table, req.computed - self.window_span)
 
     def _score_prompt(self, req: EngineRequest, start: int, n: int, logits: torch.Tensor) -> None:
         """Log-probs of each prompt token given the ones before it (the first has none)."""

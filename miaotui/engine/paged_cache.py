@@ -128,14 +128,20 @@ class PackedLayerView:
         kv, hd = k_flat.shape[1], k_flat.shape[2]
         scale = hd ** -0.5 if scale is None else scale
         # the native kernel reads each query's whole prefix: it serves a sliding layer while the
-        # prefix still fits in the window
+        # prefix still fits in the window, and decode rows (one query each) from a gather that
+        # starts where their window does
         windowed = window is not None and int(g.lengths.max()) > window
-        if native_ok and not windowed and self._native_fits(q, k_flat, g):
+        gather, lengths = g.gather, g.lengths
+        if windowed and n == 1:
+            start = (g.lengths[:, 0] - window).clamp(min=0)  # [G] each row's first key in its window
+            at = (start[:, None] + torch.arange(window, device=start.device)).clamp(max=t - 1)  # [G, W]
+            gather, lengths = g.gather.gather(1, at), g.lengths - start[:, None]
+        if native_ok and (not windowed or n == 1) and self._native_fits(q, k_flat, g):
             # queries [G, n, H, hd]; each one attends over its own prefix of the row's slots. bf16
             # queries and pool: bf16 dot products on the pool in place (AVX512-BF16); else float32.
             bf16 = q.dtype == k_flat.dtype == torch.bfloat16 and hd % 32 == 0 and _CPU_BF16_DOT
             qn = q.transpose(0, 1).to(torch.bfloat16 if bf16 else torch.float32).contiguous()
-            out = self.native(qn.view(rows, n, q.shape[0], hd), k_flat, v_flat, g.gather, g.lengths, scale)
+            out = self.native(qn.view(rows, n, q.shape[0], hd), k_flat, v_flat, gather, lengths, scale)
             return out.view(rows * n, q.shape[0], hd).transpose(0, 1).to(q.dtype)
         keys = k_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)
         values = v_flat.index_select(0, g.gather.reshape(-1)).view(rows, t, kv, hd).transpose(1, 2)

@@ -96,3 +96,46 @@ def test_an_unsupported_architecture_names_itself_and_the_supported(tmp_path):
         load_model(directory, torch.float32)
     message = str(err.value)
     assert "'FalconForCausalLM'" in message and "Gemma3ForCausalLM" in message and "\n" not in message
+
+
+def test_a_sliding_window_model_holds_a_bounded_cache(family_dir):
+    """Every layer of the Mistral checkpoint slides (window 8): blocks behind the window are given
+    back as a long generation goes on, so the blocks held stop growing; the tokens stay those of a
+    cache-free forward."""
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(family_dir("mistral_window")), dtype="float32", block_size=4)
+    prompt = _prompts()[1]
+    held = []
+    tokens = []
+    for event in llm.stream([prompt], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)):
+        tokens.append(event.token_id)
+        held.append(sum(1 for b in llm.engine.running[0].table if b != 0) if llm.engine.running else 0)
+    assert len(tokens) == 64
+    assert max(held) <= -(-WINDOW // 4) + 2  # the window's blocks, a partial one and the one being filled
+    assert max(held[10:]) == max(held[-10:])  # flat once past the window
+    expected = list(prompt)
+    with torch.inference_mode():
+        for _ in range(64):
+            expected.append(int(llm.model(torch.tensor([expected]), torch.arange(len(expected))[None])[0, -1]
+                                .argmax()))
+    assert tokens == expected[len(prompt):]
+    assert llm.engine.blocks.usage == 0.0  # everything given back at the end
+
+
+def test_blocks_behind_the_window_are_given_back_and_skipped():
+    from miaotui.engine.block_manager import BlockManager
+
+    blocks = BlockManager(8, 4)
+    table: list[int] = []
+    blocks.grow(table, 13)  # 4 blocks
+    tokens = list(range(13))
+    blocks.commit_full_blocks(table, tokens, 12)
+    first = table[0]
+    assert blocks.drop_before(table, 9) == 2 and table[:2] == [0, 0]  # positions 0-7 are behind
+    assert blocks.drop_before(table, 9) == 0
+    blocks.commit_full_blocks(table, tokens, 12)  # entries given back are not hashed again
+    assert 0 not in blocks.block_hash
+    assert blocks.match_prefix(tokens[:5]) == [first]  # a given-back hashed block is still findable
+    blocks.release(table)
+    assert table == []
