@@ -139,3 +139,34 @@ def test_blocks_behind_the_window_are_given_back_and_skipped():
     assert blocks.match_prefix(tokens[:5]) == [first]  # a given-back hashed block is still findable
     blocks.release(table)
     assert table == []
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gemma2", "phi3"])
+def test_prompt_lookup_speculation_keeps_greedy_tokens(family_dir, name):
+    from miaotui import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [p * 2 for p in _prompts()]  # repeated text: prompt lookup finds drafts
+    plain = LLM(str(family_dir(name)), dtype="float32", block_size=4).generate(prompts, greedy)
+    spec = LLM(str(family_dir(name)), dtype="float32", block_size=4, speculate="ngram")
+    drafted = spec.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in drafted] == [o.outputs[0].token_ids for o in plain]
+    assert spec.engine.stats.spec_drafted > 0
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3_moe"])
+def test_openai_server_on_a_family(family_dir, name):
+    import openai
+
+    from miaotui import LLM, SamplingParams
+    from tests.unit.server_process import running_server
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    local = LLM(str(family_dir(name)), dtype="float32").chat(
+        messages, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    with running_server(family_dir(name), "--served-model-name", name, "--dtype", "float32") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0.0,
+                                               extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == local
+    assert reply.usage.completion_tokens == 12

@@ -124,3 +124,20 @@ def test_parallel_logits_equal_one_process(family_dir, tmp_path, name, tp, pp):
     with torch.inference_mode():
         ref = llm.model(ids, torch.arange(8)[None].expand(2, -1))
     torch.testing.assert_close(torch.load(out), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_distillation_on_each_family(family_dir, calib_text, tmp_path, name):
+    from miaotui.compress.distill import DistillConfig, distill
+    from miaotui.compress.prune.unstructured import prune_model
+    from miaotui.compress.training import load_training_tokens
+
+    teacher = load_model(family_dir(name), torch.float32)
+    student = load_model(family_dir(name), torch.float32)
+    prune_model(student.model, "magnitude", 0.5)
+    tokens = load_training_tokens(calib_text, student.tokenizer)
+    cfg = DistillConfig(steps=8, lr=3e-3, batch=2, seq_len=32, checkpoint_every=100, autocast="none")
+    result = distill(teacher.model, student.model, tokens, cfg, tmp_path / "ckpt", progress=False)
+    assert result.steps == 8 and result.losses[-1] < result.losses[0]
+    first = student.model.get_submodule(model_linears(student.config)[-1]).weight
+    assert float((first == 0).float().mean()) == pytest.approx(0.5, abs=0.02)  # the masks stay
