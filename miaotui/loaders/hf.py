@@ -19,7 +19,7 @@ from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from miaotui.models.config import ModelConfig
-from miaotui.models.registry import spec_for_hf
+from miaotui.models.registry import has_spec_for_hf, spec_for_hf
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -29,9 +29,34 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise MiaotuiError(f"cannot read '{path}': {exc}") from None
 
 
+# A multimodal checkpoint's language model, where transformers keeps it (hub files, then newer saves)
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."))
+
+
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConfig:
-    """config.json (and generation_config.json) -> ModelConfig, by the family's own parser."""
+    """config.json (and generation_config.json) -> ModelConfig, by the family's own parser. A
+    multimodal checkpoint (Gemma 3 4B+: Gemma3ForConditionalGeneration) runs its text model: the
+    config's text_config, by its model_type."""
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and text.get("model_type") and not has_spec_for_hf(cfg):
+        outer = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings") if k in cfg}
+        cfg = {k: v for k, v in text.items() if k != "architectures"} | {
+            k: v for k, v in outer.items() if k not in text}
     return spec_for_hf(cfg).config_from_hf(cfg, generation)
+
+
+def text_model_tensors(tensors: LazyTensors) -> LazyTensors:
+    """A multimodal checkpoint's language-model tensors under a text model's names (the vision
+    tower and projector left out); a text checkpoint's as they are."""
+    if "model.embed_tokens.weight" in tensors:
+        return tensors
+    readers = {}
+    for name in tensors:
+        for prefix, plain in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                readers[plain + name.removeprefix(prefix)] = partial(tensors.__getitem__, name)
+    return LazyTensors(readers, tensors.numel) if readers else tensors
 
 
 def load_safetensors_dir(directory: Path) -> LazyTensors:
@@ -78,7 +103,7 @@ def load_hf_dir(directory: str | Path, float_bytes: int = 4) -> tuple[ModelConfi
     cfg = _read_json(directory / "config.json")
     gen_path = directory / "generation_config.json"
     config = config_from_hf(cfg, _read_json(gen_path) if gen_path.is_file() else {})
-    tensors = load_safetensors_dir(directory)
+    tensors = text_model_tensors(load_safetensors_dir(directory))
     check_fits(tensors.numel * float_bytes, directory.name)
     if config.tie_word_embeddings is False and "lm_head.weight" not in tensors:
         config.tie_word_embeddings = True  # some checkpoints omit the flag but share the matrix

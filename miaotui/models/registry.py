@@ -29,6 +29,10 @@ def spec_named(name: str) -> ModelSpec:
     return _BY_NAME[name]
 
 
+def has_spec_for_hf(cfg: dict) -> bool:
+    return any(name in _BY_HF for name in cfg.get("architectures") or [cfg.get("model_type")])
+
+
 def spec_for_hf(cfg: dict) -> ModelSpec:
     """The spec of a config.json: by its "architectures" class names, or its model_type where it names none."""
     names = cfg.get("architectures") or [cfg.get("model_type")]

@@ -170,3 +170,48 @@ def test_openai_server_on_a_family(family_dir, name):
                                                extra_body={"ignore_eos": True})
     assert reply.choices[0].message.content == local
     assert reply.usage.completion_tokens == 12
+
+
+def test_a_multimodal_gemma3_checkpoint_runs_its_language_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration (a vision tower beside the text
+    model, under language_model.*): miaotui runs the text model, with transformers' logits."""
+    import json
+
+    import transformers
+
+    from miaotui import LLM
+    from tests.tiny_models import train_tokenizer
+
+    text = FAMILY_CONFIGS["gemma3"][2] | dict(vocab_size=420, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    reference = transformers.Gemma3ForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path)
+    train_tokenizer(420).save(str(tmp_path / "tokenizer.json"))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+    ours = LLM(str(tmp_path), dtype="float32")
+    assert ours.model.config.architecture == "gemma3" and ours.model.config.num_layers == 6
+    ids = _prompts()[2]
+    with torch.inference_mode():
+        got = ours.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+        expected = reference(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_prefix_caching_with_sliding_windows(family_dir):
+    """A second request with the same long prompt reuses its blocks (those given back behind the
+    window stay findable until the pool needs them) and generates the same tokens."""
+    from miaotui import LLM, SamplingParams
+
+    llm = LLM(str(family_dir("mistral_window")), dtype="float32", block_size=4)
+    prompt = _prompts()[2] + _prompts()[1]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    first = llm.generate([prompt], greedy)[0].outputs[0].token_ids
+    hits = llm.engine.blocks.prefix_hits
+    second = llm.generate([prompt], greedy)[0].outputs[0].token_ids
+    assert llm.engine.blocks.prefix_hits - hits >= len(prompt) // 4 - 1
+    assert second == first
