@@ -24,6 +24,14 @@ class Shape:
     kv_heads: int
     mlp: int
     tied: bool  # output head shares the token embedding (small models)
+    arch: str = "llama"  # the GGUF architecture: llama, or qwen3 (RMSNorm on each q and k head)
+    head_dim: int = 0  # 0: hidden / heads
+    # where the file is read: the 'llama' arch's q/k rows in llama.cpp's interleaved order are only
+    # a permutation of random rows, so they are written as drawn
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
 
 SHAPES = {
@@ -31,21 +39,26 @@ SHAPES = {
     "1b": Shape("1b", 2048, 16, 32, 8, 8192, tied=True),
     # Llama 3.1 8B's body (hidden 4096, 32 layers, 32/8 heads, MLP 14336)
     "8b": Shape("8b", 4096, 32, 32, 8, 14336, tied=False),
+    # Qwen3 1.7B's body (hidden 2048, 28 layers, 16/8 heads of 128, MLP 6144, q/k norms)
+    "qwen3-1.7b": Shape("qwen3-1.7b", 2048, 28, 16, 8, 6144, tied=True, arch="qwen3", head_dim=128),
 }
 
 
 def _tensors(shape: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     """GGUF tensor names and numpy shapes ([out, in] for matrices)."""
-    d, kv = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
+    d, hd = shape.hidden, shape.head_size
+    q, kv = shape.heads * hd, shape.kv_heads * hd
     out = [("token_embd.weight", (vocab, d)), ("output_norm.weight", (d,))]
     if not shape.tied:
         out.append(("output.weight", (vocab, d)))
     for i in range(shape.layers):
         out += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.ffn_norm.weight", (d,)),
-                (f"blk.{i}.attn_q.weight", (d, d)), (f"blk.{i}.attn_k.weight", (kv, d)),
-                (f"blk.{i}.attn_v.weight", (kv, d)), (f"blk.{i}.attn_output.weight", (d, d)),
+                (f"blk.{i}.attn_q.weight", (q, d)), (f"blk.{i}.attn_k.weight", (kv, d)),
+                (f"blk.{i}.attn_v.weight", (kv, d)), (f"blk.{i}.attn_output.weight", (d, q)),
                 (f"blk.{i}.ffn_gate.weight", (shape.mlp, d)), (f"blk.{i}.ffn_up.weight", (shape.mlp, d)),
                 (f"blk.{i}.ffn_down.weight", (d, shape.mlp))]
+        if shape.arch == "qwen3":
+            out += [(f"blk.{i}.attn_q_norm.weight", (hd,)), (f"blk.{i}.attn_k_norm.weight", (hd,))]
     return out
 
 
@@ -75,9 +88,9 @@ def write_random_gguf(shape: Shape, tokenizer_source: Path, path: Path, seed: in
     reader = gguf.GGUFReader(str(tokenizer_source))
     tmp = path.with_suffix(".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), shape.arch)
     vocab = _copy_tokenizer(reader, writer)
-    writer.add_name(f"random llama {shape.name}")
+    writer.add_name(f"random {shape.arch} {shape.name}")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
     writer.add_block_count(shape.layers)
     writer.add_context_length(8192)
@@ -85,7 +98,9 @@ def write_random_gguf(shape: Shape, tokenizer_source: Path, path: Path, seed: in
     writer.add_feed_forward_length(shape.mlp)
     writer.add_head_count(shape.heads)
     writer.add_head_count_kv(shape.kv_heads)
-    writer.add_rope_dimension_count(shape.hidden // shape.heads)
+    writer.add_rope_dimension_count(shape.head_size)
+    writer.add_key_length(shape.head_size)
+    writer.add_value_length(shape.head_size)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(500000.0)
     writer.add_vocab_size(vocab)

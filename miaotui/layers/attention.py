@@ -51,8 +51,8 @@ class Attention(nn.Module):
         self.scale = config.query_scale if config.query_scale is not None else self.head_dim ** -0.5
         self.softcap = config.attn_softcap
         self.window = config.window(layer)
-        # Llama's attention: the native rope and fused decode kernels run it
-        self.plain = not config.qk_norm and self.scale == self.head_dim ** -0.5 and self.softcap is None \
+        # Llama's attention, q/k norms allowed (Qwen3): the native rope and paged attention kernels run it
+        self.plain = self.scale == self.head_dim ** -0.5 and self.softcap is None \
             and self.window is None and config.rotary_dim == self.head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_view: KVView | None) -> torch.Tensor:
@@ -62,6 +62,8 @@ class Attention(nn.Module):
             return self._forward_general(x, cos, sin, kv_view)
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, S, (H + 2 KV) hd], fresh: rotated in place below
+        if self.q_norm is not None:
+            qkv = self._norm_heads(qkv)
         native = native_op("rope_bf16_") if qkv.dtype == cos.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
             and qkv.is_contiguous() and not torch.is_grad_enabled() else None  # inference only: no backward
         if native is not None and kv_view is not None and batch == 1 and cos.is_contiguous():
@@ -88,6 +90,14 @@ class Attention(nn.Module):
         else:
             out = self._attention(q, k, v, None, is_causal=seq > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over each q and each k head of the fused projection [B, S, (H + 2 KV) hd]."""
+        batch, seq, _ = qkv.shape
+        heads = qkv.view(batch, seq, -1, self.head_dim)
+        q, k = heads[:, :, :self.num_heads], heads[:, :, self.num_heads:self.num_heads + self.num_kv_heads]
+        return torch.cat([self.q_norm(q), self.k_norm(k), heads[:, :, self.num_heads + self.num_kv_heads:]],
+                         dim=2).view(batch, seq, -1)
 
     def _forward_general(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_view: KVView | None
                          ) -> torch.Tensor:

@@ -71,10 +71,11 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
     """The plan for a decode step of `rows` rows, or None where the layer must run its modules."""
     from miaotui.models.transformer import DecoderLayer
 
-    if type(layer) is not DecoderLayer or rows > FUSED_MAX_ROWS:
+    if type(layer) is not DecoderLayer or rows > FUSED_MAX_ROWS or layer.rope_kind != "global":
         return None
     attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-    if type(attn) is not Attention or not attn.plain or type(mlp) is not GatedMLP or mlp.act != "silu" \
+    if type(attn) is not Attention or not attn.plain or attn.q_norm is not None or type(mlp) is not GatedMLP \
+            or mlp.act != "silu" \
             or layer.attn_out_norm is not None or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm \
             or any(_hooked(m) for m in (layer, attn, mlp, ln1, ln2)):
         return None
@@ -186,14 +187,16 @@ class FusedDecode:
         self._steps[seq] = sources, parts
         return parts
 
-    def run(self, layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
             kv_views: list[KVView]) -> torch.Tensor:
         """x: [1, S, D] through every layer -> [1, S, D]: runs of consecutive layers that have a plan
-        in one native call each, the other layers through their modules."""
+        in one native call each, the other layers through their modules. ropes: Transformer.rope_tables
+        (fused layers rotate with the global rope: a layer with a rope of its own has no plan)."""
         seq = x.shape[1]
+        cos, sin = ropes["global"]
         for part in self._step(layers, seq):
             if isinstance(part, int):
-                x = layers[part](x, cos, sin, kv_views[part])
+                x = layers[part](x, *ropes[layers[part].rope_kind], kv_views[part])
                 continue
             caches = [kv_views[i].fused_qkv_args(part.heads) for i in range(part.first, part.first + part.count)]
             if any(c is None for c in caches):  # this step's rows do not fit the fused attention

@@ -180,7 +180,7 @@ class Transformer(nn.Module):
         ropes = self.rope_tables(positions, x.dtype)
         cos, sin = ropes["global"]
         if self.fused_decode.step_fits(x, cos, kv_views):
-            return self.norm(self.fused_decode.run(self.layers, x, cos, sin, kv_views))
+            return self.norm(self.fused_decode.run(self.layers, x, ropes, kv_views))
         for i, layer in enumerate(self.layers):
             x = layer(x, *ropes[layer.rope_kind], None if kv_views is None else kv_views[i])
         return self.norm(x)
