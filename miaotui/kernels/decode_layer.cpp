@@ -35,6 +35,8 @@ using OptTensor = c10::optional<at::Tensor>;
 struct LayerRefs {
   const uint16_t* ln1;
   const uint16_t* ln2;
+  const uint16_t* q_norm = nullptr;  // RMSNorm weights [hd] over each q and k head (Qwen3), or none
+  const uint16_t* k_norm = nullptr;
   LinearRef qkv, o, gate_up, down;
   AttentionRef attention;
 };
@@ -49,18 +51,20 @@ inline void share(int64_t total, int thread, int threads, int64_t& begin, int64_
 }
 
 // decode_layers: consecutive decoder layers in one call (one crossing from Python per step, not
-// one per layer). Per layer l: ln1[l], ln2[l], qkv_bias[l], k_pools[l], v_pools[l],
+// one per layer). Per layer l: ln1[l], ln2[l], qkv_bias[l], qk_norms[2 l, 2 l + 1] (q and k head
+// norms, both or neither), k_pools[l], v_pools[l],
 // linear_info[24 l, 24 l + 24), and its linears' tensors in `weights`, in the order qkv, o, gate_up,
 // down, each as many as its kernel takes (linear_q_tiles 2, linear_bf16_tiles 1).
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList ln2, double eps, at::TensorList weights,
-                         const c10::List<c10::optional<at::Tensor>>& qkv_bias, at::IntArrayRef linear_info,
+                         const c10::List<c10::optional<at::Tensor>>& qkv_bias,
+                         const c10::List<c10::optional<at::Tensor>>& qk_norms, at::IntArrayRef linear_info,
                          const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_pools, at::TensorList v_pools,
                          const at::Tensor& slots, const at::Tensor& gather, const at::Tensor& lengths, int64_t heads,
                          double scale) {
   const size_t layers = ln1.size();
-  TORCH_CHECK(layers > 0 && ln2.size() == layers && qkv_bias.size() == layers && k_pools.size() == layers &&
-                  v_pools.size() == layers && linear_info.size() == 24 * layers,
-              "one ln1, ln2, qkv bias, k pool, v pool and 24 linear_info ints per layer");
+  TORCH_CHECK(layers > 0 && ln2.size() == layers && qkv_bias.size() == layers && qk_norms.size() == 2 * layers &&
+                  k_pools.size() == layers && v_pools.size() == layers && linear_info.size() == 24 * layers,
+              "one ln1, ln2, qkv bias, two qk norms, k pool, v pool and 24 linear_info ints per layer");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [M, D]");
   const int64_t m = x.size(0), d = x.size(1);
   std::vector<LayerRefs> refs(layers);
@@ -74,6 +78,16 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList
     r.ln1 = bits_of(ln1[l]);
     r.ln2 = bits_of(ln2[l]);
     TORCH_CHECK(k_pools[l].dim() == 3, "pools: [S, KV, hd]");
+    const OptTensor qn = qk_norms.get(2 * l), kn = qk_norms.get(2 * l + 1);
+    TORCH_CHECK(qn.has_value() == kn.has_value(), "qk_norms: a q norm and a k norm, or neither");
+    if (qn.has_value()) {
+      for (const at::Tensor& w : {*qn, *kn}) {
+        TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.numel() == k_pools[l].size(2),
+                    "qk norm weights: contiguous bf16 [hd]");
+      }
+      r.q_norm = bits_of(*qn);
+      r.k_norm = bits_of(*kn);
+    }
     LinearRef* linears[4] = {&r.qkv, &r.o, &r.gate_up, &r.down};
     for (int j = 0; j < 4; ++j) {
       const auto info = linear_info.slice(24 * l + 6 * j, 6);
@@ -127,7 +141,18 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList
       linear(r.qkv, np, qp);
 #pragma omp barrier
 #pragma omp single
-      miaotui_parts::attention_store(r.attention, qp);
+      {
+        if (r.q_norm != nullptr) {  // each q and k head normalised in place, as rms_norm_bf16 does
+          const AttentionRef& a = r.attention;
+          for (int64_t t = 0; t < m; ++t) {
+            uint16_t* row = qp + t * r.qkv.n;
+            miaotui_parts::rms_norm_rows(row, a.heads, a.hd, r.q_norm, eps_f, row);
+            miaotui_parts::rms_norm_rows(row + a.heads * a.hd, a.kv_heads, a.hd, r.k_norm, eps_f,
+                                         row + a.heads * a.hd);
+          }
+        }
+        miaotui_parts::attention_store(r.attention, qp);
+      }
       if (miaotui_parts::attention_threads(r.attention)) {
         share(r.attention.tasks(), thread, team, begin, end);
         miaotui_parts::attention_tasks(r.attention, qp, begin, end, ap);
@@ -165,6 +190,7 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList
 
 TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] weights, Tensor?[] qkv_bias, "
+        "Tensor?[] qk_norms, "
         "int[] linear_info, Tensor cos, Tensor sin, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
         "Tensor gather, Tensor lengths, int heads, float scale) -> Tensor");
 }

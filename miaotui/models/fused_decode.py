@@ -41,6 +41,8 @@ class LayerPlan:
     down: list[torch.Tensor]
     linear_info: list[int]
     heads: int
+    q_norm: torch.Tensor | None = None  # RMSNorm weights [hd] over each q and k head (Qwen3)
+    k_norm: torch.Tensor | None = None
 
 
 def _linear(module: nn.Module, rows: int) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -74,12 +76,15 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
     if type(layer) is not DecoderLayer or rows > FUSED_MAX_ROWS or layer.rope_kind != "global":
         return None
     attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-    if type(attn) is not Attention or not attn.plain or attn.q_norm is not None or type(mlp) is not GatedMLP \
-            or mlp.act != "silu" \
+    if type(attn) is not Attention or not attn.plain or type(mlp) is not GatedMLP or mlp.act != "silu" \
             or layer.attn_out_norm is not None or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm \
             or any(_hooked(m) for m in (layer, attn, mlp, ln1, ln2)):
         return None
     if ln1.weight.dtype != torch.bfloat16 or ln2.weight.dtype != torch.bfloat16 or ln1.eps != ln2.eps:
+        return None
+    norms = (attn.q_norm, attn.k_norm)
+    if attn.q_norm is not None and any(type(n) is not RMSNorm or n.weight.dtype != torch.bfloat16 or n.eps != ln1.eps
+                                       or _hooked(n) for n in norms):
         return None
     parts = [_linear(m, rows) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     if any(p is None for p in parts) or any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj,
@@ -87,7 +92,8 @@ def layer_plan(layer: nn.Module, rows: int) -> LayerPlan | None:
         return None
     (qkv, qkv_info), (o, o_info), (gate_up, gu_info), (down, down_info) = parts
     return LayerPlan(ln1.weight, ln2.weight, ln1.eps, qkv, attn.qkv_proj.bias, o, gate_up, down,
-                     qkv_info + o_info + gu_info + down_info, attn.num_heads)
+                     qkv_info + o_info + gu_info + down_info, attn.num_heads,
+                     *(None if n is None else n.weight for n in norms))
 
 
 def _layout(module: nn.Module | None) -> object:
@@ -108,7 +114,8 @@ def _sources(layer: nn.Module) -> tuple[object, ...]:
     mlp_mods = mlp._modules if mlp is not None else {}
     linears = (attn_mods.get("qkv_proj"), attn_mods.get("o_proj"), mlp_mods.get("gate_up_proj"),
                mlp_mods.get("down_proj"))
-    norms = (mods.get("input_layernorm"), mods.get("post_attention_layernorm"))
+    norms = (mods.get("input_layernorm"), mods.get("post_attention_layernorm"), attn_mods.get("q_norm"),
+             attn_mods.get("k_norm"))
     return (attn, mlp, *linears, *(_layout(m) for m in linears),
             *(None if n is None else n._parameters.get("weight") for n in norms))
 
@@ -126,6 +133,7 @@ class FusedRun:
     ln2: list[torch.Tensor]
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]
+    qk_norms: list[torch.Tensor | None]  # each layer's q and k head norms (or two Nones)
     info: list[int]
     eps: float
     heads: int
@@ -139,7 +147,8 @@ def _shape(plan: LayerPlan) -> tuple[int, ...]:
 def _fused_run(first: int, plans: list[LayerPlan]) -> FusedRun:
     return FusedRun(first, len(plans), [p.ln1 for p in plans], [p.ln2 for p in plans],
                     [t for p in plans for t in (*p.qkv, *p.o, *p.gate_up, *p.down)],
-                    [p.qkv_bias for p in plans], [i for p in plans for i in p.linear_info], plans[0].eps,
+                    [p.qkv_bias for p in plans], [n for p in plans for n in (p.q_norm, p.k_norm)],
+                    [i for p in plans for i in p.linear_info], plans[0].eps,
                     plans[0].heads)
 
 
@@ -213,7 +222,8 @@ class FusedDecode:
                 note_kernel("decoder layer", "fused")
         seq = x.shape[1]
         _, _, slots, gather, lengths = caches[0]
-        out = self._op(x.view(seq, -1), part.ln1, part.ln2, part.eps, part.weights, part.biases, part.info,
+        out = self._op(x.view(seq, -1), part.ln1, part.ln2, part.eps, part.weights, part.biases, part.qk_norms,
+                       part.info,
                        cos.view(seq, -1), sin.view(seq, -1), [c[0] for c in caches], [c[1] for c in caches], slots,
                        gather, lengths, part.heads, caches[0][0].shape[2] ** -0.5)
         return out.view(x.shape)

@@ -22,9 +22,9 @@ QUANTIZE = {"bf16": None, "int4-g32-sym": ["--bits", "4", "--group-size", "32", 
             "int8-g128-asym": ["--bits", "8", "--group-size", "128"]}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def wide_dir(request, tmp_path_factory):
-    # 32-wide heads (the native attention's block), a qkv bias with qwen2
+    # 32-wide heads (the native attention's block), a qkv bias with qwen2, q/k head norms with qwen3
     return write_hf_dir(tmp_path_factory.mktemp(f"wide-{request.param}"), arch=request.param, hidden_size=128,
                         intermediate_size=256)
 
