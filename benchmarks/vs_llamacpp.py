@@ -264,7 +264,8 @@ def decode_profile(model: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="135m,1b", help="comma-separated: 135m, 1b, 8b (8b: 16 GB BF16 file)")
+    parser.add_argument("--sizes", default="135m,1b",
+                        help="comma-separated: 135m, 1b, 8b (8b: 16 GB BF16 file), qwen3-1.7b")
     parser.add_argument("--classes", default="Q4_0,Q8_0,BF16")
     parser.add_argument("--serve-sizes", default="135m", help="sizes also measured through the servers")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each tool, interleaved (medians)")
@@ -272,6 +273,8 @@ def main() -> None:
     parser.add_argument("--llama-cpp-bin", default=None, help="directory with llama-bench, llama-server, "
                                                               "llama-quantize (default: build and cache them)")
     parser.add_argument("--work", default=None, help="where the model files go (default: $MIAOTUI_HOME/bench-files)")
+    parser.add_argument("--name", default="vs_llamacpp",
+                        help="results file stem in benchmarks/results (another name keeps the main table)")
     args = parser.parse_args()
     sizes, classes = args.sizes.split(","), args.classes.split(",")
     for s in sizes:
@@ -280,7 +283,7 @@ def main() -> None:
     bin_dir = llama_cpp_bin(args.llama_cpp_bin)
     work = Path(args.work) if args.work else cache_dir() / "bench-files"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(), "read_gb_s": read_bandwidth_gb_s(), "rows": []}
+    results: dict = {"machine": machine(), "read_gb_s": read_bandwidth_gb_s(), "rows": [], "name": args.name}
     print(f"machine: {results['machine']}; read bandwidth {results['read_gb_s']:.1f} GB/s", flush=True)
     for size in sizes:
         source = bf16_gguf(size, work)
@@ -313,7 +316,8 @@ def main() -> None:
 
 def write_results(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vs_llamacpp.json").write_text(json.dumps(results, indent=2))
+    name = results.get("name", "vs_llamacpp")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     m, bw = results["machine"], results["read_gb_s"]
     lines = [f"{describe_machine(m)}, {m['threads']} threads; read bandwidth {bw:.1f} GB/s. "
              f"llama.cpp {results['rows'][0]['llama']['build']} "
@@ -352,7 +356,7 @@ def write_results(results: dict) -> None:
             lines.append(f"| {r['size']} | {r['class']}{repack} | {s['llama_server']['load_s']:.1f} / "
                          f"{s['miaotui']['load_s']:.1f} | {a1:.1f} / {b1:.1f} | {b1 / a1:.2f}× | {a16:.1f} / "
                          f"{b16:.1f} | {b16 / a16:.2f}× |")
-    (RESULTS / "vs_llamacpp.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     plot(results)
 
@@ -381,7 +385,7 @@ def plot(results: dict) -> None:
     m = results["machine"]
     fig.suptitle(f"{m['cpu']} ({', '.join(m['flags'])}), {m['threads']} threads")
     fig.tight_layout()
-    fig.savefig(RESULTS / "vs_llamacpp.png", dpi=120)
+    fig.savefig(RESULTS / f"{results.get('name', 'vs_llamacpp')}.png", dpi=120)
 
 
 if __name__ == "__main__":
