@@ -1,6 +1,8 @@
-"""The Llama-family decoder-only transformer (Llama 2/3, Mistral, SmolLM, Qwen2).
+"""The decoder-only transformer every family is (models/registry.py): embedding, decoder layers of
+the shared blocks (layers/) as the ModelConfig switches them on, final norm, output head.
 
-Not for generation logic: the engine drives forward() with its own KV cache and positions.
+Not for generation logic (the engine drives forward() with its own KV cache and positions) or for
+checkpoint names (the model files).
 """
 
 from __future__ import annotations
