@@ -289,8 +289,9 @@ class LLMEngine:
         return rows
 
     def _draft_length(self, req: EngineRequest) -> int:
-        """Tokens to draft for a decode row: 0 without speculation, for log-probs and for penalties."""
-        if self.proposer is None or req.logprobs is not None or req.params.repetition_penalty != 1.0:
+        """Tokens to draft for a decode row: 0 without speculation, for log-probs and for logit processors
+        (penalties, biases, a minimum length: verification would not see them)."""
+        if self.proposer is None or req.logprobs is not None or req.params.adjusts_logits:
             return 0
         return max(0, min(req.spec_k, req.remaining))  # all accepted: the bonus token past the end is dropped
 
@@ -326,7 +327,8 @@ class LLMEngine:
             for i, r in enumerate(reqs):
                 seen[i, r.tokens] = True
         picked = logits[[row_logits[row].start for row in sampling]]
-        next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen)
+        next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen,
+                                          [r.output_ids for r in reqs], [r.stop_ids for r in reqs])
         logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
         for i, req in enumerate(reqs):
             self._append(req, int(next_tokens[i]), None if logprobs is None else logprobs[i])

@@ -17,6 +17,34 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_openai_penalties(logits: torch.Tensor, generated: list[int], presence: float, frequency: float
+                           ) -> torch.Tensor:
+    """OpenAI's rule over the generated tokens: logit[j] -= count[j] * frequency + (count[j] > 0) * presence.
+    logits: [V] float32."""
+    if not generated:
+        return logits
+    counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generated: list[int],
+                  stop_ids: set[int]) -> torch.Tensor:
+    """One row's logits [V] float32 after the request's processors: repetition penalty, OpenAI's
+    presence and frequency penalties, logit bias, and a ban on ending before min_tokens."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        logits = apply_openai_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
+    if params.logit_bias:
+        ids = torch.tensor([t for t in params.logit_bias if 0 <= t < logits.shape[-1]], dtype=torch.long)
+        bias = torch.tensor([params.logit_bias[int(t)] for t in ids], dtype=logits.dtype)
+        logits = logits.index_add(0, ids, bias)
+    if len(generated) < params.min_tokens and stop_ids:
+        ids = torch.tensor([t for t in stop_ids if 0 <= t < logits.shape[-1]], dtype=torch.long)
+        logits = logits.index_fill(0, ids, float("-inf"))
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [V] float32, already temperature-scaled -> logits with excluded tokens at -inf."""
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -60,16 +88,19 @@ class Sampler:
         self._generators.pop(seq_id, None)
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams],
-               seen: torch.Tensor | None) -> torch.Tensor:
-        """logits: [B, V] float32; seen: [B, V] bool (prompt + output tokens) -> next tokens [B]."""
+               seen: torch.Tensor | None, generated: list[list[int]] | None = None,
+               stop_ids: list[set[int]] | None = None) -> torch.Tensor:
+        """logits: [B, V] float32; seen: [B, V] bool (prompt + output tokens); generated: each row's
+        output tokens so far; stop_ids: each row's ending tokens -> next tokens [B]."""
         logits = logits.float()
-        if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        if all(p.greedy and not p.adjusts_logits for p in params):
             return greedy_pick(logits)
         out = torch.empty(len(params), dtype=torch.long)
         for row, (seq_id, p) in enumerate(zip(seq_ids, params, strict=True)):
             row_logits = logits[row]
-            if p.repetition_penalty != 1.0 and seen is not None:
-                row_logits = apply_repetition_penalty(row_logits, seen[row], p.repetition_penalty)
+            if p.adjusts_logits:
+                row_logits = adjust_logits(row_logits, p, None if seen is None else seen[row],
+                                           generated[row] if generated else [], stop_ids[row] if stop_ids else set())
             if p.greedy:
                 out[row] = row_logits.argmax()
                 continue

@@ -59,9 +59,11 @@ class Tokenizer:
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         return render_chat_template(self.chat_template, messages, add_generation_prompt, special, **extra)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+                    ) -> list[int]:
+        """extra: variables for the template (tools, enable_thinking, ... : chat_template_kwargs)."""
         # The template already writes BOS where the model wants one: add no specials again.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], eos_token_ids: list[int]) -> Tokenizer:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+"""The OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
+/tokenize, /detokenize, /health, /metrics, /openapi.json.
 
 The model loads in a background thread after the socket is open, so /health answers 503 until it
 is ready. Requests become engine requests (one per prompt and per n); outputs flow back through
@@ -9,6 +10,7 @@ Not for the engine (engine/llm_engine.py) or request parsing (protocol.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import threading
@@ -19,7 +21,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,7 +33,22 @@ from miaotui.engine.request import EngineOutput, EngineRequest, TokenLogprob
 from miaotui.engine.step import Shutdown
 from miaotui.errors import MiaotuiError
 from miaotui.server.metrics import ServerMetrics
-from miaotui.server.protocol import ApiError, GenerationRequest, parse_common, parse_messages, parse_prompts
+from miaotui.server.protocol import (
+    ApiError,
+    GenerationRequest,
+    check_text,
+    parse_common,
+    parse_messages,
+    parse_prompts,
+    validation_error,
+)
+from miaotui.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 
 
 @dataclass(slots=True)
@@ -49,8 +68,17 @@ class ServerConfig:
     data_parallel_size: int = 1
 
     @property
+    def names(self) -> list[str]:
+        """The ids clients may use: --served-model-name's (comma-separated aliases; the first is the
+        one responses carry), else the model argument's base name as given, and the argument itself."""
+        if self.served_model_name:
+            return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+        base = self.model.rstrip("/").rsplit("/", 1)[-1]
+        return list(dict.fromkeys([base, self.model]))
+
+    @property
     def name(self) -> str:
-        return self.served_model_name or self.model
+        return self.names[0]
 
 
 def load_llm(c: ServerConfig):
@@ -67,7 +95,9 @@ def load_llm(c: ServerConfig):
 class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(config.name)
+        self.model = None  # the loaded network (embeddings run it directly), single-process only
+        self.model_lock = threading.Lock()
         self.engine: LLMEngine | None = None
         self.tokenizer = None
         self.max_model_len = 0
@@ -89,6 +119,7 @@ class ServerState:
             engine.start()
             self.metrics.bind_engine(engine)
             self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+            self.model = llm.model if llm.parallel is None else None
             self.engine = engine
         except (MiaotuiError, OSError) as exc:
             self.load_error = str(exc)
@@ -117,13 +148,18 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         yield
         state.shutdown()  # uvicorn has stopped accepting and drained in-flight requests
 
-    app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.miaotui = state
     app.add_middleware(_GuardMiddleware, state=state)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(exc.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(Exception)
     async def _internal(_request: Request, exc: Exception) -> JSONResponse:
@@ -142,49 +178,129 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     async def metrics() -> Response:
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "miaotui",
+                "root": config.model, "max_model_len": state.max_model_len,
+                "vocab_size": None if state.engine is None else state.engine.model.config.vocab_size}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.name, "object": "model", "created": state.created,
-                                            "owned_by": "miaotui", "max_model_len": state.max_model_len,
-                                            "vocab_size": None if state.engine is None else
-                                            state.engine.model.config.vocab_size}]}
+        return {"object": "list", "data": [model_card(config.name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)
+        return model_card(model_id)
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = await _json_body(request)
-        gen = parse_common(body, 16, chat=False)
-        engine = _check_ready(state, gen)
-        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in parse_prompts(body)]
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        gen = parse_common(req, 16, chat=False)
+        engine = _check_ready(state, gen.model)
+        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in parse_prompts(req.prompt)]
         return await _serve(state, engine, request, gen, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = await _json_body(request)
-        gen = parse_common(body, None, chat=True)
-        engine = _check_ready(state, gen)
-        try:
-            ids = state.tokenizer.encode_chat(parse_messages(body))
-        except MiaotuiError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        gen = parse_common(req, None, chat=True)
+        engine = _check_ready(state, gen.model)
+        ids = _chat_ids(state, req.messages, req.chat_template_kwargs)
         return await _serve(state, engine, request, gen, [ids], chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        _check_ready(state, req.model)
+        if state.model is None:
+            raise ApiError(400, "embeddings are not served by a tensor-, pipeline- or data-parallel server",
+                           param="model")
+        if req.dimensions is not None:
+            raise ApiError(400, "'dimensions' is not supported (the embedding is the model's hidden size)",
+                           param="dimensions")
+        inputs = [state.tokenizer.encode(p) if isinstance(p, str) else p for p in parse_prompts(req.input, "input")]
+        for ids in inputs:
+            if len(ids) > state.max_model_len:
+                raise ApiError(400, f"an input of {len(ids)} tokens exceeds the context length "
+                                    f"{state.max_model_len}", param="input", code="context_length_exceeded")
+        vectors = await asyncio.to_thread(_embed, state, inputs, req.pooling, req.normalize)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
+                for i, v in enumerate(vectors)]
+        used = sum(len(ids) for ids in inputs)
+        return {"object": "list", "data": data, "model": config.name,
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            _check_model(state, req.model)
+        tokenizer = _ready_tokenizer(state)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give either 'prompt' or 'messages'", param="prompt")
+        if req.prompt is not None:
+            ids = tokenizer.encode(check_text(req.prompt, "prompt"), add_special_tokens=req.add_special_tokens)
+        else:
+            ids = _chat_ids(state, req.messages, None, req.add_generation_prompt)
+        out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+        if req.return_token_strs:
+            out["token_strs"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            _check_model(state, req.model)
+        tokenizer = _ready_tokenizer(state)
+        vocab = state.engine.model.config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     return app
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
-def _check_ready(state: ServerState, gen: GenerationRequest) -> LLMEngine:
-    if gen.model != state.config.name:
-        raise ApiError(400, f"The model `{gen.model}` does not exist (this server serves `{state.config.name}`)",
+def _check_model(state: ServerState, model: str) -> None:
+    if model not in state.config.names:
+        raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.config.name}`)",
                        param="model", code="model_not_found")
+
+
+def _ready_tokenizer(state: ServerState):
+    if state.tokenizer is None or state.engine is None:
+        raise ApiError(503, state.load_error or "the model is still loading", "service_unavailable")
+    return state.tokenizer
+
+
+def _chat_ids(state: ServerState, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None,
+              add_generation_prompt: bool = True) -> list[int]:
+    tokenizer = _ready_tokenizer(state)
+    reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
+    if reserved:
+        raise ApiError(400, f"chat_template_kwargs may not set '{sorted(reserved)[0]}'", param="chat_template_kwargs")
+    try:
+        return tokenizer.encode_chat(parse_messages(messages), add_generation_prompt, **(template_kwargs or {}))
+    except MiaotuiError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def _embed(state: ServerState, inputs: list[list[int]], pooling: str, normalize: bool) -> list[torch.Tensor]:
+    """Final (normed) hidden states pooled per input: the mean over its tokens or its last token, in
+    float32, L2-normalised unless asked not to. One input at a time: no padding enters the pooling."""
+    out = []
+    with state.model_lock, torch.inference_mode():
+        for ids in inputs:
+            hidden = state.model.hidden_states(torch.tensor([ids]), torch.arange(len(ids))[None])[0].float()
+            vector = hidden.mean(0) if pooling == "mean" else hidden[-1]
+            out.append(torch.nn.functional.normalize(vector, dim=0) if normalize else vector)
+    return out
+
+
+def _encode_vector(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI's client decodes it
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def _check_ready(state: ServerState, model: str) -> LLMEngine:
+    _check_model(state, model)
     if not state.ready:
         reason = ("the server is shutting down" if state.draining else
                   state.engine.fatal if state.engine is not None else state.load_error or "the model is still loading")
@@ -279,6 +395,7 @@ class _Tracker:
 
     def __init__(self, state: ServerState, start: float) -> None:
         self.metrics, self.start, self.last = state.metrics, start, None
+        self.reason = "stop"  # vLLM's finished_reason label: stop or length (the last choice's)
 
     def tokens(self, count: int) -> None:
         now = time.perf_counter()
@@ -290,7 +407,7 @@ class _Tracker:
         self.metrics.generation_tokens.inc(count)
 
     def done(self, status: str) -> None:
-        self.metrics.requests.labels(status).inc()
+        self.metrics.finished(status, self.reason if status == "ok" else None)
         self.metrics.e2e.observe(time.perf_counter() - self.start)
 
 
@@ -304,6 +421,7 @@ def _absorb(choice: _Choice, out: EngineOutput, tracker: _Tracker) -> None:
     choice.logprobs += out.logprobs
     if out.finished:
         choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        tracker.reason = choice.finish_reason
         choice.completion_tokens = out.num_output_tokens
         tracker.metrics.prompt_tokens.inc(out.num_prompt_tokens)
 
@@ -448,6 +566,11 @@ class _GuardMiddleware:
             await _send_error(send, ApiError(413, f"request body is larger than {limit} bytes",
                                              code="request_too_large"))
             return
+        if scope.get("method") == "POST":
+            # every POST body here is JSON: read it as such whatever Content-Type the client sent
+            # (curl -d says form-urlencoded)
+            scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")])
         received = 0
 
         async def limited_receive():

@@ -1,4 +1,4 @@
-"""OpenAI request parsing and validation, and the error body OpenAI clients expect.
+"""OpenAI request checks beyond the types (schemas.py), and the error body OpenAI clients expect.
 
 Every bad field becomes an ApiError naming it (400), never a 422 or a traceback. Not for routes
 (app.py) or generation (engine/).
@@ -11,6 +11,7 @@ from typing import Any
 
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.errors import MiaotuiError
+from miaotui.server.schemas import SamplingRequest
 
 
 class ApiError(Exception):
@@ -23,15 +24,39 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _get(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any, check=None, what: str = "") -> Any:
-    value = body.get(name, default)
+def validation_error(errors: list[dict[str, Any]]) -> ApiError:
+    """FastAPI's validation errors -> one 400 naming the first offending field (OpenAI's shape)."""
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = loc[0] if loc else None
+    where = ".".join(loc)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unrecognized request field '{where}' (this server does not implement it)", param=field)
+    if kind == "missing":
+        return ApiError(400, f"'{where}' is required", param=field)
+    if not loc:
+        return ApiError(400, "the request body must be a JSON object")
+    message = str(first.get("msg", "Input should be valid")).replace("Input should be", "must be")
+    return ApiError(400, f"'{where}' {message}", param=field)
+
+
+def check_text(value: str, param: str) -> str:
+    """A string the tokenizer can take: valid JSON may still hold a lone UTF-16 surrogate ("\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)", param=param) from None
+    return value
+
+
+def _in_range(value: Any, name: str, low: float, high: float, default: Any) -> Any:
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, got {value!r}",
-                       param=name)
-    if check is not None and not check(value):
-        raise ApiError(400, f"'{name}' must be {what}, got {value!r}", param=name)
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value!r}", param=name)
     return value
 
 
@@ -45,79 +70,92 @@ class GenerationRequest:
     echo: bool
 
 
-def parse_common(body: dict[str, Any], default_max_tokens: int | None, chat: bool) -> GenerationRequest:
-    model = _get(body, "model", (str,), None)
-    if model is None:
-        raise ApiError(400, "'model' is required", param="model")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get(body, name, (int, float), 0) != 0:
-            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty'", param=name)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop")
-    max_key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _get(body, max_key, (int,), default_max_tokens, lambda v: v >= 1, "an integer >= 1")
+def parse_common(req: SamplingRequest, default_max_tokens: int | None, chat: bool) -> GenerationRequest:
+    """The sampling fields every generation request shares -> SamplingParams and the response's shape."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or not all(stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    for s in stop:
+        check_text(s, "stop")
+    max_tokens = req.max_tokens
+    if chat and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", param="max_tokens")
     logprobs: int | None
     if chat:
-        logprobs = None
-        if _get(body, "logprobs", (bool,), False):
-            logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
+        logprobs = _in_range(req.top_logprobs, "top_logprobs", 0, 20, 0) if req.logprobs else None
     else:
-        logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
-    stream_options = _get(body, "stream_options", (dict,), {})
+        logprobs = _in_range(req.logprobs, "logprobs", 0, 20, None)
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias")
+        bias[int(key)] = value
     try:
         params = SamplingParams(
-            n=_get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "an integer in [1, 16]"),
-            temperature=float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "in [0, 2]")),
-            top_p=float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
-            top_k=_get(body, "top_k", (int,), -1),
-            min_p=float(_get(body, "min_p", (int, float), 0.0)),
-            repetition_penalty=float(_get(body, "repetition_penalty", (int, float), 1.0)),
-            seed=_get(body, "seed", (int,), None),
-            max_tokens=max_tokens,
-            stop=stop or [],
-            ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
+            n=_in_range(req.n, "n", 1, 16, 1),
+            temperature=float(_in_range(req.temperature, "temperature", 0, 2, 1.0)),
+            top_p=float(req.top_p if req.top_p is not None else 1.0),
+            top_k=req.top_k if req.top_k is not None else -1,
+            min_p=float(req.min_p or 0.0),
+            repetition_penalty=float(req.repetition_penalty if req.repetition_penalty is not None else 1.0),
+            presence_penalty=float(req.presence_penalty or 0.0),
+            frequency_penalty=float(req.frequency_penalty or 0.0),
+            logit_bias=bias,
+            min_tokens=req.min_tokens or 0,
+            seed=req.seed,
+            max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
         )
     except MiaotuiError as exc:
         raise ApiError(400, str(exc)) from None
-    return GenerationRequest(model, params, bool(_get(body, "stream", (bool,), False)),
-                             bool(stream_options.get("include_usage", False)), logprobs,
-                             bool(_get(body, "echo", (bool,), False)) if not chat else False)
+    options = req.stream_options
+    return GenerationRequest(req.model, params, req.stream, bool(options and options.include_usage), logprobs,
+                             False if chat else req.echo)
 
 
-def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
-    """Completions' prompt: a string, a list of strings, a list of token ids, or a list of those."""
-    prompt = body.get("prompt")
+def parse_prompts(prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt"
+                  ) -> list[str | list[int]]:
+    """A prompt (or embeddings input): a string, a list of strings, a list of token ids, or a list of those."""
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return list(prompt)
-    raise ApiError(400, "'prompt' must be a string, a list of strings, or a list of token ids", param="prompt")
+        return [check_text(prompt, param)]
+    if not prompt or any(isinstance(p, list) and not p for p in prompt):
+        raise ApiError(400, f"'{param}' must not be empty", param=param)
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [check_text(p, param) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "refusal"}
+
+
+def parse_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat history -> the dicts the chat template reads. An assistant turn may carry tool_calls (and
+    then null content); a tool turn its tool_call_id. Unknown message fields are refused."""
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+        if m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
             raise ApiError(400, f"messages[{i}] needs a 'role' of system, user, assistant, developer or tool",
                            param="messages")
+        unknown = sorted(set(m) - MESSAGE_FIELDS)
+        if unknown:
+            raise ApiError(400, f"messages[{i}] has an unrecognized field '{unknown[0]}'", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
                 raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
             content = "".join(str(part.get("text", "")) for part in content)
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] needs a string 'content'", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"],
+                                   "content": check_text(content, "messages")}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            if m.get(key) is not None:
+                message[key] = m[key]
+        out.append(message)
     return out

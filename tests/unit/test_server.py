@@ -90,18 +90,34 @@ def test_raw_http_errors(server, tiny_hf_dir):
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     cases = [
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 10_000}, "maximum context length is 256 tokens"),
-        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "'temperature' must be"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
-        ({"model": "gpt-4", "prompt": "hi"}, "The model `gpt-4` does not exist"),
-        ({"model": MODEL}, "'prompt' must be"),
-        ({"model": MODEL, "prompt": [99999]}, "prompt token ids must be in"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 10_000}, 400, "maximum context length is 256 tokens", "prompt"),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be", "temperature"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be an integer >= 1",
+         "max_tokens"),
+        ({"model": "gpt-4", "prompt": "hi"}, 404, "The model `gpt-4` does not exist", "model"),
+        ({"model": MODEL}, 400, "'prompt' is required", "prompt"),
+        ({"model": MODEL, "prompt": [99999]}, 400, "prompt token ids must be in", None),
+        # say no, never ignore: a field the server does not implement is named
+        ({"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "unrecognized request field 'best_of'", "best_of"),
+        ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4", "stop"),
+        # valid JSON holding a lone UTF-16 surrogate
+        ({"model": MODEL, "prompt": "\ud800 x"}, 400, "not valid Unicode", "prompt"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias values", None),
     ]
-    for body, message in cases:
-        r = httpx.post(f"{url}/v1/completions", json=body, headers=auth)
-        assert r.status_code == 400, (body, r.text)
+    for body, status, message, param in cases:  # (json.dumps escapes the surrogate: the body is valid JSON)
+        r = httpx.post(f"{url}/v1/completions", content=json.dumps(body).encode(),
+                       headers=auth | {"Content-Type": "application/json"})
+        assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
-        assert message in err["message"] and err["type"] == "invalid_request_error"
+        assert message in err["message"] and err["type"] == "invalid_request_error", err
+        assert param is None or err["param"] == param, err
+    advisory = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"}, "store": False}
+    assert httpx.post(f"{url}/v1/completions", json=advisory, headers=auth).status_code == 200
+    for field, value in (("response_format", {"type": "json_object"}), ("tools", []), ("stop", ["x"] * 5)):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [
+            {"role": "user", "content": "hi"}], field: value}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/chat/completions"]
     r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": []}, headers=auth)
     assert r.status_code == 400 and "'messages'" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers=auth)
