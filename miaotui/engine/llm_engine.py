@@ -29,6 +29,7 @@ from miaotui.engine.request import EngineOutput, EngineRequest, TokenLogprob, ap
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.speculative import MAX_ADAPTIVE_K, DraftModelProposer, NgramProposer, SpecStats, verify
 from miaotui.engine.step import Heartbeat, PackRow, WorkerMessage, pack_rows, run_model_step
+from miaotui.engine.structured import GrammarTokenizer, apply_masks
 from miaotui.errors import MiaotuiError
 
 HEARTBEAT_S = 2.0
@@ -81,6 +82,7 @@ class LLMEngine:
         windows = [whole.window(i) for i in range(whole.num_layers)]
         self.window_span = max(windows) if None not in windows and config.speculate != "model" else None
         self.sampler = Sampler()
+        self.grammar_tokenizer: GrammarTokenizer | None = None
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.stats = EngineStats()
@@ -107,6 +109,8 @@ class LLMEngine:
         p = req.params
         req.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.tokenizer.eos_token_ids))
         req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.stop)
+        if p.structured is not None:
+            req.matcher = self._grammar_tokenizer().matcher(p.structured)
         req.spec_k = self.config.speculative_tokens
         with self._wake:
             self._incoming.append(req)
@@ -326,7 +330,10 @@ class LLMEngine:
             seen = torch.zeros(len(reqs), self.model.config.vocab_size, dtype=torch.bool)
             for i, r in enumerate(reqs):
                 seen[i, r.tokens] = True
-        picked = logits[[row_logits[row].start for row in sampling]]
+        picked = logits[[row_logits[row].start for row in sampling]]  # a copy [L, V]
+        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if constrained:  # masks for these rows only, computed together; the others are untouched
+            apply_masks(picked, constrained, [reqs[i].matcher for i in constrained])
         next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen,
                                           [r.output_ids for r in reqs], [r.stop_ids for r in reqs])
         logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
@@ -356,6 +363,12 @@ class LLMEngine:
         self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
         self._drop_passed_blocks(req)
 
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        """llguidance's view of the tokenizer, built on the first structured request (~0.3 s)."""
+        if self.grammar_tokenizer is None:
+            self.grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self.grammar_tokenizer
+
     def _drop_passed_blocks(self, req: EngineRequest) -> None:
         """The next query sits at position req.computed and sees keys after computed - window."""
         if self.window_span is not None:
@@ -376,6 +389,8 @@ class LLMEngine:
 
     def _append(self, req: EngineRequest, token: int, logp: torch.Tensor | None) -> None:
         req.output_ids.append(token)
+        if req.matcher is not None:
+            req.matcher.consume_token(token)
         self.stats.generated_tokens += 1
         out = EngineOutput(req.request_id, token_ids=[token])
         if len(req.output_ids) == 1 and req.prompt_logprobs is not None:
@@ -383,6 +398,8 @@ class LLMEngine:
         if logp is not None and req.logprobs is not None:
             out.logprobs.append(_token_logprob(logp, token, req.logprobs))
         text, reason = append_token_text(req.detok, token, req.stop_ids, len(req.output_ids), req.max_new_tokens)
+        if reason is None and req.matcher is not None and req.matcher.is_stopped():
+            reason, text = "stop", text + req.detok.finish()  # the structure is complete: nothing may follow
         if reason is None:
             out.text = text
             out.num_prompt_tokens, out.num_output_tokens = len(req.prompt_ids), len(req.output_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from miaotui.engine.detokenizer import IncrementalDetokenizer
 from miaotui.engine.sampling_params import SamplingParams
@@ -55,6 +56,7 @@ class EngineRequest:
     draft_computed: int = 0  # ... in the draft model's cache
     detok: IncrementalDetokenizer | None = None
     stop_ids: set[int] = field(default_factory=set)
+    matcher: Any = None  # llguidance's matcher of a structured output (engine/structured.py), or None
     arrival: float = field(default_factory=time.perf_counter)
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # this step's speculative tokens

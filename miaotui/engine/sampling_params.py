@@ -6,6 +6,7 @@ Not for the sampling math itself (sampler.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from miaotui.errors import MiaotuiError
 
@@ -22,6 +23,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     min_tokens: int = 0  # end-of-text and stop tokens are banned until this many are generated
+    structured: Any = None  # an engine.structured.Constraint the output must match (JSON schema, regex, ...)
     seed: int | None = None
     max_tokens: int | None = 16  # None = up to the context length
     stop: list[str] = field(default_factory=list)
@@ -64,4 +66,4 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether the logits change before the pick (penalties, biases, a minimum length)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias) or self.min_tokens > 0)
+                or bool(self.logit_bias) or self.min_tokens > 0 or self.structured is not None)

@@ -6,10 +6,12 @@ Every bad field becomes an ApiError naming it (400), never a 422 or a traceback.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from miaotui.engine.sampling_params import SamplingParams
+from miaotui.engine.structured import Constraint
 from miaotui.errors import MiaotuiError
 from miaotui.server.schemas import SamplingRequest
 
@@ -70,6 +72,68 @@ class GenerationRequest:
     echo: bool
 
 
+def parse_constraint(req: SamplingRequest) -> Constraint | None:
+    """The request's structured output, from whichever of the accepted spellings it uses (one only)."""
+    found: list[tuple[str, Constraint | None]] = []
+    if req.response_format is not None:
+        found.append(("response_format", _response_format(req.response_format)))
+    so = req.structured_outputs
+    if so is not None:
+        keys = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+        given = [k for k in so if k in keys]
+        unknown = sorted(set(so) - set(keys))
+        if unknown or len(given) != 1:
+            raise ApiError(400, "'structured_outputs' takes exactly one of json, regex, choice, grammar"
+                           + (f" (unrecognized: '{unknown[0]}')" if unknown else ""), param="structured_outputs")
+        spec = so[given[0]]
+        found.append(("structured_outputs", Constraint(keys[given[0]], _schema(spec, "structured_outputs")
+                                                       if given[0] == "json" else spec)))
+    for name, kind in (("guided_json", "json_schema"), ("json_schema", "json_schema"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar"), ("grammar", "grammar")):
+        value = getattr(req, name)
+        if value is not None:
+            found.append((name, Constraint(kind, _schema(value, name) if kind == "json_schema" else value)))
+    found = [(name, c) for name, c in found if c is not None]
+    if len(found) > 1:
+        raise ApiError(400, f"give one structured output, not both '{found[0][0]}' and '{found[1][0]}'",
+                       param=found[1][0])
+    if not found:
+        return None
+    name, constraint = found[0]
+    try:
+        constraint.grammar()  # compiles now: a bad schema or grammar is this request's 400
+    except MiaotuiError as exc:
+        raise ApiError(400, f"'{name}': {exc}", param=name) from None
+    return constraint
+
+
+def _schema(value: Any, param: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ApiError(400, f"'{param}' is not a valid JSON schema (not JSON)", param=param) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{param}' must be a JSON schema object", param=param)
+    return value
+
+
+def _response_format(fmt: dict[str, Any]) -> Constraint | None:
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_schema", {"type": "object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format json_schema needs {'name': ..., 'schema': {...}}",
+                           param="response_format")
+        return Constraint("json_schema", spec.get("schema") or {"type": "object"})
+    raise ApiError(400, f"response_format type '{kind}' is not supported (use text, json_object or json_schema)",
+                   param="response_format")
+
+
 def parse_common(req: SamplingRequest, default_max_tokens: int | None, chat: bool) -> GenerationRequest:
     """The sampling fields every generation request shares -> SamplingParams and the response's shape."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -109,6 +173,7 @@ def parse_common(req: SamplingRequest, default_max_tokens: int | None, chat: boo
             stop=stop,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
+            structured=parse_constraint(req),
         )
     except MiaotuiError as exc:
         raise ApiError(400, str(exc)) from None

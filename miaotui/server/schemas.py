@@ -46,6 +46,16 @@ class SamplingRequest(_Request):
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs, llama.cpp's
+    # grammar and json_schema (one of them per request)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):

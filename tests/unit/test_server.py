@@ -113,7 +113,8 @@ def test_raw_http_errors(server, tiny_hf_dir):
         assert param is None or err["param"] == param, err
     advisory = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"}, "store": False}
     assert httpx.post(f"{url}/v1/completions", json=advisory, headers=auth).status_code == 200
-    for field, value in (("response_format", {"type": "json_object"}), ("tools", []), ("stop", ["x"] * 5)):
+    for field, value in (("response_format", {"type": "xml"}), ("guided_regex", "(unclosed"),
+                         ("stop", ["x"] * 5)):
         r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [
             {"role": "user", "content": "hi"}], field: value}, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
