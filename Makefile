@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-llamacpp bench-sizes bench-dist clean
+.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-structured bench-llamacpp bench-sizes bench-dist clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-quant: model
 
 bench-prune: model
 	$(BIN)/python benchmarks/pruning.py
+
+bench-structured: model
+	$(BIN)/python benchmarks/structured.py
 
 bench-serve: model
 	$(BIN)/python benchmarks/serving.py
