@@ -49,6 +49,16 @@ from miaotui.server.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from miaotui.server.tools import (
+    THINK_OPEN,
+    ChatShape,
+    ReasoningStream,
+    extract_tool_calls,
+    parse_tools,
+    split_reasoning,
+    template_thinks,
+    tool_constraint,
+)
 
 
 @dataclass(slots=True)
@@ -203,7 +213,20 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         gen = parse_common(req, None, chat=True)
         engine = _check_ready(state, gen.model)
-        ids = _chat_ids(state, req.messages, req.chat_template_kwargs)
+        plan = parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools:
+            template_kwargs["tools"] = req.tools
+        if plan is not None and (constraint := tool_constraint(plan)) is not None:
+            if gen.params.structured is not None:
+                raise ApiError(400, "a required or named tool_choice already fixes the output's shape: drop the "
+                                    "structured output", param="tool_choice")
+            gen.params.structured = constraint
+        ids = _chat_ids(state, req.messages, template_kwargs)
+        thinking = template_thinks(state.tokenizer.chat_template)
+        opened = thinking and state.tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(
+            THINK_OPEN)
+        gen.chat = ChatShape(plan if plan is not None and plan.parses else None, thinking, opened)
         return await _serve(state, engine, request, gen, [ids], chat=True)
 
     @app.post("/v1/embeddings")
@@ -320,6 +343,8 @@ class _Choice:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.reasoning: ReasoningStream | None = None  # streaming: the reasoning/content split so far
+        self.held = ""  # streaming with tools: content held until the end
 
 
 async def _serve(state: ServerState, engine: LLMEngine, request: Request, gen: GenerationRequest,
@@ -471,14 +496,40 @@ def _chat_logprobs(state: ServerState, logprobs: list[TokenLogprob], gen: Genera
                         for lp in logprobs]}
 
 
+def _chat_message(gen: GenerationRequest, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+    """A whole chat output -> (the assistant message, the finish reason): reasoning split off, tool
+    calls parsed where the request has tools."""
+    shape = gen.chat
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if shape is None:
+        return message, finish
+    content: str | None = text
+    if shape.thinking:
+        reasoning, content = split_reasoning(text, shape.opened)
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+    if shape.tools is not None:
+        try:
+            content, calls = extract_tool_calls(shape.tools, content or "")
+        except (json.JSONDecodeError, KeyError, TypeError):  # a constrained call cut off by max_tokens
+            calls = []
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls" if finish == "stop" else finish
+    message["content"] = content
+    return message, finish
+
+
 def _full_response(state: ServerState, choices, gen: GenerationRequest, rid: str, chat: bool) -> dict[str, Any]:
     choices = sorted(choices, key=lambda c: c.index)
     base = {"id": rid, "created": int(time.time()), "model": state.config.name, "usage": _usage(choices)}
     if chat:
-        return {**base, "object": "chat.completion", "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": _chat_logprobs(state, c.logprobs, gen), "finish_reason": c.finish_reason}
-            for c in choices]}
+        out = []
+        for c in choices:
+            message, finish = _chat_message(gen, c.text, c.finish_reason)
+            out.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(state, c.logprobs, gen),
+                        "finish_reason": finish})
+        return {**base, "object": "chat.completion", "choices": out}
     out = []
     for c in choices:
         prefix = state.tokenizer.decode(c.prompt_ids) if gen.echo else ""
@@ -519,7 +570,10 @@ async def _stream(state: ServerState, engine: LLMEngine, queue: asyncio.Queue, c
                 pending.discard(out.request_id)
             if not out.text and not finish:
                 continue
-            if chat:
+            if chat and gen.chat is not None:
+                for delta, reason in _shaped_deltas(gen, choice, out.text, finish):
+                    yield chunk([{"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}])
+            elif chat:
                 delta = {"content": out.text} if out.text else {}
                 yield chunk([{"index": choice.index, "delta": delta,
                               "logprobs": _chat_logprobs(state, choice.logprobs[before:], gen),
@@ -542,6 +596,34 @@ async def _stream(state: ServerState, engine: LLMEngine, queue: asyncio.Queue, c
         for sub_id in pending:  # the client went away (or an error): free the engine's work
             engine.abort(sub_id)
         tracker.done(status)
+
+
+def _shaped_deltas(gen: GenerationRequest, choice: _Choice, text: str, finish: str | None):
+    """Streamed deltas of a chat with reasoning or tools: reasoning_content as it comes; content as
+    it comes without tools; with tools the content is held and sent at the end, as content or as
+    tool-call deltas the OpenAI client assembles (index, id, type, name, arguments)."""
+    shape = gen.chat
+    if choice.reasoning is None and shape.thinking:
+        choice.reasoning = ReasoningStream(shape.opened)
+    reasoning, content = choice.reasoning.feed(text, final=finish is not None) if choice.reasoning else ("", text)
+    if reasoning:
+        yield {"reasoning_content": reasoning}, None
+    if shape.tools is None:
+        if content or finish:
+            yield ({"content": content} if content else {}), finish
+        return
+    choice.held += content
+    if finish is None:
+        return
+    try:
+        rest, calls = extract_tool_calls(shape.tools, choice.held)
+    except (json.JSONDecodeError, KeyError, TypeError):
+        rest, calls = choice.held, []
+    if rest:
+        yield {"content": rest}, None
+    for i, call in enumerate(calls):
+        yield {"tool_calls": [{"index": i, **call}]}, None
+    yield {}, "tool_calls" if calls and finish == "stop" else finish
 
 
 class _GuardMiddleware:

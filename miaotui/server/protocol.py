@@ -70,6 +70,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    chat: Any = None  # a chat's server.tools.ChatShape (tool calls, reasoning), set by the route
 
 
 def parse_constraint(req: SamplingRequest) -> Constraint | None:
