@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=_positive_int, default=128)
     p.add_argument("--output-len", type=_positive_int, default=128)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", default=None,
+                   help="comma-separated requests/s (Poisson arrivals), each a run; --concurrency's first level "
+                        "then caps the requests in flight")
+    p.add_argument("--dataset", default=None, help="prompts from a ShareGPT-style JSON file instead of random ids")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
@@ -641,16 +645,28 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         raise MiaotuiError(f"--concurrency must be comma-separated integers, got '{args.concurrency}'") from None
     if any(v < 1 for v in levels):
         raise MiaotuiError("--concurrency levels must be >= 1")
-    rows = bench_serve(args.url, levels, args.requests, args.input_len, args.output_len, args.api_key)
+    rates = None
+    if args.request_rate:
+        try:
+            rates = [float(v) for v in args.request_rate.split(",")]
+        except ValueError:
+            raise MiaotuiError(f"--request-rate must be comma-separated numbers, got '{args.request_rate}'") from None
+        if any(not r > 0 for r in rates):
+            raise MiaotuiError("--request-rate values must be > 0")
+    rows = bench_serve(args.url, levels, args.requests, args.input_len, args.output_len, args.api_key,
+                       rates=rates, dataset=args.dataset)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'conc':>5} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'TPOT p99':>9} {'failed':>7}")
+    print(f"{'conc':>5} {'rate':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50/p99':>14} {'TPOT p50/p99':>14} "
+          f"{'ITL p50/p99':>14} {'E2E p50/p99':>15} {'failed':>7}")
     for r in rows:
-        print(f"{r['concurrency']:>5} {r['request_throughput']:>8.2f} {r['output_tok_s']:>10.1f} "
-              f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms {r['tpot_p50_ms']:>7.1f}ms "
-              f"{r['tpot_p99_ms']:>7.1f}ms {r['failed']:>7}")
+        rate = "inf" if r["request_rate"] is None else f"{r['request_rate']:g}"
+        print(f"{r['concurrency']:>5} {rate:>6} {r['request_throughput']:>7.2f} {r['output_tok_s']:>10.1f} "
+              f"{r['ttft_p50_ms']:>6.0f}/{r['ttft_p99_ms']:<5.0f}ms "
+              f"{r['tpot_p50_ms']:>6.1f}/{r['tpot_p99_ms']:<5.1f}ms "
+              f"{r['itl_p50_ms']:>6.1f}/{r['itl_p99_ms']:<5.1f}ms {r['e2e_p50_ms']:>6.0f}/{r['e2e_p99_ms']:<6.0f}ms "
+              f"{r['failed']:>7}")
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> None:

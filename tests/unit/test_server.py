@@ -248,6 +248,24 @@ def test_bench_serve_against_the_server(server, capsys):
     assert main(["bench-serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"]) == 2
 
 
+def test_bench_serve_at_a_request_rate_from_a_dataset(server, capsys, tmp_path):
+    from miaotui.cli import main
+
+    url, _ = server
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                                      {"from": "gpt", "value": "Answer."}]} for i in range(5)]))
+    assert main(["bench-serve", "--url", url, "--api-key", KEY, "--concurrency", "8", "--request-rate", "20,50",
+                 "--requests", "6", "--dataset", str(dataset), "--output-len", "6", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["request_rate"] for r in rows] == [20.0, 50.0]
+    for r in rows:
+        assert r["completed"] == 6 and r["failed"] == 0
+        assert 0 < r["itl_p50_ms"] <= r["itl_p99_ms"] and 0 < r["e2e_p50_ms"] <= r["e2e_p99_ms"]
+    assert main(["bench-serve", "--url", url, "--request-rate", "fast"]) == 2
+    assert main(["bench-serve", "--url", url, "--api-key", KEY, "--dataset", str(tmp_path / "missing.json")]) == 2
+
+
 def test_serves_compressed_checkpoints(tiny_hf_dir, tmp_path):
     """Whatever miaotui writes (pruned smaller, then 4-bit quantized) loads and serves."""
     from miaotui.cli import main
