@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miaotui.engine.config import EngineConfig
 from miaotui.engine.llm_engine import LLMEngine
@@ -166,6 +167,11 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error(exc.errors())
@@ -239,7 +245,12 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             raise ApiError(400, "'dimensions' is not supported (the embedding is the model's hidden size)",
                            param="dimensions")
         inputs = [state.tokenizer.encode(p) if isinstance(p, str) else p for p in parse_prompts(req.input, "input")]
+        vocab = state.engine.model.config.vocab_size
         for ids in inputs:
+            if not ids:
+                raise ApiError(400, "'input' must not be empty (an input encodes to no tokens)", param="input")
+            if any(not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"'input' token ids must be in [0, {vocab})", param="input")
             if len(ids) > state.max_model_len:
                 raise ApiError(400, f"an input of {len(ids)} tokens exceeds the context length "
                                     f"{state.max_model_len}", param="input", code="context_length_exceeded")
@@ -280,8 +291,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     return app
 
 
-def _check_model(state: ServerState, model: str) -> None:
-    if model not in state.config.names:
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.config.names:
         raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.config.name}`)",
                        param="model", code="model_not_found")
 
@@ -322,7 +333,7 @@ def _encode_vector(vector: torch.Tensor, encoding: str) -> list[float] | str:
     return vector.tolist()
 
 
-def _check_ready(state: ServerState, model: str) -> LLMEngine:
+def _check_ready(state: ServerState, model: str | None) -> LLMEngine:
     _check_model(state, model)
     if not state.ready:
         reason = ("the server is shutting down" if state.draining else

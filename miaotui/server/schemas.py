@@ -25,7 +25,7 @@ class StreamOptions(_Request):
 
 
 class SamplingRequest(_Request):
-    model: str
+    model: str | None = None  # (vLLM's rule: absent means the served model)
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
@@ -76,7 +76,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class EmbeddingRequest(_Request):
-    model: str
+    model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     pooling: Literal["mean", "last"] = "mean"
