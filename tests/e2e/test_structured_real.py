@@ -17,10 +17,11 @@ pytestmark = pytest.mark.e2e
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 30},
     "country": {"type": "string", "maxLength": 30},
-    "population_millions": {"type": "number", "minimum": 0, "maximum": 100},
+    "population_millions": {"type": "integer", "minimum": 0, "maximum": 100},
     "climate": {"enum": ["cold", "temperate", "warm", "hot"]},
     "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
-    "coordinates": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+    "coordinates": {"type": "object", "properties": {"lat": {"type": "integer", "minimum": -90, "maximum": 90},
+                                                     "lon": {"type": "integer", "minimum": -180, "maximum": 180}},
                     "required": ["lat", "lon"], "additionalProperties": False}},
     "required": ["city", "country", "population_millions", "climate", "landmarks", "coordinates"],
     "additionalProperties": False}
@@ -34,7 +35,7 @@ def test_100_json_schema_requests_on_the_real_model(real_model_path):
         async def one(i: int):
             r = await client.chat.completions.create(
                 model="smol", messages=[{"role": "user", "content": f"Describe {CITIES[i % 10]} as JSON."}],
-                max_tokens=300, temperature=0.7, seed=i,
+                max_tokens=400, temperature=0.5, seed=i,
                 response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA,
                                                                         "strict": True}})
             return r.choices[0]
