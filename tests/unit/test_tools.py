@@ -121,6 +121,10 @@ def test_named_function_round_trip_streaming_and_not(client):
     answer = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, TIME], tool_choice="none",
                                             max_tokens=8, temperature=0)
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="tiny", messages=history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=8, temperature=0,
+        stream=True))
+    assert streamed == answer.choices[0].message.content
 
 
 def test_reasoning_content_separated_streaming_and_not(client):
