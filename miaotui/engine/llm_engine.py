@@ -17,6 +17,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from miaotui.engine.request import EngineOutput, EngineRequest, TokenLogprob, ap
 from miaotui.engine.sampler import Sampler
 from miaotui.engine.speculative import MAX_ADAPTIVE_K, DraftModelProposer, NgramProposer, SpecStats, verify
 from miaotui.engine.step import Heartbeat, PackRow, WorkerMessage, pack_rows, run_model_step
-from miaotui.engine.structured import GrammarTokenizer, apply_masks
+from miaotui.engine.structured import GrammarTokenizer, apply_allowed, compute_masks
 from miaotui.errors import MiaotuiError
 
 HEARTBEAT_S = 2.0
@@ -83,6 +84,7 @@ class LLMEngine:
         self.window_span = max(windows) if None not in windows and config.speculate != "model" else None
         self.sampler = Sampler()
         self.grammar_tokenizer: GrammarTokenizer | None = None
+        self.mask_worker: ThreadPoolExecutor | None = None
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.stats = EngineStats()
@@ -306,6 +308,13 @@ class LLMEngine:
         step, offsets, row_logits = pack_rows(pack, self.blocks.block_size, score)
         if self.remote is not None:
             self.remote(step)  # the replica's other ranks run the same forward on their shards or stages
+        # The masks of the constrained rows that sample after this step depend only on what they have
+        # generated so far: computed on a worker thread while the forward runs (llguidance releases
+        # the GIL), so the plain rows of the step do not wait for them.
+        masked = [req for req, start, n in rows if req.matcher is not None and not req.draft
+                  and start + n == len(req.tokens)]
+        masks = self._mask_worker().submit(compute_masks, [r.matcher for r in masked],
+                                           self.model.config.vocab_size) if masked else None
         logits, all_logits = run_model_step(self.model, self.cache, step)
         verified = set()
         for row, (req, start, n) in enumerate(rows):
@@ -323,6 +332,8 @@ class LLMEngine:
         sampling = [row for row, (req, start, n) in enumerate(rows)
                     if row not in verified and req.computed == len(req.tokens)]
         if not sampling:
+            if masks is not None:
+                masks.result()  # (the worker has read the matchers before any of them moves on)
             return
         reqs = [rows[row][0] for row in sampling]
         seen = None
@@ -331,9 +342,12 @@ class LLMEngine:
             for i, r in enumerate(reqs):
                 seen[i, r.tokens] = True
         picked = logits[[row_logits[row].start for row in sampling]]  # a copy [L, V]
-        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if constrained:  # masks for these rows only, computed together; the others are untouched
-            apply_masks(picked, constrained, [reqs[i].matcher for i in constrained])
+        if masks is not None:  # these rows only; the others are untouched
+            allowed = masks.result()
+            at = {id(r): i for i, r in enumerate(masked)}
+            rows_here = [i for i, r in enumerate(reqs) if id(r) in at]
+            if rows_here:
+                apply_allowed(picked, rows_here, allowed[[at[id(reqs[i])] for i in rows_here]])
         next_tokens = self.sampler.sample(picked, [r.seq_id for r in reqs], [r.params for r in reqs], seen,
                                           [r.output_ids for r in reqs], [r.stop_ids for r in reqs])
         logprobs = torch.log_softmax(picked.float(), -1) if any(r.logprobs is not None for r in reqs) else None
@@ -362,6 +376,11 @@ class LLMEngine:
                 return
         self.blocks.commit_full_blocks(req.table, req.tokens, req.computed)
         self._drop_passed_blocks(req)
+
+    def _mask_worker(self) -> ThreadPoolExecutor:
+        if self.mask_worker is None:
+            self.mask_worker = ThreadPoolExecutor(1, thread_name_prefix="miaotui-masks")
+        return self.mask_worker
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
         """llguidance's view of the tokenizer, built on the first structured request (~0.3 s)."""

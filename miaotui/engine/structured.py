@@ -109,18 +109,24 @@ def _executor():
     return _EXECUTOR[0]
 
 
-def apply_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """logits [B, V] float32 in place: rows[i]'s disallowed tokens at -inf, by matchers[i]. The masks
-    are computed together on llguidance's threads (its torch helpers are not imported: they pull in
-    torch.compile)."""
-    if not rows:
-        return
-    vocab = logits.shape[-1]
+def compute_masks(matchers: list, vocab: int) -> torch.Tensor:
+    """The tokens each matcher allows next: bool [len(matchers), vocab], computed together on
+    llguidance's threads (its torch helpers are not imported: they pull in torch.compile)."""
     words = (vocab + 31) // 32
-    mask = torch.full((len(rows), words), -1, dtype=torch.int32)  # bit j of word w allows token 32 w + j
-    _executor().unsafe_compute_mask_ptr(list(zip(matchers, range(len(rows)), strict=True)), mask.data_ptr(),
-                                        words * 4, len(rows))
+    mask = torch.full((len(matchers), words), -1, dtype=torch.int32)  # bit j of word w allows token 32 w + j
+    _executor().unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)), strict=True)), mask.data_ptr(),
+                                        words * 4, len(matchers))
     bits = (mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    allowed = bits.reshape(len(rows), -1)[:, :vocab].bool()
+    return bits.reshape(len(matchers), -1)[:, :vocab].bool()
+
+
+def apply_allowed(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> None:
+    """logits [B, V] float32 in place: rows[i]'s tokens outside allowed[i] at -inf."""
     index = torch.tensor(rows, dtype=torch.long)
     logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """logits [B, V] float32 in place: rows[i]'s disallowed tokens at -inf, by matchers[i]."""
+    if rows:
+        apply_allowed(logits, rows, compute_masks(matchers, logits.shape[-1]))
