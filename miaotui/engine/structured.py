@@ -124,9 +124,3 @@ def apply_allowed(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor) 
     """logits [B, V] float32 in place: rows[i]'s tokens outside allowed[i] at -inf."""
     index = torch.tensor(rows, dtype=torch.long)
     logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
-
-
-def apply_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """logits [B, V] float32 in place: rows[i]'s disallowed tokens at -inf, by matchers[i]."""
-    if rows:
-        apply_allowed(logits, rows, compute_masks(matchers, logits.shape[-1]))

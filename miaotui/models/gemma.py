@@ -15,17 +15,13 @@ from typing import Any
 
 from miaotui.models.config import FULL, SLIDING, ModelConfig
 from miaotui.models.config_sources import gguf_common, hf_common, hf_rope
-from miaotui.models.spec import ModelSpec
+from miaotui.models.spec import LLAMA_GGUF_NAMES, ModelSpec
 from miaotui.models.weights import Named, Tensors, gated_mlp, plus_one, split_qkv_attention, take
 
-GEMMA_GGUF_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+# llama.cpp's names for Gemma: Llama's, with its four norms (ffn_norm is the pre-MLP one) and no biases
+GEMMA_GGUF_NAMES = {k: v for k, v in LLAMA_GGUF_NAMES.items() if not k.endswith(".bias")} | {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
     "ffn_norm.weight": "pre_feedforward_layernorm.weight", "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}  # every n-th layer is global, the others slide
 

@@ -74,20 +74,25 @@ def test_two_node_launch_over_a_rendezvous_endpoint(tiny_hf_dir, single):
     assert [o["token_ids"] for o in json.loads(printed[0])] == single
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_parallel_logits_match_under_torchrun(tiny_hf_dir, tmp_path, tp, pp):
+def parallel_and_single_logits(model, out: Path, tp: int, pp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fixed batch from a tp x pp model under torchrun (tests/unit/dist_logits.py), and
+    from one process."""
     from miaotui import LLM
 
-    out = tmp_path / "logits.pt"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
-                           "--standalone", str(ROOT / "tests/unit/dist_logits.py"), str(tiny_hf_dir), str(out),
+                           "--standalone", str(ROOT / "tests/unit/dist_logits.py"), str(model), str(out),
                            str(tp), str(pp)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    llm = LLM(str(tiny_hf_dir), dtype="float32", decode_weight_dtype="none")
+    llm = LLM(str(model), dtype="float32", decode_weight_dtype="none")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
     with torch.inference_mode():
         ref = llm.model(ids, torch.arange(8)[None].expand(2, -1))
-    got = torch.load(out)
+    return torch.load(out), ref
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_logits_match_under_torchrun(tiny_hf_dir, tmp_path, tp, pp):
+    got, ref = parallel_and_single_logits(tiny_hf_dir, tmp_path / "logits.pt", tp, pp)
     assert ((got - ref).abs().max() / ref.abs().max()) < 1e-3
 
 

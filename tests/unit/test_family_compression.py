@@ -5,8 +5,6 @@ each family's float function; tensor and pipeline parallelism equal one process.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -112,18 +110,10 @@ def test_structured_pruning_each_family(family_dir, tmp_path, name, structure):
 
 @pytest.mark.parametrize("name,tp,pp", [("qwen3", 2, 1), ("qwen3_moe", 2, 1), ("mixtral", 2, 1), ("gemma3", 1, 2)])
 def test_parallel_logits_equal_one_process(family_dir, tmp_path, name, tp, pp):
-    from miaotui import LLM
+    from tests.unit.test_distributed import parallel_and_single_logits
 
-    directory, out = family_dir(name), tmp_path / "logits.pt"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
-                           "--standalone", str(ROOT / "tests/unit/dist_logits.py"), str(directory), str(out),
-                           str(tp), str(pp)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    llm = LLM(str(directory), dtype="float32", decode_weight_dtype="none")
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
-    with torch.inference_mode():
-        ref = llm.model(ids, torch.arange(8)[None].expand(2, -1))
-    torch.testing.assert_close(torch.load(out), ref, atol=1e-4, rtol=0)
+    got, ref = parallel_and_single_logits(family_dir(name), tmp_path / "logits.pt", tp, pp)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
