@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
     p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
+    p.add_argument("--integer-zero", action="store_true",
+                   help="asymmetric: whole-code zero points (GPTQ / compressed-tensors; default: real-valued, as "
+                        "GGUF Q4_1)")
     _add_calib_args(p)
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
@@ -266,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
+
+    p = sub.add_parser("export", help="write the model as a Hugging Face directory (compressed-tensors: vLLM, "
+                                      "transformers, llm-compressor's format)")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"model name, .gguf file, Hugging Face or miaotui directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"],
+                   help="integer layers as pack-quantized / int-quantized; float models as plain checkpoints")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="float tensors and scales (default bfloat16, as llm-compressor saves; float32 keeps "
+                        "miaotui's scales exactly)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
     p = sub.add_parser("demo", help="the showcase that `make run` runs")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL)
@@ -509,7 +524,8 @@ def _training_fields(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_quantize(args: argparse.Namespace) -> None:
     _run_one_stage(args, args.model, {
         "stage": "quantize", "method": args.method, "bits": args.bits, "group_size": args.group_size,
-        "symmetric": args.symmetric, "damp": args.damp, "act_order": args.act_order, "alpha": args.alpha,
+        "symmetric": args.symmetric, "integer_zero": args.integer_zero, "damp": args.damp,
+        "act_order": args.act_order, "alpha": args.alpha,
         **_calib_fields(args)})
 
 
@@ -682,6 +698,20 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from miaotui.compress.streamed import open_streamed
+    from miaotui.loaders.hf_export import export_compressed_tensors
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
+    out = export_compressed_tensors(model, tokenizer, args.output, args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"wrote {out} ({size:.1f} MiB, {args.format}, {args.dtype})")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from miaotui.demo import run_demo
 
@@ -690,7 +720,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
-            "export-gguf": cmd_export_gguf, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
+            "export-gguf": cmd_export_gguf, "export": cmd_export, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
             "compress": cmd_compress, "serve": cmd_serve,
             "bench-serve": cmd_bench_serve}
 

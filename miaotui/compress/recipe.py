@@ -48,7 +48,8 @@ STAGE_FIELDS: dict[str, dict[str, tuple[type, Any]]] = {
                 "hidden_weight": (float, 0.0), "grad_accum": (int, 1), "autocast": (str, "auto"),
                 "checkpoint_every": (int, 50), "max_minutes": (float, None), **_TRAIN},
     "quantize": {"method": (str, "rtn"), "bits": (int, 4), "group_size": (int, 128), "symmetric": (bool, False),
-                 "damp": (float, 0.01), "act_order": (bool, False), "alpha": (float, 0.5), **_CALIB, **_SELECT},
+                 "integer_zero": (bool, False), "damp": (float, 0.01), "act_order": (bool, False),
+                 "alpha": (float, 0.5), **_CALIB, **_SELECT},
 }
 # calib_file / text_file not given: the bundled WikiText-2 test split, past its evaluated tokens (miaotui/data).
 REQUIRED = {"gradual_prune": ("final_sparsity", "end_step", "steps"), "distill": ("steps",)}
@@ -310,7 +311,7 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: 
         from miaotui.compress.quantize.apply import quantize_model, resolve_method
         from miaotui.compress.selectors import select_modules
 
-        method, fmt = resolve_method(p["method"], p["bits"], p["group_size"], p["symmetric"])
+        method, fmt = resolve_method(p["method"], p["bits"], p["group_size"], p["symmetric"], p["integer_zero"])
         modules = select_modules(model, p["targets"], p["ignore"]) if p["targets"] or p["ignore"] else None
         calib = _calib(p, tokenizer, method != "rtn", label)
         rec = quantize_model(model, method, fmt, calib, damp=p["damp"], act_order=p["act_order"], alpha=p["alpha"],

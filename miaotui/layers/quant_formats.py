@@ -29,6 +29,9 @@ class QuantFormat:
     group_size: int  # -1 = one group per output row (per channel)
     symmetric: bool
     kind: str = "int"  # "int" | "ternary" | "binary"
+    # asymmetric only: round zero points to whole codes (GPTQ's and compressed-tensors' convention)
+    # rather than keep them real-valued (GGUF Q4_1's w = d * q + m)
+    integer_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "int" and self.bits not in SUPPORTED_BITS:
@@ -103,7 +106,8 @@ def _range_qparams(w: torch.Tensor, fmt: QuantFormat, ratio: float = 1.0) -> tup
     # with a real-valued zero point, so every code is used.
     lo, hi = w.amin(-1) * ratio, w.amax(-1) * ratio
     scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
-    return scale, -lo / scale
+    zero = -lo / scale
+    return scale, torch.round(zero).clamp(0, fmt.qmax) if fmt.integer_zero else zero
 
 
 def compute_qparams(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None,
@@ -213,6 +217,7 @@ class QuantizedTensor:
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    act_quant: bool = False  # W8A8: the layer quantizes its input per token too (writers record it)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -240,4 +245,9 @@ class QuantizedTensor:
 
     def take_rows(self, index: torch.Tensor) -> QuantizedTensor:
         """Rows in a new order (llama.cpp's q/k row permutation undone)."""
-        return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index])
+        return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index], self.act_quant)
+
+    def split_rows(self, sizes: list[int]) -> list[QuantizedTensor]:
+        """A fused matrix's parts ([q; k; v] rows): exact, every group lies within one row."""
+        return [QuantizedTensor(self.fmt, c, s, z, self.act_quant) for c, s, z in
+                zip(*(t.split(sizes) for t in (self.codes, self.scale, self.zero)), strict=True)]

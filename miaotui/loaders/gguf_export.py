@@ -21,8 +21,8 @@ from tqdm import tqdm
 from miaotui.compress.streamed import layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.layers.moe import MoE
-from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.layers.rope import rope_frequencies
+from miaotui.loaders.layer_pieces import dense_piece, layer_pieces, weight_piece
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
 from miaotui.models.registry import spec_named
@@ -37,8 +37,7 @@ _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOST
 
 
 def _weight(module: torch.nn.Module) -> np.ndarray:
-    w = module.dequantized_weight() if isinstance(module, QuantLinear) else module.weight.detach().float()
-    return w.cpu().numpy()
+    return dense_piece(weight_piece(module)).cpu().numpy()
 
 
 def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -265,41 +264,13 @@ def _tensor_plan(model: Transformer, arch: str, main_type: gguf.GGMLQuantization
 def _layer_arrays(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """One decoder layer's tensors under their GGUF names (_layer_shapes' keys; q/k rows in
     llama.cpp's rope order where its architecture interleaves them)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    permute = arch == "llama"  # llama.cpp's converter interleaves q/k rows for its "llama" only
-    qkv = _weight(attn.qkv_proj)
     out: dict[str, np.ndarray] = {}
-    if arch == "phi3":
-        out["attn_qkv"] = qkv
-    else:
-        q, k, v = np.split(qkv, [c.q_size, c.q_size + c.kv_size])
-        if permute:
-            q, k = _permute_rope_rows(q, c.num_heads), _permute_rope_rows(k, c.num_kv_heads)
-        out |= {"attn_q": q, "attn_k": k, "attn_v": v}
-    out["attn_output"] = _weight(attn.o_proj)
-    if attn.qkv_proj.bias is not None:
-        qb, kb, vb = np.split(attn.qkv_proj.bias.detach().float().numpy(), [c.q_size, c.q_size + c.kv_size])
-        if permute:
-            qb, kb = _permute_rope_rows(qb, c.num_heads), _permute_rope_rows(kb, c.num_kv_heads)
-        out |= {"attn_q.bias": qb, "attn_k.bias": kb, "attn_v.bias": vb}
-    if attn.q_norm is not None:
-        out |= {"attn_q_norm": _vector(attn.q_norm), "attn_k_norm": _vector(attn.k_norm)}
-    if isinstance(mlp, MoE):
-        gate_up = [np.split(_weight(e.gate_up_proj), 2) for e in mlp.experts]
-        out |= {"ffn_gate_inp": _weight(mlp.router), "ffn_gate_exps": np.stack([g for g, _ in gate_up]),
-                "ffn_up_exps": np.stack([u for _, u in gate_up]),
-                "ffn_down_exps": np.stack([_weight(e.down_proj) for e in mlp.experts])}
-    elif arch == "phi3":
-        out |= {"ffn_up": _weight(mlp.gate_up_proj), "ffn_down": _weight(mlp.down_proj)}
-    else:
-        gate, up = np.split(_weight(mlp.gate_up_proj), 2)
-        out |= {"ffn_gate": gate, "ffn_up": up, "ffn_down": _weight(mlp.down_proj)}
-    # (Gemma's norms are kept as their multipliers 1 + w: what llama.cpp's converter writes too)
-    out |= {"attn_norm": _vector(layer.input_layernorm), "ffn_norm": _vector(layer.post_attention_layernorm)}
-    if layer.attn_out_norm is not None:
-        out |= {"post_attention_norm": _vector(layer.attn_out_norm), "post_ffw_norm": _vector(layer.mlp_out_norm)}
+    for role, piece in layer_pieces(layer, c, fused=arch == "phi3").items():
+        # (Gemma's norms are kept as their multipliers 1 + w: what llama.cpp's converter writes too)
+        array = np.stack([dense_piece(p).numpy() for p in piece]) if isinstance(piece, list) \
+            else dense_piece(piece).numpy()
+        if arch == "llama" and role.startswith(("attn_q", "attn_k")) and "norm" not in role:
+            # llama.cpp's converter interleaves q/k rows for its "llama" only
+            array = _permute_rope_rows(array, c.num_heads if role.startswith("attn_q") else c.num_kv_heads)
+        out[role] = array
     return out
-
-
-def _vector(norm: torch.nn.Module) -> np.ndarray:
-    return norm.weight.detach().float().numpy()

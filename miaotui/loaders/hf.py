@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from miaotui.errors import MiaotuiError
+from miaotui.loaders.hf_quant import quantized_view
 from miaotui.loaders.lazy import LazyTensors
 from miaotui.loaders.memory import check_fits
 from miaotui.loaders.tokenizer import Tokenizer, tokenizer_from_hf_dir
@@ -103,7 +104,8 @@ def load_hf_dir(directory: str | Path, float_bytes: int = 4) -> tuple[ModelConfi
     cfg = _read_json(directory / "config.json")
     gen_path = directory / "generation_config.json"
     config = config_from_hf(cfg, _read_json(gen_path) if gen_path.is_file() else {})
-    tensors = text_model_tensors(load_safetensors_dir(directory))
+    # a quantized checkpoint's integer layers read as their codes (hf_quant.py), never as floats
+    tensors = quantized_view(text_model_tensors(load_safetensors_dir(directory)), cfg.get("quantization_config"))
     check_fits(tensors.numel * float_bytes, directory.name)
     if config.tie_word_embeddings is False and "lm_head.weight" not in tensors:
         config.tie_word_embeddings = True  # some checkpoints omit the flag but share the matrix

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from miaotui.errors import MiaotuiError
-from miaotui.models.config import FULL, SLIDING
+from miaotui.models.config import FULL, SLIDING, ModelConfig
 
 
 def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -102,3 +102,28 @@ def gguf_common(meta: dict[str, Any], arch: str, tensor_names: set[str]) -> dict
         sliding_window=int(window) if window else None,
         partial_rotary_factor=int(rope_dims) / head_dim if rope_dims else 1.0,
     )
+
+
+def hf_rope_out(theta: float, scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """rope_parameters as transformers 5 writes them (the inverse of hf_rope)."""
+    scaling = dict(scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    return {"rope_type": kind, "rope_theta": theta} | scaling
+
+
+def hf_common_out(c: ModelConfig) -> dict[str, Any]:
+    """config.json fields under Llama's names (the inverse of hf_common): what every family writes."""
+    out: dict[str, Any] = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_parameters=hf_rope_out(c.rope_theta, c.rope_scaling),
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+        attention_bias=c.qkv_bias, hidden_act="silu", bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids) or None,
+        sliding_window=c.sliding_window, use_sliding_window=c.sliding_window is not None,
+    )
+    if c.layer_types is not None:
+        out["layer_types"] = list(c.layer_types)
+    if c.partial_rotary_factor != 1.0:
+        out["partial_rotary_factor"] = c.partial_rotary_factor
+    return out

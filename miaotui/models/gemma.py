@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from miaotui.models.config import FULL, SLIDING, ModelConfig
-from miaotui.models.config_sources import gguf_common, hf_common, hf_rope
+from miaotui.models.config_sources import gguf_common, hf_common, hf_common_out, hf_rope, hf_rope_out
 from miaotui.models.spec import LLAMA_GGUF_NAMES, ModelSpec
 from miaotui.models.weights import Named, Tensors, gated_mlp, plus_one, split_qkv_attention, take
 
@@ -77,6 +77,22 @@ def _from_hf(name: str):
     return parse
 
 
+def _scalar(value: float) -> int | float:
+    """query_pre_attn_scalar back from its inverse square root: the integer it was, where it was one."""
+    return round(value) if abs(value - round(value)) < 1e-6 * value else value
+
+
+def _to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = hf_common_out(c) | {
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": _scalar((c.query_scale or c.head_dim ** -0.5) ** -2),
+        "attn_logit_softcapping": c.attn_softcap, "final_logit_softcapping": c.final_softcap}
+    if c.architecture == "gemma3":
+        out["rope_parameters"] = {FULL: hf_rope_out(c.rope_theta, c.rope_scaling),
+                                  SLIDING: hf_rope_out(c.local_rope_theta or 10000.0, None)}
+    return out
+
+
 def _from_gguf(name: str):
     def parse(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
         found = gguf_common(meta, name, tensor_names)
@@ -98,7 +114,7 @@ def _from_gguf(name: str):
 
 GEMMA2 = ModelSpec("gemma2", ("Gemma2ForCausalLM", "gemma2"), _from_hf("gemma2"), layer_tensors,
                    global_tensors=global_tensors, gguf_arch="gemma2", config_from_gguf=_from_gguf("gemma2"),
-                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True)
+                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True, config_to_hf=_to_hf)
 GEMMA3 = ModelSpec("gemma3", ("Gemma3ForCausalLM", "gemma3_text"), _from_hf("gemma3"), layer_tensors,
                    global_tensors=global_tensors, gguf_arch="gemma3", config_from_gguf=_from_gguf("gemma3"),
-                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True)
+                   gguf_layer_names=GEMMA_GGUF_NAMES, gguf_norm_plus_one=True, config_to_hf=_to_hf)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from miaotui.models.config import ModelConfig
-from miaotui.models.config_sources import gguf_common, hf_common
+from miaotui.models.config_sources import gguf_common, hf_common, hf_common_out
 from miaotui.models.spec import LLAMA_GGUF_NAMES, ModelSpec
 from miaotui.models.weights import Named, Tensors, gated_mlp, split_qkv_attention, take
 
@@ -49,6 +49,17 @@ def qwen3_moe_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelC
                        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
 
 
+def mixtral_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return hf_common_out(c) | {"num_local_experts": c.num_experts, "num_experts_per_tok": c.experts_per_token,
+                               "intermediate_size": c.moe_intermediate_size}
+
+
+def qwen3_moe_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return hf_common_out(c) | {"num_experts": c.num_experts, "num_experts_per_tok": c.experts_per_token,
+                               "moe_intermediate_size": c.moe_intermediate_size, "norm_topk_prob": c.norm_topk_prob,
+                               "decoder_sparse_step": 1, "mlp_only_layers": list(c.dense_layers)}
+
+
 def _gguf_names(block: str, router: str, expert_names: tuple[str, str, str]) -> dict[str, str]:
     """llama.cpp's names: the router as ffn_gate_inp, each projection's experts stacked [E, N, K]."""
     gate, up, down = expert_names
@@ -75,8 +86,9 @@ MIXTRAL = ModelSpec("mixtral", ("MixtralForCausalLM", "mixtral"), mixtral_from_h
                     gguf_arch="llama", gguf_match=lambda meta: bool(meta.get("llama.expert_count")),
                     config_from_gguf=_from_gguf("mixtral", "llama"),
                     gguf_layer_names=_gguf_names("block_sparse_moe", "gate", ("w1", "w3", "w2")),
-                    gguf_rope_permuted=True)
+                    gguf_rope_permuted=True, config_to_hf=mixtral_to_hf)
 QWEN3_MOE = ModelSpec("qwen3_moe", ("Qwen3MoeForCausalLM", "qwen3_moe"), qwen3_moe_from_hf,
                       _layer_tensors("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
                       gguf_arch="qwen3moe", config_from_gguf=_from_gguf("qwen3_moe", "qwen3moe", qk_norm=True),
-                      gguf_layer_names=_gguf_names("mlp", "gate", ("gate_proj", "up_proj", "down_proj")))
+                      gguf_layer_names=_gguf_names("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+                      config_to_hf=qwen3_moe_to_hf)

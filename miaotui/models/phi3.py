@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from miaotui.models.config import ModelConfig
-from miaotui.models.config_sources import gguf_common, hf_common
+from miaotui.models.config_sources import gguf_common, hf_common, hf_common_out
 from miaotui.models.spec import ModelSpec
 from miaotui.models.weights import Named, Tensors, take
 
@@ -35,6 +35,14 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any]) -> ModelConf
     return ModelConfig(architecture="phi3", **(found | {"rope_scaling": scaling}))
 
 
+def config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = hf_common_out(c)
+    original = (c.rope_scaling or {}).get("original_max_position_embeddings")
+    if original:  # (Phi-3's config keeps LongRoPE's original context beside its rope parameters too)
+        out["original_max_position_embeddings"] = original
+    return out
+
+
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """(LongRoPE's factors are tensors in the file: loaders/gguf.py reads them into rope_scaling.)"""
     return ModelConfig(architecture="phi3", **gguf_common(meta, "phi3", tensor_names))
@@ -45,4 +53,5 @@ PHI3_GGUF_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weigh
                    "attn_qkv.weight": "self_attn.qkv_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
                    "ffn_up.weight": "mlp.gate_up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
 PHI3 = ModelSpec("phi3", ("Phi3ForCausalLM", "phi3"), config_from_hf, layer_tensors, gguf_arch="phi3",
-                 config_from_gguf=config_from_gguf, gguf_layer_names=PHI3_GGUF_NAMES)
+                 config_from_gguf=config_from_gguf, gguf_layer_names=PHI3_GGUF_NAMES,
+                 config_to_hf=config_to_hf)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miaotui.models.config import ModelConfig
+from miaotui.models.config_sources import hf_common_out
 from miaotui.models.weights import Named, Tensors, global_tensors
 
 # GGUF tensor names inside 'blk.N.' -> Hugging Face names inside 'model.layers.N.' (llama.cpp's
@@ -52,6 +53,12 @@ class ModelSpec:
     # the GGUF architecture export-gguf writes it as (loaders/gguf_export.py): gguf_arch by default;
     # 'llama' for Mistral, which llama.cpp runs as a Llama
     gguf_export_as: str | None = None
+    # ModelConfig -> config.json's model fields (the inverse of config_from_hf; loaders/hf_export.py)
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]] = hf_common_out
+
+    def hf_config(self, config: ModelConfig) -> dict[str, Any]:
+        """A config.json that transformers (and config_from_hf) read back as `config`."""
+        return {"architectures": [self.hf_classes[0]], "model_type": self.hf_classes[1]} | self.config_to_hf(config)
 
     @property
     def gguf_export_arch(self) -> str | None:

@@ -354,7 +354,8 @@ def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor | 
                 tensor = tensor.dequantize()  # the embedding table, off the tile kernel's CPUs; off the CPU
             else:
                 with torch.device("meta"):  # set_codes gives it its real tensors
-                    layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, tensor.fmt)
+                    layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, tensor.fmt,
+                                        tensor.act_quant)
                 layer.set_codes(tensor.codes, tensor.scale, tensor.zero, None, layout_only)
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)

@@ -57,7 +57,8 @@ def cat_rows(parts: list[Tensor]) -> Tensor:
             parts = widened if all(w is not None for w in widened) else parts
         if len({p.fmt for p in parts}) == 1:
             return QuantizedTensor(parts[0].fmt, *(torch.cat([getattr(p, f) for p in parts])
-                                                   for f in ("codes", "scale", "zero")))
+                                                   for f in ("codes", "scale", "zero")),
+                                   act_quant=all(p.act_quant for p in parts))
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 

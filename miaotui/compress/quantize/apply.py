@@ -43,7 +43,8 @@ class QuantizationRecord:
         return asdict(self)
 
 
-def resolve_method(method: str, bits: int, group_size: int, symmetric: bool) -> tuple[str, QuantFormat]:
+def resolve_method(method: str, bits: int, group_size: int, symmetric: bool, integer_zero: bool = False
+                   ) -> tuple[str, QuantFormat]:
     """User-facing method names (binary and ternary are formats, rounded by RTN) -> (algorithm, format)."""
     if method in ("binary", "ternary"):
         return "rtn", QuantFormat(2, group_size, True, method)
@@ -51,7 +52,7 @@ def resolve_method(method: str, bits: int, group_size: int, symmetric: bool) -> 
         return method, QuantFormat(8, -1, True)
     if method not in METHODS:
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)}, binary, ternary)")
-    return method, QuantFormat(bits, group_size, symmetric)
+    return method, QuantFormat(bits, group_size, symmetric, integer_zero=integer_zero and not symmetric)
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
