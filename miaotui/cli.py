@@ -720,8 +720,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "info": cmd_info, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize, "qat": cmd_qat,
-            "export-gguf": cmd_export_gguf, "export": cmd_export, "demo": cmd_demo, "prune": cmd_prune, "distill": cmd_distill,
-            "compress": cmd_compress, "serve": cmd_serve,
+            "export-gguf": cmd_export_gguf, "export": cmd_export, "demo": cmd_demo, "prune": cmd_prune,
+            "distill": cmd_distill, "compress": cmd_compress, "serve": cmd_serve,
             "bench-serve": cmd_bench_serve}
 
 

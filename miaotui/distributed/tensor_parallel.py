@@ -74,6 +74,7 @@ def _rows(module: nn.Module, index: torch.Tensor) -> nn.Module:
         q = QuantLinear(module.in_features, len(index), module.bias is not None, module.fmt, module.act_quant)
         q.set_codes(module.codes()[index], module.scale[index], module.zero[index],
                     None if module.bias is None else module.bias[index])
+        q.set_input_order(module.input_order)
         return q
     lin = Linear(module.in_features, len(index), module.bias is not None)
     lin.weight = nn.Parameter(module.weight.detach()[index].clone(), requires_grad=False)
@@ -86,6 +87,9 @@ def _cols(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """Row-parallel: keep input columns `index` (contiguous) of a Linear or QuantLinear (no bias)."""
     if isinstance(module, QuantLinear):
         fmt: QuantFormat = module.fmt
+        if module.input_order is not None:
+            raise MiaotuiError("cannot split activation-ordered groups (a GPTQ act-order checkpoint) across "
+                               "tensor-parallel ranks: run it in one process, or re-quantize with static groups")
         start, width = int(index[0]), len(index)
         g = fmt.group_width(module.in_features)
         if fmt.group_size != -1 and (start % g or (width % g and start + width != module.in_features)):

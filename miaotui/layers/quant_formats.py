@@ -208,6 +208,15 @@ def unpack_codes(packed: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = to
     return (u.to(torch.int16) * step - offset).to(dtype)
 
 
+def in_weight_order(w: torch.Tensor, input_order: torch.Tensor | None) -> torch.Tensor:
+    """Columns held in input_order ([N, K], column j is the weight's input_order[j]) -> the weight's order."""
+    if input_order is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, input_order] = w
+    return out
+
+
 @dataclass
 class QuantizedTensor:
     """An integer weight as QuantLinear.set_codes takes it, before packing (a GGUF file's blocks,
@@ -218,13 +227,16 @@ class QuantizedTensor:
     scale: torch.Tensor
     zero: torch.Tensor
     act_quant: bool = False  # W8A8: the layer quantizes its input per token too (writers record it)
+    # activation-ordered groups (GPTQ's act-order, a g_idx): the codes' columns are the weight's columns
+    # input_order[j], so that each group is a run; the layer reads its input in that order (x[:, order])
+    input_order: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [N, K]
-        return dequantize_codes(self.codes, self.scale, self.zero, self.fmt, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # [N, K], the weight's column order
+        return in_weight_order(dequantize_codes(self.codes, self.scale, self.zero, self.fmt, dtype), self.input_order)
 
     def widened(self, group: int) -> QuantizedTensor | None:
         """The same weights as 8-bit unsigned codes in asymmetric groups of `group` (exact: codes keep
@@ -233,7 +245,8 @@ class QuantizedTensor:
         None where the groups do not split into `group`s."""
         k = self.codes.shape[1]
         width = self.fmt.group_width(k)
-        if self.fmt.kind != "int" or width % group or k % group or self.scale.shape[1] * width != k:
+        if self.fmt.kind != "int" or self.input_order is not None or width % group or k % group \
+                or self.scale.shape[1] * width != k:
             return None
         # codes shifted by their own least value (Q6_K's -32..31 -> 0..63): the offsets the kernel
         # keeps in float16, -zero * scale, stay as small as the codes allow
@@ -245,9 +258,10 @@ class QuantizedTensor:
 
     def take_rows(self, index: torch.Tensor) -> QuantizedTensor:
         """Rows in a new order (llama.cpp's q/k row permutation undone)."""
-        return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index], self.act_quant)
+        return QuantizedTensor(self.fmt, self.codes[index], self.scale[index], self.zero[index], self.act_quant,
+                               self.input_order)
 
     def split_rows(self, sizes: list[int]) -> list[QuantizedTensor]:
         """A fused matrix's parts ([q; k; v] rows): exact, every group lies within one row."""
-        return [QuantizedTensor(self.fmt, c, s, z, self.act_quant) for c, s, z in
+        return [QuantizedTensor(self.fmt, c, s, z, self.act_quant, self.input_order) for c, s, z in
                 zip(*(t.split(sizes) for t in (self.codes, self.scale, self.zero)), strict=True)]

@@ -40,7 +40,7 @@ from miaotui.layers.kernel_choice import (
     quant_kernel,
     this_cpu,
 )
-from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, pack_codes, unpack_codes
+from miaotui.layers.quant_formats import QuantFormat, dequantize_codes, in_weight_order, pack_codes, unpack_codes
 
 # Measured (3072x576 int4 g32, 30 weights streamed from DRAM, AMX Xeon, 2 threads, us per call):
 #   rows:                                                       1    2    4    8   16   64  512
@@ -144,6 +144,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # activation-ordered groups (GPTQ act-order checkpoints): the codes' column j is input column
+        # input_order[j] [K]; forward gathers the input in that order first. None: the weight's own order.
+        self.register_buffer("input_order", None)
         self._int8: torch.Tensor | None = None  # [N, K] int8 codes for int8pack / int_mm
         self._int4: torch.Tensor | None = None  # CPU int4pack layout
         self._int4_scales_zeros: torch.Tensor | None = None  # [groups, N, 2]
@@ -196,22 +199,27 @@ class QuantLinear(nn.Module):
                                "layout only; load the model with dtype float32 to work on its codes")
         return unpack_codes(self.packed, self.fmt)
 
+    def set_input_order(self, order: torch.Tensor | None) -> None:
+        self.input_order = None if order is None else order.long().contiguous()
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] in the weight's own column order."""
         if self.packed is None:
-            return self._tiles_weight(torch.float32).to(dtype)
-        return dequantize_codes(self.codes(), self.scale, self.zero, self.fmt, dtype)
+            return in_weight_order(self._tiles_weight(torch.float32).to(dtype), self.input_order)
+        return in_weight_order(dequantize_codes(self.codes(), self.scale, self.zero, self.fmt, dtype), self.input_order)
 
     def weight_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ids [R] of the weight, dequantized: [R, K] in dtype (an embedding lookup, or the exact
         rescoring of a quantized head's best candidates)."""
         if self.packed is None:
             t = self._q_tiles
-            return native_op("embedding_q_tiles")(t.tiles, t.meta, ids.reshape(-1).long().contiguous(),
+            rows = native_op("embedding_q_tiles")(t.tiles, t.meta, ids.reshape(-1).long().contiguous(),
                                                   self.fmt.storage_bits, self.fmt.group_width(self.in_features),
                                                   t.zero_code, t.exponent, dtype)
+            return in_weight_order(rows, self.input_order)
         ids = ids.reshape(-1)
-        return dequantize_codes(unpack_codes(self.packed[ids], self.fmt), self.scale[ids], self.zero[ids], self.fmt,
-                                dtype)
+        return in_weight_order(dequantize_codes(unpack_codes(self.packed[ids], self.fmt), self.scale[ids],
+                                                self.zero[ids], self.fmt, dtype), self.input_order)
 
     @property
     def device(self) -> torch.device:
@@ -327,6 +335,8 @@ class QuantLinear(nn.Module):
             self.prepare_kernels()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.input_order is not None:
+            x2 = x2.index_select(1, self.input_order)
         kernel = self.kernel_for(x2.shape[0], x.dtype)
         if kernel in ("amx4", "rows_q", "tiles_q") and torch.is_grad_enabled() and x.requires_grad:
             kernel = "dense"  # the native kernels have no backward

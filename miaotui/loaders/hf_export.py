@@ -74,6 +74,9 @@ def _quantized_tensors(name: str, piece: QuantizedTensor, dtype: torch.dtype
     if fmt.kind != "int":
         raise MiaotuiError(f"'{name}' is {fmt.kind}: compressed-tensors has no {fmt.kind} format (export int4/int8 "
                            f"models, or use export-gguf)")
+    if piece.input_order is not None:
+        raise MiaotuiError(f"'{name}' has activation-ordered groups (a GPTQ act-order g_idx), which compressed-tensors "
+                           f"no longer writes (its actorder='group' is removed); export-gguf keeps the weights")
     n, k = piece.shape
     strategy, group, scale, zero = _export_group(piece, k)
     half = 1 << (fmt.bits - 1)  # compressed-tensors' codes are signed: [-2^(b-1), 2^(b-1) - 1]

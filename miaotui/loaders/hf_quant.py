@@ -110,16 +110,30 @@ def _ct_weight(tensors: LazyTensors, module: str, scheme: dict[str, Any]) -> Qua
     else:  # int-quantized: the int8 weight as it is
         codes = tensors[module + ".weight"]
         zero = tensors[zp_name] if not args.get("symmetric", True) else None
-    if module + ".weight_g_idx" in tensors:
-        _check_ordered_groups(tensors[module + ".weight_g_idx"], codes.shape[1], scale.shape[1], module)
-    return _from_signed(module, codes, bits, scale, zero, act_quant)
+    order = _group_order(tensors[module + ".weight_g_idx"], codes.shape[1], scale.shape[1], module) \
+        if module + ".weight_g_idx" in tensors else None
+    return _ordered(_from_signed(module, codes, bits, scale, zero, act_quant), order)
 
 
-def _check_ordered_groups(g_idx: torch.Tensor, k: int, groups: int, module: str) -> None:
-    """Activation-ordered GPTQ keeps each column's group in g_idx; miaotui's groups are runs of columns."""
-    if not torch.equal(g_idx.long(), torch.arange(k) // (k // groups)):
-        raise MiaotuiError(f"{module}: activation-ordered groups (a permuted g_idx) are not supported yet; "
-                           f"re-quantize with static groups")
+def _group_order(g_idx: torch.Tensor, k: int, groups: int, module: str) -> torch.Tensor | None:
+    """Activation-ordered GPTQ gives each column its group in g_idx [K]; miaotui's groups are runs of
+    columns, so such a layer holds its columns sorted by group and reads its input in that order
+    (QuantLinear.input_order). -> that order, or None where g_idx is already the runs."""
+    g_idx = g_idx.long()
+    width = -(-k // groups)
+    if torch.equal(g_idx, torch.arange(k) // width):
+        return None
+    order = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[order], torch.arange(k) // width):
+        raise MiaotuiError(f"{module}: g_idx does not give every group {width} columns")
+    return order
+
+
+def _ordered(q: QuantizedTensor, order: torch.Tensor | None) -> QuantizedTensor:
+    """Codes [N, K] in the weight's column order -> held in `order` (see _group_order)."""
+    if order is None:
+        return q
+    return QuantizedTensor(q.fmt, q.codes[:, order].contiguous(), q.scale, q.zero, q.act_quant, order)
 
 
 # -- GPTQ (AutoGPTQ / GPTQModel) ------------------------------------------------------------------
@@ -149,8 +163,8 @@ def _gptq_weight(tensors: LazyTensors, module: str, qcfg: dict[str, Any]) -> Qua
     qweight, scales = tensors[module + ".qweight"], tensors[module + ".scales"]  # [K*b/32, N], [G, N]
     codes = _unpack_rows(qweight, bits).t()  # [N, K] in 0 .. 2^b - 1
     k = codes.shape[1]
-    if module + ".g_idx" in tensors:
-        _check_ordered_groups(tensors[module + ".g_idx"], k, scales.shape[0], module)
+    order = _group_order(tensors[module + ".g_idx"], k, scales.shape[0], module) if module + ".g_idx" in tensors \
+        else None
     zeros = _unpack_cols(tensors[module + ".qzeros"], bits).t().float()[:codes.shape[0]]  # [N, G]
     if qcfg.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1  # AutoGPTQ's v1 files store zero - 1
@@ -159,10 +173,10 @@ def _gptq_weight(tensors: LazyTensors, module: str, qcfg: dict[str, Any]) -> Qua
     half = 1 << (bits - 1)
     if bool(torch.all(zeros == half)):  # symmetric
         fmt = QuantFormat(bits, group, True)
-        return QuantizedTensor(fmt, (codes.to(torch.int16) - half).to(torch.int8).contiguous(), scale,
-                               torch.zeros_like(scale))
-    return QuantizedTensor(QuantFormat(bits, group, False, integer_zero=True), codes.contiguous(), scale,
-                           zeros.contiguous())
+        return _ordered(QuantizedTensor(fmt, (codes.to(torch.int16) - half).to(torch.int8).contiguous(), scale,
+                                        torch.zeros_like(scale)), order)
+    return _ordered(QuantizedTensor(QuantFormat(bits, group, False, integer_zero=True), codes.contiguous(), scale,
+                                    zeros.contiguous()), order)
 
 
 def _awq_weight(tensors: LazyTensors, module: str, qcfg: dict[str, Any]) -> QuantizedTensor:

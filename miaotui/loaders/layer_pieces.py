@@ -22,7 +22,7 @@ def weight_piece(module: torch.nn.Module) -> Piece:
     """A linear layer's weight [N, K]: its codes if it is integer, else its float32 weight."""
     if isinstance(module, QuantLinear) and module.packed is not None:
         return QuantizedTensor(module.fmt, module.codes(), module.scale.float(), module.zero.float(),
-                               module.act_quant)
+                               module.act_quant, module.input_order)
     if isinstance(module, QuantLinear):  # kept in the decode kernel's layout alone
         return module.dequantized_weight()
     return module.weight.detach().float()

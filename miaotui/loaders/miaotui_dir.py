@@ -145,6 +145,8 @@ def load_miaotui_dir(path: Path, dtype: torch.dtype, device: str | torch.device,
                 dense = model.get_submodule(name)
                 q = QuantLinear(dense.in_features, dense.out_features, dense.bias is not None, fmt,
                                 bool(compression.get("act_quant")))
+                if f"{name}.input_order" in state:  # activation-ordered groups (from a GPTQ act-order checkpoint)
+                    q.input_order = torch.empty(dense.in_features, dtype=torch.long)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, q)
     expected = model.state_dict()

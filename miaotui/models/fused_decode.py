@@ -50,7 +50,7 @@ def _linear(module: nn.Module, rows: int) -> tuple[list[torch.Tensor], list[int]
     if _hooked(module):
         return None
     if type(module) is QuantLinear:
-        if module.act_quant or module.kernel_for(rows, torch.bfloat16) != "tiles_q":
+        if module.act_quant or module.input_order is not None or module.kernel_for(rows, torch.bfloat16) != "tiles_q":
             return None
         fmt = module.fmt
         tiles = module._q_tiles

@@ -357,6 +357,7 @@ def build_transformer(config: ModelConfig, hf_tensors: dict[str, torch.Tensor | 
                     layer = QuantLinear(module.in_features, module.out_features, module.bias is not None, tensor.fmt,
                                         tensor.act_quant)
                 layer.set_codes(tensor.codes, tensor.scale, tensor.zero, None, layout_only)
+                layer.set_input_order(tensor.input_order)
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
                 del tensor

@@ -55,10 +55,12 @@ def cat_rows(parts: list[Tensor]) -> Tensor:
             group = 16 if any(p.fmt.group_size == 16 for p in parts) else 32
             widened = [p.widened(group) for p in parts]
             parts = widened if all(w is not None for w in widened) else parts
-        if len({p.fmt for p in parts}) == 1:
+        orders = [p.input_order for p in parts]
+        same_order = all(o is None for o in orders) or all(o is not None and torch.equal(o, orders[0]) for o in orders)
+        if len({p.fmt for p in parts}) == 1 and same_order:
             return QuantizedTensor(parts[0].fmt, *(torch.cat([getattr(p, f) for p in parts])
                                                    for f in ("codes", "scale", "zero")),
-                                   act_quant=all(p.act_quant for p in parts))
+                                   act_quant=all(p.act_quant for p in parts), input_order=orders[0])
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 

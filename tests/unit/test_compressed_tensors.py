@@ -173,7 +173,9 @@ def _write_quantized_checkpoint(src: Path, out: Path, method: str, symmetric: bo
             continue
         module = name.removesuffix(".weight")
         n, k = w.shape
-        g = w.float().reshape(n, k // 32, 32)
+        # act-order: GPTQ visits columns by decreasing Hessian diagonal and groups them in that order
+        order = torch.randperm(k, generator=torch.Generator().manual_seed(len(new))) if act_order else torch.arange(k)
+        g = w.float()[:, order].reshape(n, k // 32, 32)
         if symmetric:  # GPTQ's symmetric: unsigned codes around a zero of 8
             scale = (g.abs().amax(-1) / 7).clamp(min=1e-8)
             zero = torch.full_like(scale, 8.0)
@@ -182,15 +184,16 @@ def _write_quantized_checkpoint(src: Path, out: Path, method: str, symmetric: bo
             scale = ((hi - lo) / 15).clamp(min=1e-8)
             zero = torch.round(-lo / scale).clamp(0, 15)
         scale = scale.half().float()  # (the files keep float16 scales)
-        codes = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).reshape(n, k)
-        expected[module] = (codes - zero.repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
+        held = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).reshape(n, k)
+        codes, g_idx = torch.empty_like(held), torch.empty(k, dtype=torch.int32)
+        codes[:, order], g_idx[order] = held, (torch.arange(k) // 32).to(torch.int32)  # the weight's column order
+        expected[module] = (codes - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
         q = codes.numpy().astype(np.uint32)  # [N, K]
         z = zero.numpy().astype(np.uint32)  # [N, G]
         if method == "gptq":
             new[module + ".qweight"] = torch.from_numpy(_pack_rows(q.T, 4))
             new[module + ".qzeros"] = torch.from_numpy(_pack_cols(z.T - 1, 4))  # v1: zero - 1
             new[module + ".scales"] = scale.t().contiguous().half()
-            g_idx = torch.arange(k, dtype=torch.int32) // 32
             new[module + ".g_idx"] = g_idx
         else:
             new[module + ".qweight"] = torch.from_numpy(_pack_cols(q.T, 4, (0, 2, 4, 6, 1, 3, 5, 7)))
@@ -228,16 +231,46 @@ def test_gptq_and_awq_checkpoints_load_into_quantlinear(family_dir, tmp_path, me
     assert (_logits(lm.model) - want).abs().max() < 1e-3
 
 
-def test_activation_ordered_groups_are_refused_in_one_line(family_dir, tmp_path):
+def test_act_order_gptq_loads_with_its_groups(family_dir, tmp_path):
+    """g_idx from GPTQ's act-order: the layer holds its columns by group and gathers its input so.
+    compressed-tensors (0.20) has no act-order groups any more: the export says so in one line."""
+    import transformers
+
+    src = family_dir("llama")
+    expected = _write_quantized_checkpoint(src, tmp_path / "gptq", "gptq", True, act_order=True)
+    lm = load_model(tmp_path / "gptq", torch.float32)
+    down = lm.model.layers[1].mlp.down_proj
+    assert down.input_order is not None
+    assert torch.allclose(down.dequantized_weight(), expected["model.layers.1.mlp.down_proj"], atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for module, w in expected.items():
+            ref.get_submodule(module).weight.copy_(w)
+        want = ref(IDS).logits
+    assert (_logits(lm.model) - want).abs().max() < 1e-3
+    with pytest.raises(MiaotuiError, match="activation-ordered groups"):
+        export_compressed_tensors(lm.model, lm.tokenizer, tmp_path / "ct", dtype="float32")
+    # the serving engine (bf16, the native kernels, fused decode where a layer allows it) agrees
+    from miaotui import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    fast = LLM(str(tmp_path / "gptq"), dtype="bfloat16").generate([IDS[0].tolist()], greedy)[0].outputs[0]
+    exact = LLM(str(tmp_path / "gptq"), dtype="float32").generate([IDS[0].tolist()], greedy)[0].outputs[0]
+    assert fast.token_ids[:4] == exact.token_ids[:4]
+
+
+def test_a_g_idx_with_uneven_groups_is_one_line(family_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "gptq"
     _write_quantized_checkpoint(family_dir("llama"), out, "gptq", True, act_order=True)
     state = load_file(out / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.g_idx"
-    state[name] = state[name][torch.randperm(state[name].numel())]
+    state[name][:3] = 0  # group 0 now has more than 32 columns
     save_file(state, str(out / "model.safetensors"))
-    with pytest.raises(MiaotuiError, match="activation-ordered"):
+    with pytest.raises(MiaotuiError, match="does not give every group 32 columns"):
         load_model(out, torch.float32)
 
 
