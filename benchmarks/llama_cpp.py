@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miaotui.loaders.model_store import cache_dir  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
-TOOLS = ("llama-bench", "llama-server", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-bench", "llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix")
 
 
 def _has_tools(bin_dir: Path) -> bool:
@@ -47,7 +47,7 @@ def llama_cpp_source() -> Path:
 
 
 def llama_cpp_bin(bin_dir: str | None = None) -> Path:
-    """The directory holding llama-bench, llama-server, llama-quantize and llama-perplexity: the
+    """The directory holding llama-bench, llama-server, llama-quantize, llama-perplexity and llama-imatrix: the
     one given (or $LLAMA_CPP_BIN), else the cached build, built now if missing."""
     given = bin_dir or os.environ.get("LLAMA_CPP_BIN")
     if given:

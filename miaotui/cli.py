@@ -267,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp")
     _add_model_args(p)
-    p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+    p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                                      "q3_k", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m"],
+                   help="one type for every matrix, or a mix chosen per tensor as llama-quantize does (q*_k_m)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="weigh each block's rounding by activation importance from calibration text (what "
+                        "llama-imatrix gives llama-quantize); --calib-* choose the text")
+    _add_calib_args(p)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
 
     p = sub.add_parser("export", help="write the model as a Hugging Face directory (compressed-tensors: vLLM, "
@@ -694,7 +700,15 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
-    out = export_gguf(model, tokenizer, args.output, args.type)
+    importance = None
+    if args.imatrix:
+        from miaotui.compress.calibration import load_calibration
+        from miaotui.compress.importance import activation_importance
+
+        calib = load_calibration(args.calib_file, tokenizer, args.calib_samples, args.calib_seq_len,
+                                 args.calib_skip_tokens)
+        importance = activation_importance(model, calib)
+    out = export_gguf(model, tokenizer, args.output, args.type, importance)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
 
 

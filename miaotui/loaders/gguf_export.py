@@ -22,18 +22,13 @@ from miaotui.compress.streamed import layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.layers.moe import MoE
 from miaotui.layers.rope import rope_frequencies
+from miaotui.loaders.gguf_kquants import ENCODED, encode
+from miaotui.loaders.gguf_mixes import EXPORT_TYPES, ExportType, matrix_type
 from miaotui.loaders.layer_pieces import dense_piece, layer_pieces, weight_piece
 from miaotui.loaders.tokenizer import Tokenizer
 from miaotui.models.config import ModelConfig
 from miaotui.models.registry import spec_named
 from miaotui.models.transformer import Transformer
-
-EXPORT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-                "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
-_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
 
 
 def _weight(module: torch.nn.Module) -> np.ndarray:
@@ -63,7 +58,10 @@ def _tokenizer_fields(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[
     return tokens, types, merges
 
 
-def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type_name: str) -> Path:
+def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type_name: str,
+                importance: dict[str, torch.Tensor] | None = None) -> Path:
+    """type_name: a single type or a named mix (gguf_mixes.EXPORT_TYPES). importance: {module name:
+    E[x_j^2] [K]} (compress/importance.py): block rounding weighted by it, as with llama.cpp's imatrix."""
     if type_name not in EXPORT_TYPES:
         raise MiaotuiError(f"unknown GGUF type '{type_name}' (use one of {', '.join(EXPORT_TYPES)})")
     c = model.config
@@ -83,7 +81,8 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
     tmp = path.with_suffix(path.suffix + ".partial")
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(f"miaotui export ({type_name})")
-    w.add_file_type(_FILE_TYPES[type_name])
+    kind = EXPORT_TYPES[type_name]
+    w.add_file_type(kind.file_type)
     _add_model_fields(w, c, arch, rope_type)
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -100,9 +99,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
     if tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)
 
-    main_type = EXPORT_TYPES[type_name]
-    embed_type = gguf.GGMLQuantizationType.Q8_0 if type_name in ("q4_0", "q4_1") else main_type
-    plan = _tensor_plan(model, arch, main_type, embed_type)
+    plan = _tensor_plan(model, arch, kind)
     for name, shape, qtype, _ in plan:  # every tensor's name, type and size first: the header
         w.add_tensor_info(name, *_info(shape, qtype), raw_dtype=qtype)
     w.write_header_to_file()
@@ -116,10 +113,10 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
     for index in tqdm(sorted(by_layer), desc=f"export {type_name}", unit="layer"):
         layer = store.load(index) if index >= 0 else None
         arrays = _layer_arrays(layer, c, arch) if layer is not None else None
-        for _name, shape, qtype, (_, get) in by_layer[index]:
+        for name, shape, qtype, (_, get) in by_layer[index]:
             array = np.ascontiguousarray(get(model) if arrays is None else arrays[get], dtype=np.float32)
             assert array.shape == shape
-            w.write_tensor_data(_encode(array, qtype))
+            w.write_tensor_data(_encode(array, qtype, _importance_of(importance, index, name, get)))
         if layer is not None:
             store.release(index)
     w.close()
@@ -138,12 +135,47 @@ def _info(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tup
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+# a GGUF role -> the module whose input its columns multiply (experts: '{e}')
+_IMPORTANCE_MODULE = {"attn_q": "self_attn.qkv_proj", "attn_k": "self_attn.qkv_proj", "attn_v": "self_attn.qkv_proj",
+                      "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+                      "ffn_gate": "mlp.gate_up_proj", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj",
+                      "ffn_gate_exps": "mlp.experts.{e}.gate_up_proj", "ffn_up_exps": "mlp.experts.{e}.gate_up_proj",
+                      "ffn_down_exps": "mlp.experts.{e}.down_proj"}
+
+
+def _importance_of(importance: dict[str, torch.Tensor] | None, index: int, name: str, get: Any
+                   ) -> list[torch.Tensor | None] | torch.Tensor | None:
+    """The importance vector(s) of one planned tensor: per expert for stacked experts."""
+    if importance is None:
+        return None
+    if index < 0:
+        return importance.get("lm_head") if name == "output.weight" else None
+    module = _IMPORTANCE_MODULE.get(get)
+    if module is None:
+        return None
+    if "{e}" in module:
+        found = []
+        e = 0
+        while f"layers.{index}.{module.format(e=e)}" in importance:
+            found.append(importance[f"layers.{index}.{module.format(e=e)}"])
+            e += 1
+        return found or None
+    return importance.get(f"layers.{index}.{module}")
+
+
+def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType,
+            importance: list[torch.Tensor | None] | torch.Tensor | None = None) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F32:
         return array
     if qtype == gguf.GGMLQuantizationType.F16:
         return array.astype(np.float16)
-    return gguf.quants.quantize(array, qtype).view(np.uint8)
+    legacy = qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+    if qtype not in ENCODED or (legacy and importance is None):
+        return gguf.quants.quantize(array, qtype).view(np.uint8)
+    matrices = array.reshape(-1, *array.shape[-2:])  # stacked experts [E, N, K]: one matrix each
+    weights = importance if isinstance(importance, list) else [importance] * len(matrices)
+    out = [encode(torch.from_numpy(m), qtype, imp) for m, imp in zip(matrices, weights, strict=True)]
+    return np.stack(out).reshape(*array.shape[:-1], -1) if array.ndim == 3 else out[0]
 
 
 def _add_model_fields(w: gguf.GGUFWriter, c: ModelConfig, arch: str, rope_type: str | None) -> None:
@@ -201,13 +233,6 @@ def _rope_tensors(c: ModelConfig, rope_type: str | None) -> list[tuple[str, np.n
     return []
 
 
-def _matrix_type(wanted: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
-    """The type a matrix is written in: `wanted`, or F16 where its rows are not whole blocks of it
-    (as llama.cpp's converter falls back)."""
-    block, _ = gguf.GGML_QUANT_SIZES[wanted]
-    return wanted if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
-
-
 def _layer_shapes(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
     """A decoder layer's GGUF tensors (names inside 'blk.N.', without '.weight' for matrices and
     norms) and numpy shapes, from its modules' shapes alone (a streamed layer is not read yet)."""
@@ -238,23 +263,28 @@ def _layer_shapes(layer: torch.nn.Module, c: ModelConfig, arch: str) -> dict[str
     return shapes
 
 
-def _tensor_plan(model: Transformer, arch: str, main_type: gguf.GGMLQuantizationType,
-                 embed_type: gguf.GGMLQuantizationType) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType,
-                                                                    tuple[int, Any]]]:
+def _tensor_plan(model: Transformer, arch: str, kind: ExportType
+                 ) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, tuple[int, Any]]]:
     """(GGUF name, numpy shape, type, (layer index or -1, how to get it)) for every tensor, in file
     order, from the modules' shapes alone (a streamed model's layers are not read yet)."""
     c, f32 = model.config, gguf.GGMLQuantizationType.F32
     d = c.hidden_size
     rope_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type"))
-    plan = [("token_embd.weight", (c.vocab_size, d), embed_type, (-1, lambda m: m.embed_tokens.weight.detach().float()
-                                                                  .numpy())),
+    n, experts, tied = c.num_layers, c.num_experts, model.lm_head is None
+
+    def pick(role: str, shape: tuple[int, ...], layer: int = 0) -> gguf.GGMLQuantizationType:
+        return matrix_type(kind, role, layer, n, shape[-1], experts, tied)
+
+    plan = [("token_embd.weight", (c.vocab_size, d), pick("token_embd", (c.vocab_size, d)),
+             (-1, lambda m: m.embed_tokens.weight.detach().float().numpy())),
             ("output_norm.weight", (d,), f32, (-1, lambda m: m.norm.weight.detach().float().numpy()))]
     plan += [(name, array.shape, f32, (-1, lambda m, a=array: a)) for name, array in _rope_tensors(c, rope_type)]
     if model.lm_head is not None:
-        plan.append(("output.weight", (c.vocab_size, d), embed_type, (-1, lambda m: _weight(m.lm_head))))
+        plan.append(("output.weight", (c.vocab_size, d), pick("output", (c.vocab_size, d)),
+                     (-1, lambda m: _weight(m.lm_head))))
     for i, layer in enumerate(model.layers):
         for name, shape in _layer_shapes(layer, c, arch).items():
-            qtype = _matrix_type(main_type, shape) if len(shape) >= 2 and name != "ffn_gate_inp" else f32
+            qtype = pick(name, shape, i) if len(shape) >= 2 and name != "ffn_gate_inp" else f32
             # (the router stays F32)
             full = f"blk.{i}.{name}" if name.endswith(".bias") else f"blk.{i}.{name}.weight"
             plan.append((full, shape, qtype, (i, name)))

@@ -56,4 +56,4 @@ def test_cli_export_gguf(tiny_hf_dir, tmp_path, capsys):
     assert main(["export-gguf", "-m", str(tiny_hf_dir), "--type", "q8_0", "-o", str(out)]) == 0
     assert out.is_file() and not out.with_suffix(".gguf.partial").exists()
     with pytest.raises(SystemExit):
-        main(["export-gguf", "-m", str(tiny_hf_dir), "--type", "q3_k", "-o", str(out)])
+        main(["export-gguf", "-m", str(tiny_hf_dir), "--type", "q2_k", "-o", str(out)])
