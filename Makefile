@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-prune bench-serve bench-structured bench-llamacpp bench-sizes bench-dist clean
+.PHONY: run test install model lint bench bench-quant bench-quality bench-prune bench-serve bench-structured bench-llamacpp bench-sizes bench-dist clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: model
 
 bench-quant: model
 	$(BIN)/python benchmarks/quantization.py
+
+bench-quality: model
+	$(BIN)/python benchmarks/quality_vs_peers.py
 
 bench-prune: model
 	$(BIN)/python benchmarks/pruning.py

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from miaotui import LLM
-from miaotui.data import WIKITEXT2_TEST
+from miaotui.data import WIKITEXT2_TEST, read_text
 from miaotui.eval.perplexity import perplexity
 from miaotui.loaders.model_store import pull
 from miaotui.runtime import dtype_name
@@ -54,7 +54,7 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         llm = LLM(str(path), dtype=dtype)
-        ids = llm.tokenizer.encode(Path(args.text_file).read_text(encoding="utf-8"), add_special_tokens=False)
+        ids = llm.tokenizer.encode(read_text(Path(args.text_file)), add_special_tokens=False)
         ids = ids[:40 * 512]
         for protocol, score_from in (("llama.cpp (second half of each window)", 256), ("full window", 0)):
             r = perplexity(llm.model, ids, ctx=512, stride=512, score_from=score_from)

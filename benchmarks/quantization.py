@@ -17,7 +17,7 @@ import torch
 from miaotui import LLM
 from miaotui.compress.calibration import load_calibration
 from miaotui.compress.quantize.apply import quantize_model
-from miaotui.data import WIKITEXT2_TEST
+from miaotui.data import WIKITEXT2_TEST, read_text
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
 from miaotui.layers.quant_formats import QuantFormat
@@ -64,7 +64,7 @@ def main() -> None:
         if args.only and label not in args.only.split(","):
             continue
         llm = LLM(str(path), dtype="float32", decode_weight_dtype="none")
-        ids = llm.tokenizer.encode(Path(args.text_file).read_text(encoding="utf-8"), add_special_tokens=False)
+        ids = llm.tokenizer.encode(read_text(Path(args.text_file)), add_special_tokens=False)
         seconds = 0.0
         if method is not None:
             calib = load_calibration(args.text_file, llm.tokenizer, args.calib_samples, 512,

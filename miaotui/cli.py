@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from miaotui.data import default_skip, text_path
+from miaotui.data import default_skip, read_text, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.model_store import DEFAULT_MODEL
 
@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imatrix", action="store_true",
                    help="weigh each block's rounding by activation importance from calibration text (what "
                         "llama-imatrix gives llama-quantize); --calib-* choose the text")
+    p.add_argument("--gptq", action="store_true",
+                   help="round each matrix into its GGUF type by GPTQ (error feedback through the inputs' "
+                        "Hessian, calibration text as --calib-*), not block by block")
+    p.add_argument("--damp", type=float, default=0.01, help="--gptq: damping, fraction of the mean Hessian diagonal")
     _add_calib_args(p)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
 
@@ -446,7 +450,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     path = text_path(args.text_file)
     llm = _load(args)
-    ids = llm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+    ids = llm.tokenizer.encode(read_text(path), add_special_tokens=False)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     result = perplexity(llm.model, ids, ctx=args.ctx, stride=args.stride, score_from=args.score_from,
@@ -700,15 +704,25 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
-    importance = None
-    if args.imatrix:
+    importance = encoded = None
+    if args.imatrix or args.gptq:
         from miaotui.compress.calibration import load_calibration
         from miaotui.compress.importance import activation_importance
 
         calib = load_calibration(args.calib_file, tokenizer, args.calib_samples, args.calib_seq_len,
                                  args.calib_skip_tokens)
-        importance = activation_importance(model, calib)
-    out = export_gguf(model, tokenizer, args.output, args.type, importance)
+        if args.gptq:
+            from miaotui.compress.quantize.gguf_gptq import gptq_gguf_model
+            from miaotui.loaders.gguf_mixes import EXPORT_TYPES
+            from miaotui.models.registry import spec_named
+
+            if args.type not in EXPORT_TYPES:
+                raise MiaotuiError(f"unknown GGUF type '{args.type}'")
+            fused = spec_named(model.config.architecture).gguf_export_arch == "phi3"
+            encoded = gptq_gguf_model(model, calib, EXPORT_TYPES[args.type], fused, args.damp)
+        if args.imatrix:
+            importance = activation_importance(model, calib)
+    out = export_gguf(model, tokenizer, args.output, args.type, importance, encoded)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.api import LLM
-from miaotui.data import text_path
+from miaotui.data import read_text, text_path
 from miaotui.engine.sampling_params import SamplingParams
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
@@ -173,7 +173,7 @@ def run_demo(model: str, text_file: str | None, rebuild: bool = False) -> None:
 
     _section("2. measure, about 30 s (ppl: WikiText-2, 4,096 tokens, ctx 512; speed: pp128 / tg32, batch 1)")
     original = LLM(model)
-    ids = original.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)[:EVAL_TOKENS]
+    ids = original.tokenizer.encode(read_text(text), add_special_tokens=False)[:EVAL_TOKENS]
     text_key = f"{hashlib.sha256(text.read_bytes()).hexdigest()[:16]}:{EVAL_TOKENS}"
     dtype = str(original.dtype).removeprefix("torch.")  # the device default: bf16 or float32
     rows = [_measure(f"original (Q4_1 GGUF in its own bits, {dtype})", original, ids, ppl_cache,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from miaotui.data import text_path
+from miaotui.data import read_text, text_path
 from miaotui.errors import MiaotuiError
 
 _CALIB = {"calib_file": (str, None), "calib_samples": (int, 128), "calib_seq_len": (int, 512),
@@ -328,7 +328,7 @@ def _metrics(label: str, llm, recipe: Recipe) -> dict[str, Any]:
     from miaotui.eval.perplexity import perplexity
 
     text = text_path(recipe.eval_text, "eval.text_file")
-    ids = llm.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)[:recipe.eval_tokens]
+    ids = llm.tokenizer.encode(read_text(text), add_special_tokens=False)[:recipe.eval_tokens]
     path = Path(llm.path)
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     ppl = perplexity(llm.model, ids, ctx=min(512, len(ids)), progress=False).ppl

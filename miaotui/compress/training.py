@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from miaotui.data import default_skip, text_path
+from miaotui.data import default_skip, read_text, text_path
 from miaotui.errors import MiaotuiError
 from miaotui.loaders.tokenizer import Tokenizer
 
@@ -26,7 +26,7 @@ def load_training_tokens(path: str | Path | None, tokenizer: Tokenizer, skip_tok
     path None: the bundled WikiText-2 test split (miaotui/data), past its evaluated tokens."""
     path = text_path(path)
     skip_tokens = default_skip(path, skip_tokens)
-    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+    ids = tokenizer.encode(read_text(path), add_special_tokens=False)
     ids = ids[skip_tokens:]
     if len(ids) < min_tokens:
         raise MiaotuiError(f"text file '{path}' is too short: {len(ids):,} tokens after skipping {skip_tokens:,}, "

@@ -35,3 +35,9 @@ def default_skip(path: Path, skip: int | None) -> int:
     if skip is not None:
         return skip
     return EVALUATED_TOKENS if path == WIKITEXT2_TEST else 0
+
+
+def read_text(path: Path) -> str:
+    """A text file's characters exactly as stored, line endings included (the bundled WikiText-2 keeps
+    its CRLFs): what llama-perplexity and llama-imatrix read, so token counts and scores compare."""
+    return path.read_bytes().decode("utf-8", errors="replace")

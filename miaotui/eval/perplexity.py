@@ -119,3 +119,72 @@ def decode_perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, 
     seconds = time.perf_counter() - start
     mean = total_nll / total_count
     return PerplexityResult(math.exp(mean), total_count, seconds, mean, len(plan), ctx, ctx, score_from)
+
+
+@dataclass(slots=True)
+class Fidelity:
+    """A model scored against a reference on the same windows: perplexity in both protocols (all of
+    each window after its first token; llama.cpp's second half) and the mean KL divergence from the
+    reference's next-token distribution, KL(P_ref || P_model) in nats, over the same targets
+    (what `llama-perplexity --kl-divergence` reports over its second halves)."""
+    ppl_full: float
+    ppl_half: float
+    kl_full: float
+    kl_half: float
+    tokens_full: int
+    tokens_half: int
+    top1_agree_half: float  # share of second-half positions where both pick the same next token
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def reference_log_probs(reference: Transformer, token_ids: list[int], ctx: int = 512, progress: bool = True
+                        ) -> list[torch.Tensor]:
+    """The reference's next-token log-probabilities per window of ctx tokens (no overlap): [L-1, V]
+    float16 each, computed once for scoring many models against it (fidelity)."""
+    plan = window_plan(len(token_ids), ctx, ctx, 0)
+    if not plan:
+        raise MiaotuiError(f"text too short to score: {len(token_ids)} tokens")
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    out = []
+    for begin, end, _ in tqdm(plan, desc="reference", unit="window", disable=not progress):
+        window = ids[begin:end][None].to(reference.device)
+        positions = torch.arange(end - begin, device=reference.device)[None]
+        out.append(torch.log_softmax(reference(window, positions)[0, :-1].float().cpu(), -1).half())
+    return out
+
+
+@torch.inference_mode()
+def fidelity(model: Transformer, reference: list[torch.Tensor], token_ids: list[int], ctx: int = 512,
+             progress: bool = True) -> Fidelity:
+    """model scored against the reference's log-probabilities (reference_log_probs over the same
+    token_ids and ctx): one forward per window scores both protocols at once."""
+    plan = window_plan(len(token_ids), ctx, ctx, 0)
+    if len(plan) != len(reference):
+        raise MiaotuiError(f"the reference holds {len(reference)} windows, the text gives {len(plan)}")
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    sums = {"nll_full": 0.0, "nll_half": 0.0, "kl_full": 0.0, "kl_half": 0.0, "agree": 0.0}
+    n_full = n_half = 0
+    half = ctx // 2
+    for (begin, end, _), ref in tqdm(list(zip(plan, reference, strict=True)), desc="fidelity", unit="window",
+                                     disable=not progress):
+        window = ids[begin:end][None]
+        positions = torch.arange(end - begin)[None]
+        # [L-1, V] log-probabilities of the next token, float32
+        logp = torch.log_softmax(model(window.to(model.device), positions.to(model.device))[0, :-1].float().cpu(), -1)
+        ref = ref.float()
+        targets = ids[begin + 1:end]
+        nll = -logp.gather(1, targets[:, None])[:, 0]  # [L-1]
+        kl = (ref.exp() * (ref - logp)).sum(-1)  # [L-1]
+        second = slice(half, None)  # predictions from position ctx/2 on: llama-perplexity's targets
+        sums["nll_full"] += float(nll.sum())
+        sums["kl_full"] += float(kl.sum())
+        sums["nll_half"] += float(nll[second].sum())
+        sums["kl_half"] += float(kl[second].sum())
+        sums["agree"] += float((logp[second].argmax(-1) == ref[second].argmax(-1)).sum())
+        n_full += nll.numel()
+        n_half += nll[second].numel()
+    return Fidelity(math.exp(sums["nll_full"] / n_full), math.exp(sums["nll_half"] / n_half),
+                    sums["kl_full"] / n_full, sums["kl_half"] / n_half, n_full, n_half, sums["agree"] / n_half)

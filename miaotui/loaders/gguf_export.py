@@ -59,9 +59,12 @@ def _tokenizer_fields(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[
 
 
 def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type_name: str,
-                importance: dict[str, torch.Tensor] | None = None) -> Path:
+                importance: dict[str, torch.Tensor] | None = None, encoded: dict[str, np.ndarray] | None = None
+                ) -> Path:
     """type_name: a single type or a named mix (gguf_mixes.EXPORT_TYPES). importance: {module name:
-    E[x_j^2] [K]} (compress/importance.py): block rounding weighted by it, as with llama.cpp's imatrix."""
+    E[x_j^2] [K]} (compress/importance.py): block rounding weighted by it, as with llama.cpp's imatrix.
+    encoded: {GGUF name: bytes} already in the file's type (compress/quantize/gguf_gptq.py), rows in
+    miaotui's order; written as they are."""
     if type_name not in EXPORT_TYPES:
         raise MiaotuiError(f"unknown GGUF type '{type_name}' (use one of {', '.join(EXPORT_TYPES)})")
     c = model.config
@@ -114,6 +117,9 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, type
         layer = store.load(index) if index >= 0 else None
         arrays = _layer_arrays(layer, c, arch) if layer is not None else None
         for name, shape, qtype, (_, get) in by_layer[index]:
+            if encoded is not None and name in encoded:
+                w.write_tensor_data(_given(encoded[name], name, shape, qtype, c, arch))
+                continue
             array = np.ascontiguousarray(get(model) if arrays is None else arrays[get], dtype=np.float32)
             assert array.shape == shape
             w.write_tensor_data(_encode(array, qtype, _importance_of(importance, index, name, get)))
@@ -161,6 +167,18 @@ def _importance_of(importance: dict[str, torch.Tensor] | None, index: int, name:
             e += 1
         return found or None
     return importance.get(f"layers.{index}.{module}")
+
+
+def _given(data: np.ndarray, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, c: ModelConfig,
+           arch: str) -> np.ndarray:
+    """Bytes encoded elsewhere, checked against the plan; q/k rows into llama.cpp's order for its 'llama'."""
+    expected = _info(shape, qtype)[0]
+    if tuple(data.shape) != tuple(expected):
+        raise MiaotuiError(f"'{name}': encoded data is {tuple(data.shape)}, the file's {qtype.name} needs {expected}")
+    role = name.split(".")[2] if name.startswith("blk.") else ""
+    if arch == "llama" and role in ("attn_q", "attn_k"):
+        data = _permute_rope_rows(data, c.num_heads if role == "attn_q" else c.num_kv_heads)
+    return np.ascontiguousarray(data)
 
 
 def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType,

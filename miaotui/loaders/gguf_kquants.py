@@ -15,6 +15,8 @@ Not for reading GGUF blocks (gguf_quant.py) or for choosing the type per tensor 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -141,87 +143,103 @@ def _kscales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return b.to(torch.uint8)
 
 
-# -- the encoders ----------------------------------------------------------------------------------
+# -- the grids -------------------------------------------------------------------------------------
 
-def _encode_k_affine(x: torch.Tensor, imp: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Q4_K (bits 4) / Q5_K (bits 5): 8 sub-blocks of 32, w = d * sc * q - dmin * m."""
-    b = x.shape[0]
-    nmax = (1 << bits) - 1
-    w = _weights(x, imp)
-    xs, ws = x.reshape(b * 8, 32), w.reshape(b * 8, 32)
-    s, m = affine_scales(xs, ws, nmax)
-    s, m = s.reshape(b, 8), m.reshape(b, 8)
-    sub_weight = ws.sum(-1).reshape(b, 8)
-    d, ls = _round_subscales(s, sub_weight, 63)
-    dmin, lm = _round_subscales(m, sub_weight, 63)
-    d16, dmin16 = _as16(d), _as16(dmin)
-    eff_s = (d16[:, None] * ls).repeat_interleave(32, 1)  # [B, 256]
-    eff_m = (dmin16[:, None] * lm).repeat_interleave(32, 1)
-    q = torch.where(eff_s > 0, torch.round((x + eff_m) / torch.where(eff_s > 0, eff_s, 1)), 0).clamp(0, nmax)
-    q = q.to(torch.int32)
-    low = q & 15
-    qs = _pack_bits(low.reshape(b, 4, 2, 32).reshape(b * 4, 2, 32), 32, 2).reshape(b, 128)
-    parts = [_fp16(d).reshape(b, 2), _fp16(dmin).reshape(b, 2), _kscales(ls, lm)]
-    if bits == 5:
-        qh = _pack_bits((q >> 4).reshape(b, 8, 32), 32, 8)
-        parts.append(qh)
-    parts.append(qs)
-    return torch.cat(parts, dim=1)
+@dataclass
+class Grid:
+    """The rounding grid of a set of blocks [R, B]: w ~= scale[:, j // sub] * q + offset[:, j // sub] with
+    integer q in [lo, hi]; scale and offset [R, B / sub] as the file's own (rounded) fields give them.
+    fields: what packing the blocks needs besides the codes."""
+    qtype: T
+    scale: torch.Tensor
+    offset: torch.Tensor
+    lo: int
+    hi: int
+    sub: int
+    fields: dict[str, torch.Tensor]
 
+    def codes(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Nearest codes for values x [R, n] of columns start .. start + n of the blocks."""
+        cols = torch.arange(start, start + x.shape[1]) // self.sub
+        s, o = self.scale[:, cols], self.offset[:, cols]
+        q = torch.where(s != 0, torch.round((x - o) / torch.where(s != 0, s, torch.ones_like(s))), 0)
+        return q.clamp(self.lo, self.hi)
 
-def _encode_q6_k(x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
-    """16 sub-blocks of 16, w = d * sc * (q - 32), sc int8."""
-    b = x.shape[0]
-    w = _weights(x, imp)
-    s = symmetric_scales(x.reshape(b * 16, 16), w.reshape(b * 16, 16), 32).reshape(b, 16)
-    d, ls = _signed_subscales(s, -128, 127)
-    eff = (d[:, None] * ls).repeat_interleave(16, 1)
-    q = torch.where(eff != 0, torch.round(x / torch.where(eff != 0, eff, 1)), 0).clamp(-32, 31).to(torch.int32) + 32
-    # element h*128 + s*64 + l: low nibble in ql[h*64 + l] at bits 4s; h*128 + s*32 + l: high 2 bits in qh[h*32 + l]
-    ql = _pack_bits((q & 15).reshape(b * 2, 2, 64), 64, 2).reshape(b, 128)
-    qh = _pack_bits((q >> 4).reshape(b * 2, 4, 32), 32, 4).reshape(b, 64)
-    return torch.cat([ql, qh, ls.to(torch.int8).view(torch.uint8), _fp16(d).reshape(b, 2)], dim=1)
+    def values(self, q: torch.Tensor, start: int = 0) -> torch.Tensor:
+        cols = torch.arange(start, start + q.shape[1]) // self.sub
+        return q * self.scale[:, cols] + self.offset[:, cols]
 
 
-def _encode_q3_k(x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
-    """16 sub-blocks of 16, w = d * (sc - 32) * q with q in -4..3 and sc 6-bit."""
+def block_width(qtype: T) -> int:
+    return QK_K if qtype in (T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K) else 32
+
+
+def grid_for(qtype: T, x: torch.Tensor, imp: torch.Tensor | None = None) -> Grid:
+    """The grid llama.cpp's decoder will read for blocks x [R, block_width] (importance [R, block] or None)."""
     b = x.shape[0]
     w = _weights(x, imp)
-    s = symmetric_scales(x.reshape(b * 16, 16), w.reshape(b * 16, 16), 4).reshape(b, 16)
-    d, ls = _signed_subscales(s, -32, 31)
-    eff = (d[:, None] * ls).repeat_interleave(16, 1)
-    q = torch.where(eff != 0, torch.round(x / torch.where(eff != 0, eff, 1)), 0).clamp(-4, 3).to(torch.int32) + 4
-    hmask = _pack_bits((q >> 2).reshape(b, 8, 32), 32, 8)  # element j*32 + l: bit j of hmask[l]
-    qs = _pack_bits((q & 3).reshape(b * 2, 4, 32), 32, 4).reshape(b, 64)
-    u = (ls + 32).to(torch.int32)  # 0..63
-    sc = torch.zeros(b, 12, dtype=torch.int32)
-    sc[:, :8] = (u[:, :8] & 15) | ((u[:, 8:] & 15) << 4)
-    for t in range(4):
-        sc[:, 8:12] |= ((u[:, 4 * t:4 * t + 4] >> 4) & 3) << (2 * t)
-    return torch.cat([hmask, qs, sc.to(torch.uint8), _fp16(d).reshape(b, 2)], dim=1)
-
-
-def _encode_legacy(x: torch.Tensor, imp: torch.Tensor | None, qtype: T) -> torch.Tensor:
-    """The 32-weight blocks: Q4_0 / Q5_0 / Q8_0 (w = d * q, signed) and Q4_1 / Q5_1 (w = d * q + m)."""
-    b = x.shape[0]
-    w = _weights(x, imp)
-    if qtype in (T.Q4_1, T.Q5_1):
+    if qtype in (T.Q4_K, T.Q5_K):  # 8 sub-blocks of 32, w = d * sc * q - dmin * m
+        nmax = 15 if qtype == T.Q4_K else 31
+        ws = w.reshape(b * 8, 32)
+        s, m = affine_scales(x.reshape(b * 8, 32), ws, nmax)
+        sub_weight = ws.sum(-1).reshape(b, 8)
+        d, ls = _round_subscales(s.reshape(b, 8), sub_weight, 63)
+        dmin, lm = _round_subscales(m.reshape(b, 8), sub_weight, 63)
+        return Grid(qtype, _as16(d)[:, None] * ls, -_as16(dmin)[:, None] * lm, 0, nmax, 32,
+                    {"d": d, "dmin": dmin, "ls": ls, "lm": lm})
+    if qtype in (T.Q6_K, T.Q3_K):  # 16 sub-blocks of 16, w = d * sc * q
+        nmax, low, high = (32, -128, 127) if qtype == T.Q6_K else (4, -32, 31)
+        s = symmetric_scales(x.reshape(b * 16, 16), w.reshape(b * 16, 16), nmax).reshape(b, 16)
+        d, ls = _signed_subscales(s, low, high)
+        scale = d[:, None] * ls
+        return Grid(qtype, scale, torch.zeros_like(scale), -nmax, nmax - 1, 16, {"d": d, "ls": ls})
+    if qtype in (T.Q4_1, T.Q5_1):  # w = d * q + m
         nmax = 15 if qtype == T.Q4_1 else 31
         s, m = affine_scales(x, w, nmax)
         d16, m16 = _as16(s)[:, None], _as16(-m)[:, None]
-        q = torch.where(d16 > 0, torch.round((x - m16) / torch.where(d16 > 0, d16, 1)), 0)
-        q = q.clamp(0, nmax).to(torch.int32)
-        head = [_fp16(s).reshape(b, 2), _fp16(-m).reshape(b, 2)]
+        return Grid(qtype, d16, m16, 0, nmax, 32, {"d": s, "m": -m})
+    if qtype == T.Q8_0:
+        s = x.abs().amax(-1) / 127
+        return Grid(qtype, _as16(s)[:, None], torch.zeros(b, 1), -127, 127, 32, {"d": s})
+    nmax = {T.Q4_0: 8, T.Q5_0: 16}[qtype]  # w = d * q
+    s = symmetric_scales(x, w, nmax)
+    return Grid(qtype, _as16(s)[:, None], torch.zeros(b, 1), -nmax, nmax - 1, 32, {"d": s})
+
+
+def pack(grid: Grid, q: torch.Tensor) -> torch.Tensor:
+    """Codes q [R, block] on `grid` -> the blocks' bytes [R, bytes per block] (uint8)."""
+    b, f, qtype = q.shape[0], grid.fields, grid.qtype
+    q = q.to(torch.int32)
+    if qtype in (T.Q4_K, T.Q5_K):
+        # element c*64 + s*32 + l: nibble s of qs[c*32 + l]; Q5_K's fifth bit of element j*32 + l: bit j of qh[l]
+        qs = _pack_bits((q & 15).reshape(b * 4, 2, 32), 32, 2).reshape(b, 128)
+        parts = [_fp16(f["d"]).reshape(b, 2), _fp16(f["dmin"]).reshape(b, 2), _kscales(f["ls"], f["lm"])]
+        if qtype == T.Q5_K:
+            parts.append(_pack_bits((q >> 4).reshape(b, 8, 32), 32, 8))
+        return torch.cat([*parts, qs], dim=1)
+    if qtype == T.Q6_K:
+        u = q + 32
+        # element h*128 + s*64 + l: low nibble in ql[h*64 + l] at bits 4s; h*128 + s*32 + l: high 2 bits in qh[h*32 + l]
+        ql = _pack_bits((u & 15).reshape(b * 2, 2, 64), 64, 2).reshape(b, 128)
+        qh = _pack_bits((u >> 4).reshape(b * 2, 4, 32), 32, 4).reshape(b, 64)
+        return torch.cat([ql, qh, f["ls"].to(torch.int8).view(torch.uint8), _fp16(f["d"]).reshape(b, 2)], dim=1)
+    if qtype == T.Q3_K:
+        u = q + 4  # 0..7: two low bits in qs, the third in hmask (set: no offset of -4)
+        hmask = _pack_bits((u >> 2).reshape(b, 8, 32), 32, 8)
+        qs = _pack_bits((u & 3).reshape(b * 2, 4, 32), 32, 4).reshape(b, 64)
+        su = (f["ls"] + 32).to(torch.int32)  # 0..63
+        sc = torch.zeros(b, 12, dtype=torch.int32)
+        sc[:, :8] = (su[:, :8] & 15) | ((su[:, 8:] & 15) << 4)
+        for t in range(4):
+            sc[:, 8:12] |= ((su[:, 4 * t:4 * t + 4] >> 4) & 3) << (2 * t)
+        return torch.cat([hmask, qs, sc.to(torch.uint8), _fp16(f["d"]).reshape(b, 2)], dim=1)
+    if qtype == T.Q8_0:
+        return torch.cat([_fp16(f["d"]).reshape(b, 2), q.to(torch.int8).view(torch.uint8)], dim=1)
+    head = [_fp16(f["d"]).reshape(b, 2)]
+    if qtype in (T.Q4_1, T.Q5_1):
+        head.append(_fp16(f["m"]).reshape(b, 2))
     else:
-        nmax = {T.Q4_0: 8, T.Q5_0: 16, T.Q8_0: 128}[qtype]
-        s = symmetric_scales(x, w, nmax) if qtype != T.Q8_0 else x.abs().amax(-1) / 127
-        d16 = _as16(s)
-        d16 = d16[:, None]
-        q = torch.where(d16 != 0, torch.round(x / torch.where(d16 != 0, d16, 1)), 0)
-        if qtype == T.Q8_0:
-            return torch.cat([_fp16(s).reshape(b, 2), q.clamp(-127, 127).to(torch.int8).view(torch.uint8)], dim=1)
-        q = q.clamp(-nmax, nmax - 1).to(torch.int32) + nmax
-        head = [_fp16(s).reshape(b, 2)]
+        q = q - grid.lo  # Q4_0 / Q5_0 store q + 8 / q + 16
     # element l (< 16): low nibble of qs[l]; element 16 + l: high nibble
     qs = _pack_bits((q & 15).reshape(b, 2, 16), 16, 2)
     if qtype in (T.Q5_0, T.Q5_1):
@@ -236,7 +254,7 @@ def encode(matrix: torch.Tensor, qtype: T, importance: torch.Tensor | None = Non
     """matrix [N, K] (K a multiple of the type's block) -> the GGUF bytes [N, K / block * bytes] (uint8).
     importance: [K], the mean square of each column's input (None: every column alike)."""
     n, k = matrix.shape
-    block = QK_K if qtype in (T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K) else 32
+    block = block_width(qtype)
     if k % block:
         raise ValueError(f"{qtype.name} needs rows of whole {block}-blocks, got {k}")
     x = matrix.detach().float().reshape(-1, block)
@@ -246,13 +264,6 @@ def encode(matrix: torch.Tensor, qtype: T, importance: torch.Tensor | None = Non
     chunk = max(1, 2 ** 16 // block) * 16  # blocks per pass: bounded temporaries
     for start in range(0, x.shape[0], chunk):
         xs = x[start:start + chunk]
-        ims = None if imp is None else imp[start:start + chunk]
-        if qtype in (T.Q4_K, T.Q5_K):
-            rows.append(_encode_k_affine(xs, ims, 4 if qtype == T.Q4_K else 5))
-        elif qtype == T.Q6_K:
-            rows.append(_encode_q6_k(xs, ims))
-        elif qtype == T.Q3_K:
-            rows.append(_encode_q3_k(xs, ims))
-        else:
-            rows.append(_encode_legacy(xs, ims, qtype))
+        grid = grid_for(qtype, xs, None if imp is None else imp[start:start + chunk])
+        rows.append(pack(grid, grid.codes(xs)))
     return torch.cat(rows).reshape(n, -1).numpy()
