@@ -175,10 +175,12 @@ def main() -> None:
         return only is None or name in only
 
     def keep_previous(name: str) -> bool:
-        if not wanted(name) and name in previous:
+        """True where the row is not to be (re)run now: its earlier result, if any, is kept."""
+        if wanted(name):
+            return False
+        if name in previous:
             rows.append(previous[name])
-            return True
-        return False
+        return True
 
     def score(name: str, tool: str, artifact: Path, seconds: float, note: str = "") -> None:
         print(f"scoring {name}", flush=True)
@@ -231,23 +233,25 @@ def main() -> None:
     # miaotui's own methods
     n = str(args.calib_samples)
     methods = {"miaotui GPTQ int4 g128": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--symmetric"],
+               "miaotui GPTQ int4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--symmetric"],
                "miaotui AWQ+GPTQ int4 g32": ["--method", "awq-gptq", "--bits", "4", "--group-size", "32",
                                             "--symmetric"],
-               "miaotui SmoothQuant W8A8": ["--method", "smoothquant"]}
+               "miaotui SmoothQuant W8A8": ["--method", "smoothquant", "--alpha-search"]}
     for name, flags in methods.items():
         if keep_previous(name):
+            if name == "miaotui AWQ+GPTQ int4 g32":
+                keep_previous("miaotui AWQ+GPTQ g32 as Q4_0")
             continue
         out = work / name.split(" ", 1)[1].replace(" ", "-").replace("+", "").lower()
         seconds = run(MIAOTUI + ["quantize", "-m", str(f32_dir), *flags, "--calib-samples", n, "-o", str(out)],
                       work / f"{out.name}.log")
-        score(name, "miaotui", out, seconds, f"calibration {n} x 512")
-        if name == "miaotui AWQ+GPTQ int4 g32" and wanted("miaotui AWQ+GPTQ g32 as Q4_0"):
+        score(name, "miaotui", out, seconds, f"calibration {n} x 512" + ("; alpha searched" if "smooth" in out.name
+                                                                          else ""))
+        if name == "miaotui AWQ+GPTQ int4 g32":
             gguf_out = work / "miaotui-awq-gptq-q4_0.gguf"
             extra = run(MIAOTUI + ["export-gguf", "-m", str(out), "--type", "q4_0", "-o", str(gguf_out)],
                         work / "awq-gptq-export.log")
             score("miaotui AWQ+GPTQ g32 as Q4_0", "miaotui", gguf_out, seconds + extra, f"calibration {n} x 512")
-    if not wanted("miaotui AWQ+GPTQ g32 as Q4_0"):
-        keep_previous("miaotui AWQ+GPTQ g32 as Q4_0")
 
     # llm-compressor, in its own environment, on the same float32 directory and calibration windows
     if not args.skip_llmcompressor:

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
+    p.add_argument("--alpha-search", action="store_true",
+                   help="smoothquant: choose each layer's alpha by the W8A8 output error on calibration rows")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
     p = sub.add_parser("qat", help="quantization-aware training, saved as a packed model")
@@ -277,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round each matrix into its GGUF type by GPTQ (error feedback through the inputs' "
                         "Hessian, calibration text as --calib-*), not block by block")
     p.add_argument("--damp", type=float, default=0.01, help="--gptq: damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--act-order", action="store_true",
+                   help="--gptq: columns by decreasing input energy, each block's grid chosen beforehand")
+    p.add_argument("--awq", action="store_true",
+                   help="--gptq: fold AWQ's activation-aware scales into each layer first (as awq-gptq)")
     _add_calib_args(p)
     p.add_argument("-o", "--output", required=True, help="output .gguf file")
 
@@ -535,7 +541,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _run_one_stage(args, args.model, {
         "stage": "quantize", "method": args.method, "bits": args.bits, "group_size": args.group_size,
         "symmetric": args.symmetric, "integer_zero": args.integer_zero, "damp": args.damp,
-        "act_order": args.act_order, "alpha": args.alpha,
+        "act_order": args.act_order, "alpha": args.alpha, "alpha_search": args.alpha_search,
         **_calib_fields(args)})
 
 
@@ -719,7 +725,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
             if args.type not in EXPORT_TYPES:
                 raise MiaotuiError(f"unknown GGUF type '{args.type}'")
             fused = spec_named(model.config.architecture).gguf_export_arch == "phi3"
-            encoded = gptq_gguf_model(model, calib, EXPORT_TYPES[args.type], fused, args.damp)
+            encoded = gptq_gguf_model(model, calib, EXPORT_TYPES[args.type], fused, args.damp, args.awq,
+                                      args.act_order)
         if args.imatrix:
             importance = activation_importance(model, calib)
     out = export_gguf(model, tokenizer, args.output, args.type, importance, encoded)

@@ -49,7 +49,7 @@ STAGE_FIELDS: dict[str, dict[str, tuple[type, Any]]] = {
                 "checkpoint_every": (int, 50), "max_minutes": (float, None), **_TRAIN},
     "quantize": {"method": (str, "rtn"), "bits": (int, 4), "group_size": (int, 128), "symmetric": (bool, False),
                  "integer_zero": (bool, False), "damp": (float, 0.01), "act_order": (bool, False),
-                 "alpha": (float, 0.5), **_CALIB, **_SELECT},
+                 "alpha": (float, 0.5), "alpha_search": (bool, False), **_CALIB, **_SELECT},
 }
 # calib_file / text_file not given: the bundled WikiText-2 test split, past its evaluated tokens (miaotui/data).
 REQUIRED = {"gradual_prune": ("final_sparsity", "end_step", "steps"), "distill": ("steps",)}
@@ -315,6 +315,7 @@ def _run_stage(stage: Stage, model, tokenizer, model_name: str, checkpoint_dir: 
         modules = select_modules(model, p["targets"], p["ignore"]) if p["targets"] or p["ignore"] else None
         calib = _calib(p, tokenizer, method != "rtn", label)
         rec = quantize_model(model, method, fmt, calib, damp=p["damp"], act_order=p["act_order"], alpha=p["alpha"],
+                             alpha_search=p["alpha_search"],
                              modules=modules)
         return model, {k: v for k, v in rec.to_dict().items() if k != "layers"}, rec.to_dict()
     except MiaotuiError as exc:

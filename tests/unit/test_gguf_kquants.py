@@ -115,3 +115,39 @@ def test_cli_export_with_an_importance_matrix(wide_dir, tmp_path, calib_text, ca
     assert a.keys() == b.keys()
     assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]  # importance changed the rounding
     assert a["blk.0.attn_norm.weight"] == b["blk.0.attn_norm.weight"]
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q3_K, T.Q5_0, T.Q4_1], ids=lambda t: t.name)
+def test_gptq_onto_a_grid_writes_blocks_that_decode_to_its_weights(qtype):
+    from miaotui.compress.quantize.gguf_gptq import gptq_gguf
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 512, generator=g)
+    x = torch.randn(2048, 512, generator=g) * (0.3 + 2 * torch.rand(512, generator=g))  # uneven input energy
+    x[:, 1:] += 0.5 * x[:, :-1]  # correlated columns: where GPTQ's error feedback helps
+    hessian = 2 * x.t() @ x / x.shape[0]
+    data, deq = gptq_gguf(w, hessian, qtype)
+    decoded = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
+    assert torch.equal(decoded, deq)  # the bytes hold exactly the weights GPTQ settled on
+    plain = torch.from_numpy(gguf.quants.dequantize(encode(w, qtype, torch.diag(hessian)), qtype)).reshape(w.shape)
+
+    def output_error(v: torch.Tensor) -> float:
+        return float((x @ (v - w).t()).pow(2).mean())
+    assert output_error(deq) < 0.9 * output_error(plain)  # GPTQ lowers the layer's output error
+
+
+def test_cli_export_gptq_is_closer_to_the_float_model(wide_dir, tmp_path, calib_text):
+    src = load_model(wide_dir, torch.float32)
+    ids = torch.tensor([src.tokenizer.encode(calib_text.read_text()[:3000])[:128]])
+    pos = torch.arange(ids.shape[1])[None]
+    ref = torch.log_softmax(src.model(ids, pos), -1)
+    kl = {}
+    for flags in ([], ["--gptq"]):
+        out = tmp_path / f"m{len(flags)}.gguf"
+        assert main(["export-gguf", "-m", str(wide_dir), "--type", "q4_k_m", *flags, "--calib-file", str(calib_text),
+                     "--calib-samples", "8", "--calib-seq-len", "128", "-o", str(out)]) == 0
+        got = torch.log_softmax(load_model(out, torch.float32).model(ids, pos), -1)
+        kl[len(flags)] = float((ref.exp() * (ref - got)).sum(-1).mean())
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+        assert types["blk.0.attn_v.weight"] == T.Q6_K and types["blk.1.attn_q.weight"] == T.Q4_K
+    assert kl[1] < kl[0]

@@ -217,6 +217,23 @@ def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):
         quantize_model(load_model(tiny_hf_dir, torch.float32).model, "smoothquant", QuantFormat(4, 32, True), calib)
 
 
+def test_smoothquant_alpha_search_picks_the_lowest_w8a8_error():
+    from miaotui.compress.quantize.smoothquant import _fake_int8, search_alpha, smoothing_scales
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :3] *= 40  # outlier channels, as real activations have
+    w = torch.randn(48, 64, generator=g)
+    a_max = x.abs().amax(0)
+
+    def error(s: torch.Tensor) -> float:
+        return float((_fake_int8(x / s, -1) @ _fake_int8(w * s, -1).t() - x @ w.t()).pow(2).mean())
+    s, alpha = search_alpha(x, a_max, w)
+    assert 0.2 <= alpha <= 0.9
+    for fixed in (0.3, 0.5, 0.8):
+        assert error(s) <= error(smoothing_scales(a_max, w, fixed)) + 1e-9
+
+
 def test_awq_search_beats_plain_rounding_with_outlier_channels():
     from miaotui.compress.quantize.awq import search_scales
     from miaotui.layers.quant_formats import fake_quantize

@@ -15,7 +15,7 @@ from torch import nn
 from miaotui.compress.calibration import CalibrationSet, capture_inputs, layer_by_layer
 from miaotui.compress.quantize.awq import awq_scale_layer
 from miaotui.compress.quantize.gptq import gptq_quantize_weight
-from miaotui.compress.quantize.smoothquant import smooth_layer
+from miaotui.compress.quantize.smoothquant import smooth_layer, smooth_layer_searched
 from miaotui.compress.streamed import each_layer, layers_of
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
@@ -98,11 +98,13 @@ def rtn_quantize_layer(layer: nn.Module, index: int, linears: tuple[str, ...], f
 
 def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: CalibrationSet | None = None,
                    act_quant: bool = False, damp: float = 0.01, act_order: bool = False,
-                   alpha: float = 0.5, modules: Collection[str] | None = None) -> QuantizationRecord:
+                   alpha: float = 0.5, modules: Collection[str] | None = None, alpha_search: bool = False
+                   ) -> QuantizationRecord:
     """Quantize every decoder-layer linear in place (embedding and output head stay float), or only
     `modules` (full names such as 'layers.3.mlp.down_proj', from compress/selectors.py).
 
-    smoothquant = smoothing (alpha) + RTN int8 weights per channel + int8 activations per token.
+    smoothquant = smoothing (alpha, or searched per fold with alpha_search) + RTN int8 weights per
+    channel + int8 activations per token.
     awq-gptq = AWQ's activation-aware scales folded in first, then GPTQ rounds the scaled weights.
     """
     if method == "smoothquant":
@@ -113,7 +115,8 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)})")
     if fmt.kind == "binary" and method != "rtn":
         raise MiaotuiError("binary weights are quantized by sign (method rtn)")
-    options = {"alpha": alpha} if method == "smoothquant" else {"damp": damp, "act_order": act_order}
+    options = ({"alpha": "searched" if alpha_search else alpha} if method == "smoothquant"
+               else {"damp": damp, "act_order": act_order})
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in each_layer(model, "rtn"):
@@ -125,14 +128,19 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                           "seq_len": int(calib.tokens.shape[1]),
                           "compute_dtype": str(layers_of(model).calibration_dtype).removeprefix("torch.")}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
-        keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") else 0
+        keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") or (method == "smoothquant" and alpha_search) else 0
         plan = layer_plan(model.config, i)
         # GPTQ re-captures each later linear's inputs anyway (below): q/k/v's are all it needs now
         first = method in ("gptq",)
         stats = capture_inputs(layer, list(plan.linears[:1] if first else plan.inputs_to_capture), forward_all,
                                keep_rows=keep, stop_early=first)
         if method == "smoothquant":
-            smooth_layer(layer, plan, {name: acc.abs_max for name, acc in stats.items()}, alpha)
+            maxima = {name: acc.abs_max for name, acc in stats.items()}
+            if alpha_search:
+                chosen = smooth_layer_searched(layer, plan, maxima, {name: acc.samples for name, acc in stats.items()})
+                record.options.setdefault("alphas", []).append(chosen)
+            else:
+                smooth_layer(layer, plan, maxima, alpha)
             rtn_quantize_layer(layer, i, plan.linears, fmt, True, record, modules=modules)
             continue
         hessians = {name: acc.hessian for name, acc in stats.items() if acc.count}  # [K, K] each

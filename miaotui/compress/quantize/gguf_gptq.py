@@ -24,50 +24,60 @@ from miaotui.compress.calibration import (
     layer_by_layer,
     prepare_weight_and_hessian,
 )
+from miaotui.compress.quantize.apply import AWQ_SAMPLE_ROWS
+from miaotui.compress.quantize.awq import awq_scale_layer
 from miaotui.errors import MiaotuiError
 from miaotui.layers.linear import Linear
+from miaotui.layers.quant_formats import QuantFormat
 from miaotui.loaders.gguf_kquants import ENCODED, block_width, grid_for, pack
 from miaotui.loaders.gguf_mixes import ExportType, matrix_type
 from miaotui.models.plan import layer_plan
 from miaotui.models.transformer import Transformer
 
+AWQ_PROXY = QuantFormat(4, 32, False)  # the grid AWQ's scale search rounds against
 
-def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, qtype, damp: float = 0.01
+
+def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, qtype, damp: float = 0.01, act_order: bool = False
               ) -> tuple[np.ndarray, torch.Tensor]:
-    """weight [N, K], hessian [K, K] -> (the GGUF bytes [N, K / block * bytes], the weights they decode to [N, K])."""
+    """weight [N, K], hessian [K, K] -> (the GGUF bytes [N, K / block * bytes], the weights they decode to [N, K]).
+
+    In column order, each block's grid comes from the weights as the error feedback has updated them
+    when GPTQ reaches it. act_order: columns visited by decreasing Hessian diagonal (the inputs with
+    most energy first), every block's grid chosen beforehand from the original weights ("static
+    groups": the file's blocks stay runs of columns)."""
     w, h = prepare_weight_and_hessian(weight, hessian)
     n, k = w.shape
     block = block_width(qtype)
     if k % block:
         raise MiaotuiError(f"{qtype.name} needs rows of whole {block}-blocks, got {k}")
     importance = torch.diag(h).clone()
+    grids = [grid_for(qtype, w[:, b:b + block], importance[b:b + block].expand(n, block)) for b in range(0, k, block)] \
+        if act_order else [None] * (k // block)
+    perm = torch.argsort(importance, descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_cholesky(h, damp)
-    lazy = block * max(1, 128 // block)  # GPTQ's lazy batches hold whole blocks
-    out = torch.zeros_like(w)
-    packed = []
+    lazy = block * max(1, 128 // block)  # GPTQ's lazy batches (whole blocks, in column order)
+    out = torch.zeros(n, k)
+    codes = torch.zeros(n, k)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        grid = None
-        codes = torch.zeros(n, block)
         for i in range(i2 - i1):
-            column = i1 + i
-            at = column % block
-            if at == 0:  # a new block: its grid from the weights as updated so far
-                grid = grid_for(qtype, w1[:, i:i + block], importance[column:column + block].expand(n, block))
+            column = int(perm[i1 + i])  # the weight's own column
+            b, at = divmod(column, block)
+            if grids[b] is None:  # column order: a new block's grid from the updated weights
+                grids[b] = grid_for(qtype, w1[:, i:i + block], importance[column:column + block].expand(n, block))
             col = w1[:, i:i + 1]
-            q = grid.codes(col, at)
-            deq = grid.values(q, at)[:, 0]
-            codes[:, at] = q[:, 0]
-            out[:, column] = deq
+            q = grids[b].codes(col, at)
+            deq = grids[b].values(q, at)[:, 0]
+            codes[:, column], out[:, column] = q[:, 0], deq
             err = (col[:, 0] - deq) / hinv1[i, i]
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
             err1[:, i] = err
-            if at == block - 1:
-                packed.append(pack(grid, codes))
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    packed = [pack(grids[b], codes[:, b * block:(b + 1) * block]) for b in range(k // block)]
     return torch.cat(packed, dim=1).numpy(), out
 
 
@@ -93,17 +103,23 @@ def _pieces(name: str, c, fused: bool) -> list[tuple[str, slice]]:
 
 
 def gptq_gguf_model(model: Transformer, calib: CalibrationSet, kind: ExportType, fused: bool,
-                    damp: float = 0.01) -> dict[str, np.ndarray]:
+                    damp: float = 0.01, awq: bool = False, act_order: bool = False) -> dict[str, np.ndarray]:
     """GPTQ every decoder linear onto the type export-gguf will write it in, layer by layer, true-
     sequential; the float weights become their quantized values in place. -> {GGUF tensor name: bytes
     [N, row bytes] or stacked experts [E, N, row bytes]}, rows in miaotui's order (the writer permutes
-    q/k rows for llama.cpp's 'llama' as for any tensor)."""
+    q/k rows for llama.cpp's 'llama' as for any tensor).
+    awq: first fold AWQ's activation-aware scales into each layer (awq.py; searched against 4-bit
+    groups of 32, the grid of most GGUF 4-bit blocks), as miaotui's awq-gptq does."""
     c = model.config
     tied = model.lm_head is None
     out: dict[str, np.ndarray] = {}
     experts: dict[str, dict[int, np.ndarray]] = {}
     for i, layer, forward_all in layer_by_layer(model, calib, desc="gptq (gguf)"):
-        for name in layer_plan(c, i).linears:
+        plan = layer_plan(c, i)
+        if awq:
+            stats = capture_inputs(layer, list(plan.inputs_to_capture), forward_all, keep_rows=AWQ_SAMPLE_ROWS)
+            awq_scale_layer(layer, plan, {n: acc.samples for n, acc in stats.items()}, AWQ_PROXY)
+        for name in plan.linears:
             module = layer.get_submodule(name)
             if not isinstance(module, Linear):
                 raise MiaotuiError("GPTQ into GGUF types needs a float model (this one is already quantized)")
@@ -121,7 +137,7 @@ def gptq_gguf_model(model: Transformer, calib: CalibrationSet, kind: ExportType,
                 qtype = matrix_type(kind, role, i, c.num_layers, piece.shape[1], c.num_experts, tied)
                 if qtype not in ENCODED:
                     continue
-                data, deq = gptq_gguf(piece, hessian, qtype, damp)
+                data, deq = gptq_gguf(piece, hessian, qtype, damp, act_order)
                 new[span] = deq
                 if role.endswith("_exps"):
                     e = int(name.split(".experts.")[1].split(".")[0])
