@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vs_llamacpp import CLASSES, bf16_gguf, describe_machine, machine, miaotui_quantize  # noqa: E402
 from miaotui import LLM  # noqa: E402
-from miaotui.data import WIKITEXT2_TEST  # noqa: E402
+from miaotui.data import WIKITEXT2_TEST, read_text  # noqa: E402
 from miaotui.eval.perplexity import decode_perplexity, perplexity  # noqa: E402
 from miaotui.loaders.model_store import cache_dir  # noqa: E402
 from miaotui.runtime import dtype_name  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
             fmt = f"int{bits} g{group} sym"
         reference = LLM(str(model), dtype="float32", decode_weight_dtype="none")
         if ids is None:
-            ids = reference.tokenizer.encode(Path(WIKITEXT2_TEST).read_text())[:args.windows * CTX]
+            ids = reference.tokenizer.encode(read_text(WIKITEXT2_TEST))[:args.windows * CTX]
         float_ppl = perplexity(reference.model, ids, ctx=CTX, score_from=CTX // 2, progress=False)
         del reference
         served = LLM(str(model))

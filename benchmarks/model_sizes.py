@@ -195,13 +195,13 @@ def quality_row(bin_dir: Path, source: Path, kind: str, windows: int) -> dict:
     import torch
 
     from miaotui import LLM, SamplingParams
-    from miaotui.data import WIKITEXT2_TEST
+    from miaotui.data import WIKITEXT2_TEST, read_text
     from miaotui.eval.perplexity import decode_perplexity, perplexity
 
     path = llama_quantize(bin_dir, source, kind)
     types = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2})
     reference = LLM(str(path), dtype="float32", gguf_weights="float", decode_weight_dtype="none")
-    ids = reference.tokenizer.encode(Path(WIKITEXT2_TEST).read_text())[:windows * 512]
+    ids = reference.tokenizer.encode(read_text(WIKITEXT2_TEST))[:windows * 512]
     float_ppl = perplexity(reference.model, ids, ctx=512, score_from=256, progress=False).ppl
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, greedy)]

@@ -31,7 +31,7 @@ from miaotui.compress.prune.gradual import GradualSchedule, train_gradual
 from miaotui.compress.prune.structured import prune_structured
 from miaotui.compress.prune.unstructured import prune_model
 from miaotui.compress.training import load_training_tokens
-from miaotui.data import WIKITEXT2_TEST
+from miaotui.data import WIKITEXT2_TEST, read_text
 from miaotui.eval.bench import run_bench
 from miaotui.eval.perplexity import perplexity
 from miaotui.loaders.miaotui_dir import save_model
@@ -168,7 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = str(pull("smollm2-135m"))
-    ids = float_llm(path).tokenizer.encode(Path(args.text_file).read_text(encoding="utf-8"),
+    ids = float_llm(path).tokenizer.encode(read_text(Path(args.text_file)),
                                            add_special_tokens=False)
     sections = args.sections.split(",")
     out_json = RESULTS / "pruning.json"

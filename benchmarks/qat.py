@@ -18,7 +18,7 @@ from miaotui import LLM
 from miaotui.compress.quantize.apply import quantize_model
 from miaotui.compress.quantize.qat import pack_after_qat, train_qat
 from miaotui.compress.training import load_training_tokens
-from miaotui.data import WIKITEXT2_TEST
+from miaotui.data import WIKITEXT2_TEST, read_text
 from miaotui.eval.perplexity import perplexity
 from miaotui.layers.quant_formats import QuantFormat
 from miaotui.loaders.model_store import pull
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(str(pull("smollm2-135m")), dtype="float32", decode_weight_dtype="none")
-    ids = llm.tokenizer.encode(Path(args.text_file).read_text(encoding="utf-8"), add_special_tokens=False)
+    ids = llm.tokenizer.encode(read_text(Path(args.text_file)), add_special_tokens=False)
     eval_ids = ids[:EVAL_TOKENS]
     fmt = QuantFormat(2, args.group_size, True, "ternary")
     float_ppl = perplexity(llm.model, eval_ids, progress=False).ppl
