@@ -296,7 +296,10 @@ def write(rows: list[dict], work: Path) -> None:
                      f"{100 * r.get('dppl_full', 0):+.2f}% | {kl:.4f}{scorer} | {r['kl_full']:.4f} | "
                      f"{100 * r['top1_agree_half']:.1f}% | {r['seconds']:.0f} s | {r['note']} |")
     lines += ["", "GGUF rows: llama.cpp protocol figures by `llama-perplexity --kl-divergence` on the file; "
-              "* scored by miaotui on the same windows and targets. Full-window figures by miaotui."]
+              "* scored by miaotui on the same windows and targets. Full-window figures by miaotui. Bits per weight "
+              "count every tensor in the file (the tied float embedding too, for the Hugging Face directories). "
+              "Wall time: the whole command for llama.cpp and miaotui (imatrix included), llm-compressor's "
+              "oneshot() alone (its model load and save excluded)."]
     (RESULTS / "quality_vs_peers.md").write_text("\n".join(lines) + "\n")
     _plot(rows)
 
