@@ -267,10 +267,21 @@ def export_compressed_tensors(model: Transformer, tokenizer: Tokenizer, out_dir:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _readable(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _readable(directory: Path) -> None:
+    """The permissions a plain `mkdir` and file write give (mkdtemp's directory and safetensors' files
+    are private to their owner): a server running as another user reads the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _write_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
