@@ -741,7 +741,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
+    from miaotui.loaders.hf_quant import is_quantized_hf_dir
+    from miaotui.loaders.model_store import resolve_model
+
+    path = resolve_model(args.model)
+    if is_quantized_hf_dir(path):  # GPTQ / AWQ / compressed-tensors: its integer layers kept as they are
+        import torch
+
+        from miaotui.loaders.load import load_model
+
+        loaded = load_model(path, torch.float32)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model, tokenizer = open_streamed(args.model)  # one decoder layer in memory at a time
     out = export_compressed_tensors(model, tokenizer, args.output, args.dtype)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {args.format}, {args.dtype})")

@@ -11,9 +11,11 @@ Not for writing (hf_export.py) or for plain float checkpoints (hf.py).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,6 +203,17 @@ _METHODS: dict[str, tuple[str, tuple[str, ...], Callable[..., QuantizedTensor]]]
 }
 _CT_PARTS = (".weight_packed", ".weight_shape", ".weight_scale", ".weight_zero_point", ".weight_g_idx",
              ".input_scale", ".input_zero_point")
+
+
+def is_quantized_hf_dir(path: Path) -> bool:
+    """A Hugging Face directory whose config.json names a quantization."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("quantization_config"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def quantized_view(tensors: LazyTensors, qcfg: dict[str, Any] | None) -> LazyTensors:

@@ -229,6 +229,15 @@ def test_gptq_and_awq_checkpoints_load_into_quantlinear(family_dir, tmp_path, me
             ref.get_submodule(module).weight.copy_(w)
         want = ref(IDS).logits
     assert (_logits(lm.model) - want).abs().max() < 1e-3
+    if symmetric:  # and on to compressed-tensors, its integer layers as they are (not through floats)
+        from miaotui.cli import main
+
+        assert main(["export", "-m", str(tmp_path / method), "--dtype", "float32", "-o", str(tmp_path / "ct")]) == 0
+        qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+        assert qcfg["config_groups"]["group_0"]["weights"]["group_size"] == 32
+        back = load_model(tmp_path / "ct", torch.float32)
+        for name, layer in layers.items():
+            assert torch.equal(_quant_layers(back.model)[name].dequantized_weight(), layer.dequantized_weight())
 
 
 def test_act_order_gptq_loads_with_its_groups(family_dir, tmp_path):
