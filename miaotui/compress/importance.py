@@ -41,20 +41,28 @@ def _hooked(modules: dict[str, nn.Module]) -> tuple[dict[str, _SquareMean], list
 @torch.inference_mode()
 def activation_importance(model: Transformer, calib: CalibrationSet) -> dict[str, torch.Tensor]:
     """{module name ('layers.3.mlp.down_proj', 'lm_head'): E[x_j^2] [K]} over the calibration windows,
-    a decoder layer at a time (a streamed model holds one)."""
+    a decoder layer at a time (a streamed model holds one). The hooks ride on the pass layer_by_layer
+    makes anyway to feed the next layer: one forward per layer."""
     out: dict[str, torch.Tensor] = {}
-    last = None
-    for i, layer, forward_all in layer_by_layer(model, calib, "importance", keep=False):
-        names = layer_plan(model.config, i).linears
-        stats, handles = _hooked({n: layer.get_submodule(n) for n in names})
-        try:
-            last = forward_all()
-        finally:
-            for h in handles:
-                h.remove()
-        out |= {f"layers.{i}.{n}": acc.mean() for n, acc in stats.items() if acc.count}
-    if model.lm_head is not None and last is not None:
-        acc = _SquareMean(model.config.hidden_size)
-        acc.add(model.norm(last))
-        out["lm_head"] = acc.mean()
+    pending: tuple[int, dict[str, _SquareMean], list] | None = None
+    head = _SquareMean(model.config.hidden_size) if model.lm_head is not None else None
+
+    def finish() -> None:
+        i, stats, handles = pending
+        for h in handles:
+            h.remove()
+        out.update({f"layers.{i}.{n}": acc.mean() for n, acc in stats.items() if acc.count})
+
+    last = len(model.layers) - 1
+    for i, layer, _ in layer_by_layer(model, calib, "importance", keep=False):
+        if pending is not None:
+            finish()
+        stats, handles = _hooked({n: layer.get_submodule(n) for n in layer_plan(model.config, i).linears})
+        if i == last and head is not None:  # the head's input: the final norm of the last layer's output
+            handles.append(layer.register_forward_hook(lambda _m, _a, output: head.add(model.norm(output))))
+        pending = (i, stats, handles)
+    if pending is not None:
+        finish()
+    if head is not None and head.count:
+        out["lm_head"] = head.mean()
     return out

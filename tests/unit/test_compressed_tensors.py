@@ -41,6 +41,19 @@ def _transformers_logits(directory: Path) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
+def _dequantized_reference_logits(src: Path, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers running src's checkpoint with `weights` (module name -> [N, K]) put in place."""
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for module, w in weights.items():
+            ref.get_submodule(module).weight.copy_(w)
+        return ref(IDS).logits
+
+
 def _quant_layers(model) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -210,7 +223,6 @@ def _write_quantized_checkpoint(src: Path, out: Path, method: str, symmetric: bo
 
 @pytest.mark.parametrize("method,symmetric", [("gptq", True), ("gptq", False), ("awq", False)])
 def test_gptq_and_awq_checkpoints_load_into_quantlinear(family_dir, tmp_path, method, symmetric):
-    import transformers
 
     src = family_dir("llama")
     expected = _write_quantized_checkpoint(src, tmp_path / method, method, symmetric)
@@ -220,14 +232,7 @@ def test_gptq_and_awq_checkpoints_load_into_quantlinear(family_dir, tmp_path, me
     for i in range(2):
         qkv = torch.cat([expected[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"])
         assert torch.allclose(layers[f"layers.{i}.self_attn.qkv_proj"].dequantized_weight(), qkv, atol=1e-6)
-    # the reference: transformers running the dequantized weights
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        for module, w in expected.items():
-            ref.get_submodule(module).weight.copy_(w)
-        want = ref(IDS).logits
+    want = _dequantized_reference_logits(src, expected)
     assert (_logits(lm.model) - want).abs().max() < 1e-3
     if symmetric:  # and on to compressed-tensors, its integer layers as they are (not through floats)
         from miaotui.cli import main
@@ -243,7 +248,6 @@ def test_gptq_and_awq_checkpoints_load_into_quantlinear(family_dir, tmp_path, me
 def test_act_order_gptq_loads_with_its_groups(family_dir, tmp_path):
     """g_idx from GPTQ's act-order: the layer holds its columns by group and gathers its input so.
     compressed-tensors (0.20) has no act-order groups any more: the export says so in one line."""
-    import transformers
 
     src = family_dir("llama")
     expected = _write_quantized_checkpoint(src, tmp_path / "gptq", "gptq", True, act_order=True)
@@ -251,13 +255,7 @@ def test_act_order_gptq_loads_with_its_groups(family_dir, tmp_path):
     down = lm.model.layers[1].mlp.down_proj
     assert down.input_order is not None
     assert torch.allclose(down.dequantized_weight(), expected["model.layers.1.mlp.down_proj"], atol=1e-6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        for module, w in expected.items():
-            ref.get_submodule(module).weight.copy_(w)
-        want = ref(IDS).logits
+    want = _dequantized_reference_logits(src, expected)
     assert (_logits(lm.model) - want).abs().max() < 1e-3
     with pytest.raises(MiaotuiError, match="activation-ordered groups"):
         export_compressed_tensors(lm.model, lm.tokenizer, tmp_path / "ct", dtype="float32")
