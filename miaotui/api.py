@@ -68,7 +68,7 @@ class StreamEvent:
 class LLM:
     """A loaded model ready to generate: `LLM("smollm2-135m").generate("Hello", SamplingParams())`.
 
-    Engine options (EngineConfig's fields: max_model_len, kv_cache_mb, block_size, max_num_seqs,
+    Engine options (EngineConfig's fields: max_model_len, kv_cache_mb, kv_cache_dtype, block_size, max_num_seqs,
     max_num_batched_tokens, enable_prefix_caching, speculate, draft_model, num_speculative_tokens)
     may be given as keywords or as `engine_config`; `speculative_model` is draft_model's vLLM name."""
 
@@ -134,7 +134,8 @@ class LLM:
     def _agree_num_blocks(self, config: EngineConfig) -> int:
         """KV blocks for config.kv_cache_mb. The ranks of a model replica hold different shards, so
         they agree on the smallest count: every rank's cache then has the same block tables."""
-        blocks = blocks_for_memory(self.model.config, self.model.dtype, config.kv_cache_mb, config.block_size)
+        blocks = blocks_for_memory(self.model.config, self.model.dtype, config.kv_cache_mb, config.block_size,
+                                   config.kv_cache_dtype)
         if self.parallel is None:
             return blocks
         import torch.distributed as dist

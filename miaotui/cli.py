@@ -64,6 +64,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """EngineConfig's options (engine/config.py), the same for generate, bench and serve."""
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-cache-mb", type=float, default=512, help="memory for the paged KV cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV-cache storage: the model's dtype, or one-byte codes with a scale per token and head "
+                        "(about twice the tokens in the same memory)")
     p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
     p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together at most")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
@@ -77,7 +80,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args: argparse.Namespace):
     from miaotui.engine.config import EngineConfig
 
-    return EngineConfig(max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb, block_size=args.block_size,
+    return EngineConfig(max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb,
+                        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         speculate=args.speculate, draft_model=args.draft,
                         num_speculative_tokens=args.num_speculative_tokens)
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-from", type=_non_negative_int, default=0,
                    help="score predictions from this window index on (llama.cpp's protocol: ctx/2)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="use only the first N tokens")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "fp8"],
+                   help="score each window through a paged KV cache of this dtype (as serving runs it); "
+                        "default: attention over the window's own keys and values")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="prefill and decode speed (llama-bench style)")
@@ -460,7 +467,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     result = perplexity(llm.model, ids, ctx=args.ctx, stride=args.stride, score_from=args.score_from,
-                        progress=not args.json)
+                        progress=not args.json, kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

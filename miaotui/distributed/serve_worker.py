@@ -58,11 +58,12 @@ def broadcaster(group=None, src: int = 0):
 
 
 @torch.inference_mode()
-def run_worker(model, num_blocks: int, block_size: int, group=None, src: int = 0) -> None:
+def run_worker(model, num_blocks: int, block_size: int, group=None, src: int = 0, kv_cache_dtype: str = "auto"
+               ) -> None:
     """A non-leader rank of a model replica: run the leader's steps on this rank's shard or stage
     until it says Shutdown (or dies: the broadcast then raises). num_blocks: the count the replica's
     ranks agreed on (LLM.num_blocks), so block tables mean the same slots here."""
-    cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
+    cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, kv_cache_dtype)
     while True:
         box: list[WorkerMessage | None] = [None]
         dist.broadcast_object_list(box, src=src, group=group)
@@ -81,7 +82,8 @@ def connect_replica(engine: LLMEngine, ctx) -> None:
 
 def serve_replica_worker(llm, ctx) -> None:
     """A non-leader rank of a replica: run the leader's steps on this rank's shard or stage."""
-    run_worker(llm.model, llm.num_blocks, llm.engine_config.block_size, ctx.model_group, ctx.model_ranks[0])
+    run_worker(llm.model, llm.num_blocks, llm.engine_config.block_size, ctx.model_group, ctx.model_ranks[0],
+               llm.engine_config.kv_cache_dtype)
 
 
 # -- across replicas --------------------------------------------------------------------------

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from miaotui.errors import MiaotuiError
 
 SPECULATION_KINDS = ("ngram", "model")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # engine/paged_cache.py
 
 
 @dataclass(slots=True)
 class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     kv_cache_mb: float = 512  # memory for the paged KV cache (the draft model's cache comes on top)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "int8" or "fp8": codes + a scale per token and head
     block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # requests decoded together at most
     max_num_batched_tokens: int = 512  # tokens per step: decode rows + prefill chunks
@@ -37,6 +39,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
             if getattr(self, name) < 1:
                 raise MiaotuiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise MiaotuiError(f"unknown KV-cache dtype '{self.kv_cache_dtype}' (use {', '.join(KV_CACHE_DTYPES)})")
         if self.kv_cache_mb <= 0:
             raise MiaotuiError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -66,16 +66,16 @@ class LLMEngine:
         self.fatal: str | None = None  # set when the engine cannot go on (e.g. a worker died)
         bs = config.block_size
         if num_blocks is None:
-            num_blocks = blocks_for_memory(model.config, model.dtype, config.kv_cache_mb, bs)
+            num_blocks = blocks_for_memory(model.config, model.dtype, config.kv_cache_mb, bs, config.kv_cache_dtype)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.cache = PagedKVCache(model.config, num_blocks, bs, model.dtype, model.device)
+        self.cache = PagedKVCache(model.config, num_blocks, bs, model.dtype, model.device, config.kv_cache_dtype)
         self.proposer = None
         if config.speculate == "ngram":
             self.proposer = NgramProposer()
         elif config.speculate == "model":
             if draft_model is None:
                 raise MiaotuiError("speculation by a draft model needs the draft model loaded")
-            self.proposer = DraftModelProposer(draft_model, num_blocks, bs)
+            self.proposer = DraftModelProposer(draft_model, num_blocks, bs, config.kv_cache_dtype)
         # Every layer slides (Mistral, Mixtral v0.1, Phi-3): a row's blocks before its widest window
         # are given back as it grows, so a long chat holds a bounded cache. (Not with a draft model,
         # whose own cache shares the block tables.)

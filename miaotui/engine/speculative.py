@@ -79,10 +79,10 @@ class DraftModelProposer:
     """A small model drafting k tokens for every decode row at once, over its own paged KV cache
     (the target's block tables address it: a slot holds the draft's keys for the same token)."""
 
-    def __init__(self, model, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
         self.model = model
         self.block_size = block_size
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, kv_cache_dtype)
 
     @torch.inference_mode()
     def propose(self, rows: list[tuple[EngineRequest, int]], generators: list[torch.Generator]) -> None:

@@ -59,18 +59,25 @@ def window_plan(n_tokens: int, ctx: int, stride: int, score_from: int) -> list[t
 
 @torch.inference_mode()
 def perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, stride: int | None = None,
-               score_from: int = 0, progress: bool = True) -> PerplexityResult:
+               score_from: int = 0, progress: bool = True, kv_cache_dtype: str | None = None) -> PerplexityResult:
+    """kv_cache_dtype: None, attention over the window's own keys and values; else each window is one
+    engine prefill step through a paged KV cache of that dtype ("auto", "int8", "fp8"), every
+    position attending over the cache's keys and values (llama-perplexity's -ctk / -ctv)."""
     stride = stride or ctx
     plan = window_plan(len(token_ids), ctx, stride, score_from)
     if not plan:
         raise MiaotuiError(f"text too short to score: {len(token_ids)} tokens")
     ids = torch.tensor(token_ids, dtype=torch.long, device=model.device)
+    through_cache = None if kv_cache_dtype is None else _window_through_cache(model, ctx, kv_cache_dtype)
     total_nll, total_count = 0.0, 0
     start = time.perf_counter()
     for begin, end, first in tqdm(plan, desc="perplexity", unit="window", disable=not progress):
         window = ids[begin:end][None]  # [1, L]
         positions = torch.arange(end - begin, device=model.device)[None]
-        hidden = model.hidden_states(window, positions)  # [1, L, D]
+        if through_cache is not None:
+            hidden = through_cache(token_ids[begin:end])
+        else:
+            hidden = model.hidden_states(window, positions)  # [1, L, D]
         # Only the predicting positions need the (large) vocabulary projection.
         pred_from = first - 1 - begin
         logits = model.logits(hidden[0, pred_from:end - begin - 1])  # [T, V] float32
@@ -83,14 +90,34 @@ def perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, stride:
     return PerplexityResult(math.exp(mean), total_count, seconds, mean, len(plan), ctx, stride, score_from)
 
 
+def _window_through_cache(model: Transformer, ctx: int, kv_cache_dtype: str):
+    """-> a function: a window's token ids -> hidden states [1, L, D] from one prefill step that
+    writes the window's keys and values into a paged cache and attends over what the cache holds."""
+    from miaotui.engine.paged_cache import PagedKVCache
+    from miaotui.engine.step import PackRow, pack_rows
+
+    block_size = 16
+    table = list(range(-(-ctx // block_size)))
+    cache = PagedKVCache(model.config, len(table), block_size, model.dtype, model.device, kv_cache_dtype)
+
+    def run(window: list[int]) -> torch.Tensor:
+        step, _, _ = pack_rows([PackRow(window, 0, table)], block_size)
+        views = cache.step_views(step.slots.to(model.device), step.groups)
+        return model.hidden_states(step.tokens.to(model.device), step.positions.to(model.device), views)
+
+    return run
+
+
 @torch.inference_mode()
 def decode_perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, score_from: int | None = None,
-                      max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+                      max_windows: int | None = None, progress: bool = True, kv_cache_dtype: str = "auto"
+                      ) -> PerplexityResult:
     """Perplexity as the engine's decode steps compute it: each window's unscored head is one
     prefill step into a paged KV cache, then every scored token is one single-row decode step (the
     few-row kernels, the fused decode layer, the decode head), teacher-forced. Same windows and
     targets as perplexity(..., score_from=score_from) (default ctx // 2: llama.cpp's protocol), so
-    the two measure the same predictions through the prefill and the decode kernels."""
+    the two measure the same predictions through the prefill and the decode kernels.
+    kv_cache_dtype: the paged cache's ("auto", "int8", "fp8")."""
     from miaotui.engine.paged_cache import PagedKVCache
     from miaotui.engine.step import PackRow, pack_rows, run_model_step
 
@@ -100,7 +127,7 @@ def decode_perplexity(model: Transformer, token_ids: list[int], ctx: int = 512, 
         raise MiaotuiError(f"text too short to score: {len(token_ids)} tokens")
     block_size = 16
     table = list(range(-(-ctx // block_size)))
-    cache = PagedKVCache(model.config, len(table), block_size, model.dtype, model.device)
+    cache = PagedKVCache(model.config, len(table), block_size, model.dtype, model.device, kv_cache_dtype)
     total_nll, total_count = 0.0, 0
     start = time.perf_counter()
     steps = sum(end - first for _, end, first in plan)

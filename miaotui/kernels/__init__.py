@@ -23,8 +23,11 @@ from miaotui.runtime import cpu_flags
 log = logging.getLogger(__name__)
 # cpu_kernels.cpp: attention, norms, dequantize, AMX; decode_matmul.cpp: few-row matmuls (decode);
 # decode_layer.cpp: the decode step of consecutive decoder layers in one op.
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp", "decode_layer.cpp")]
-HEADERS = [Path(__file__).with_name("decode_parts.h")]  # the parts decode_layer.cpp runs, shared by all three
+# kv_codes.cpp: the quantized KV cache's writes and decode attention.
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp", "decode_layer.cpp",
+                                                       "kv_codes.cpp")]
+# decode_parts.h: the parts decode_layer.cpp runs, shared by the first three; kv_codes.h: kv_codes.cpp's parts
+HEADERS = [Path(__file__).with_name(name) for name in ("decode_parts.h", "kv_codes.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -26,6 +26,9 @@
 #include <torch/library.h>
 
 #include "decode_parts.h"
+#include "kv_codes.h"
+
+#include <c10/util/Float8_e4m3fn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -99,15 +102,20 @@ inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return bf16_to_float(x.x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }  // codes of a quantized pool (kv_codes.h)
+inline float to_float(c10::Float8_e4m3fn x) { return static_cast<float>(x); }
 
 // Copies a row's keys (or values) of some kv heads (`hd` values from `offset` in each slot) into a
 // dense float32 buffer [len, hd]. A tight loop of independent loads: the core keeps many cache
 // misses in flight (the pool is far bigger than the caches), where computing on each key as it
 // arrives would wait for one miss at a time.
 // `also` (the values, while the keys are gathered) is prefetched too, for the pass that follows.
+// A quantized pool's codes are multiplied by their (slot, kv head) scale: scales [S, KV], `head`
+// the first kv head read and `hd` the head size (hd here is then the span's width).
 template <typename T>
 void gather_head(const T* pool, const int64_t* slots, int64_t len, int64_t slot_stride, int64_t offset, int64_t hd,
-                 float* dst, const T* also = nullptr) {
+                 float* dst, const T* also = nullptr, const c10::Half* scales = nullptr, int64_t head = 0,
+                 int64_t head_size = 0) {
   constexpr int64_t ahead = 16;
   const int64_t bytes = hd * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < len; ++t) {
@@ -122,15 +130,24 @@ void gather_head(const T* pool, const int64_t* slots, int64_t len, int64_t slot_
     }
     const T* src = pool + slots[t] * slot_stride + offset;
     float* out = dst + t * hd;
+    if (scales == nullptr) {
 #pragma omp simd
-    for (int64_t d = 0; d < hd; ++d) out[d] = to_float(src[d]);
+      for (int64_t d = 0; d < hd; ++d) out[d] = to_float(src[d]);
+      continue;
+    }
+    const c10::Half* s = scales + slots[t] * (slot_stride / head_size) + head;
+    for (int64_t h = 0; h < hd / head_size; ++h) {
+      const float sh = static_cast<float>(s[h]);
+#pragma omp simd
+      for (int64_t d = h * head_size; d < (h + 1) * head_size; ++d) out[d] = to_float(src[d]) * sh;
+    }
   }
 }
 
 template <typename T>
 void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gather, const int64_t* lengths,
             float* out, int64_t rows, int64_t n, int64_t heads, int64_t kv_heads, int64_t hd, int64_t t_max,
-            float scale) {
+            float scale, const c10::Half* k_scales = nullptr, const c10::Half* v_scales = nullptr) {
   const int64_t group = heads / kv_heads;  // query heads per kv head
   const int64_t slot_stride = kv_heads * hd;
   // A task gathers a slot's keys for all its kv heads at once (one contiguous run per slot, easier
@@ -147,7 +164,7 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
       dense.resize(len * width);
       scores.resize(group * len);
       acc.resize(group * hd);
-      gather_head(k_pool, slots, len, slot_stride, kv0 * hd, width, dense.data(), v_pool);
+      gather_head(k_pool, slots, len, slot_stride, kv0 * hd, width, dense.data(), v_pool, k_scales, kv0, hd);
       for (int64_t kv = kv0; kv < kv0 + span; ++kv) {
         const float* qk = q + (token * heads + kv * group) * hd;  // group query heads, contiguous
         const int64_t at = (kv - kv0) * hd;
@@ -178,7 +195,8 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
         }
         if (kv == kv0) {
           values.resize(len * width);
-          gather_head(v_pool, slots, len, slot_stride, kv0 * hd, width, values.data());
+          gather_head(v_pool, slots, len, slot_stride, kv0 * hd, width, values.data(), static_cast<const T*>(nullptr),
+                      v_scales, kv0, hd);
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < len; ++t) {
@@ -194,6 +212,14 @@ void attend(const float* q, const T* k_pool, const T* v_pool, const int64_t* gat
       }
     }
   });
+}
+
+// Threads only where the keys outweigh a fork and join (~2 us): a decode step over a short context
+// runs on the calling thread.
+bool attend_worth_threads(const int64_t* lengths, int64_t tokens, int64_t heads) {
+  int64_t keys = 0;
+  for (int64_t token = 0; token < tokens; ++token) keys += lengths[token];
+  return keys * heads >= 2048;
 }
 
 #if defined(__AVX512BF16__)
@@ -326,21 +352,7 @@ void attend_bf16_tasks(const uint16_t* q, int64_t q_stride, const uint16_t* k_po
         }
         ++t;
       }
-      for (int64_t r = 0; r < group; ++r) {  // softmax per head
-        float* sr = s + r * len;
-        float top = std::numeric_limits<float>::lowest();
-#pragma omp simd reduction(max : top)
-        for (int64_t i = 0; i < len; ++i) top = std::max(top, sr[i]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < len; ++i) {
-          sr[i] = expf(sr[i] - top);
-          total += sr[i];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) sr[i] *= inv;
-      }
+      for (int64_t r = 0; r < group; ++r) miaotui_parts::softmax_in_place(s + r * len, len);
       uint16_t* dst[16];
       for (int64_t r = 0; r < group && r < 16; ++r) dst[r] = out + (token * heads + kv * group + r) * hd;
       if (group == 3 && lanes == 4) {
@@ -361,14 +373,6 @@ void attend_bf16_tasks(const uint16_t* q, int64_t q_stride, const uint16_t* k_po
   }
 }
 
-// Threads only where the keys outweigh a fork and join (~2 us): a decode step over a short context
-// runs on the calling thread.
-bool attend_worth_threads(const int64_t* lengths, int64_t tokens, int64_t heads) {
-  int64_t keys = 0;
-  for (int64_t token = 0; token < tokens; ++token) keys += lengths[token];
-  return keys * heads >= 2048;
-}
-
 void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, const uint16_t* v_pool,
                  const int64_t* gather, const int64_t* lengths, uint16_t* out, int64_t rows, int64_t n, int64_t heads,
                  int64_t kv_heads, int64_t hd, int64_t t_max, float scale) {
@@ -381,8 +385,32 @@ void attend_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_pool, co
 }
 #endif
 
+// A quantized pool's code kind (kv_codes.h) from its dtype; kBf16 for float pools.
+miaotui_kv::Code code_of(const at::Tensor& pool) {
+  switch (pool.scalar_type()) {
+    case at::kChar:
+      return miaotui_kv::kInt8;
+    case at::kFloat8_e4m3fn:
+      return miaotui_kv::kFp8;
+    default:
+      return miaotui_kv::kBf16;
+  }
+}
+
+// Checks a code pool's scales: float16 [S, KV], contiguous.
+void check_scales(const at::Tensor& pool, const c10::optional<at::Tensor>& scales) {
+  TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
+                  scales->dim() == 2 && scales->size(0) == pool.size(0) && scales->size(1) == pool.size(1),
+              "a quantized pool needs its scales: contiguous float16 [S, KV]");
+}
+
+miaotui_kv::CodePool code_pool(const at::Tensor& pool, const c10::optional<at::Tensor>& scales) {
+  return {reinterpret_cast<uint8_t*>(pool.data_ptr()), reinterpret_cast<uint16_t*>(scales->data_ptr<c10::Half>())};
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                           const at::Tensor& gather, const at::Tensor& lengths, double scale) {
+                           const at::Tensor& gather, const at::Tensor& lengths, double scale,
+                           const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
                   q.dim() == 4 && q.is_contiguous(), "q: contiguous float32 or bf16 [G, n, H, hd] on CPU");
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
@@ -395,12 +423,31 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   TORCH_CHECK(k_pool.size(2) == hd && heads % kv_heads == 0, "head sizes do not match");
   TORCH_CHECK(gather.dim() == 2 && gather.size(0) == rows && lengths.numel() == rows * n, "gather/lengths shape");
   TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= gather.size(1), "lengths beyond gather");
+  const miaotui_kv::Code code = code_of(k_pool);
+  if (code != miaotui_kv::kBf16) {
+    check_scales(k_pool, k_scales);
+    check_scales(v_pool, v_scales);
+  }
   auto out = at::empty_like(q);
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); };
+  if (q.scalar_type() == at::kBFloat16 && code != miaotui_kv::kBf16) {
+    TORCH_CHECK(miaotui_kv::has_bf16_attention() && hd % 32 == 0 && hd <= 256,
+                "bf16 queries over a quantized pool need AVX-512 and a head size that is a multiple of 32 (at most 256)");
+    const auto kc = code_pool(k_pool, k_scales), vc = code_pool(v_pool, v_scales);
+    auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+    const int64_t tasks = rows * n * kv_heads;
+    const int64_t grain = attend_worth_threads(lengths.data_ptr<int64_t>(), rows * n, heads) ? 1 : tasks;
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      miaotui_kv::attend_tasks(code, bits(q), heads * hd, kc, vc, gather.data_ptr<int64_t>(),
+                               lengths.data_ptr<int64_t>(), dst, n, heads, kv_heads, hd, gather.size(1),
+                               static_cast<float>(scale), begin, end);
+    });
+    return out;
+  }
   if (q.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512BF16__)
     TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16 && hd % 32 == 0 && hd <= 256,
                 "bf16 queries need a bf16 pool and a head size that is a multiple of 32 (at most 256)");
-    const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); };
     attend_bf16(bits(q), heads * hd, bits(k_pool), bits(v_pool), gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
                 reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), rows, n, heads, kv_heads, hd,
                 gather.size(1), static_cast<float>(scale));
@@ -409,9 +456,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
     TORCH_CHECK(false, "bf16 queries need a CPU with AVX512-BF16");
 #endif
   }
-  const auto run = [&](auto* k, auto* v) {
+  const auto run = [&](auto* k, auto* v, const c10::Half* ks = nullptr, const c10::Half* vs = nullptr) {
     attend(q.data_ptr<float>(), k, v, gather.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(),
-           rows, n, heads, kv_heads, hd, gather.size(1), static_cast<float>(scale));
+           rows, n, heads, kv_heads, hd, gather.size(1), static_cast<float>(scale), ks, vs);
   };
   switch (k_pool.scalar_type()) {
     case at::kFloat:
@@ -423,8 +470,16 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
     case at::kHalf:
       run(k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>());
       break;
+    case at::kChar:
+      run(k_pool.data_ptr<int8_t>(), v_pool.data_ptr<int8_t>(), k_scales->data_ptr<c10::Half>(),
+          v_scales->data_ptr<c10::Half>());
+      break;
+    case at::kFloat8_e4m3fn:
+      run(k_pool.data_ptr<c10::Float8_e4m3fn>(), v_pool.data_ptr<c10::Float8_e4m3fn>(),
+          k_scales->data_ptr<c10::Half>(), v_scales->data_ptr<c10::Half>());
+      break;
     default:
-      TORCH_CHECK(false, "pools must be float32, bfloat16 or float16");
+      TORCH_CHECK(false, "pools must be float32, bfloat16, float16, int8 or float8_e4m3fn");
   }
   return out;
 }
@@ -979,10 +1034,17 @@ namespace miaotui_parts {
 
 AttentionRef check_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
                              at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
-                             const at::Tensor& lengths, int64_t heads, double scale) {
+                             const at::Tensor& lengths, int64_t heads, double scale,
+                             const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales) {
+  const miaotui_kv::Code code = code_of(k_pool);
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
-                  k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == at::kBFloat16 &&
-                  v_pool.scalar_type() == at::kBFloat16, "pools: contiguous bf16 [S, KV, hd], same shape");
+                  k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == v_pool.scalar_type() &&
+                  (code != miaotui_kv::kBf16 || k_pool.scalar_type() == at::kBFloat16),
+              "pools: contiguous [S, KV, hd], same shape, bf16 or int8 / float8_e4m3fn codes");
+  if (code != miaotui_kv::kBf16) {
+    check_scales(k_pool, k_scales);
+    check_scales(v_pool, v_scales);
+  }
   const int64_t kv_heads = k_pool.size(1), hd = k_pool.size(2), width = (heads + 2 * kv_heads) * hd;
   TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == width,
               "qkv: contiguous bf16 [N, (H + 2 KV) * hd]");
@@ -1001,8 +1063,13 @@ AttentionRef check_attention(const at::Tensor& qkv, const at::Tensor& cos, const
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(a.lengths[t] <= gather.size(1), "lengths beyond gather");
   a.slots = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(a.slots[t] >= 0 && a.slots[t] < k_pool.size(0), "slot out of the pool");
-  a.k_pool = reinterpret_cast<uint16_t*>(k_pool.data_ptr<c10::BFloat16>());
-  a.v_pool = reinterpret_cast<uint16_t*>(v_pool.data_ptr<c10::BFloat16>());
+  a.k_pool = reinterpret_cast<uint16_t*>(k_pool.data_ptr());
+  a.v_pool = reinterpret_cast<uint16_t*>(v_pool.data_ptr());
+  a.code = code;
+  if (code != miaotui_kv::kBf16) {
+    a.k_scales = reinterpret_cast<uint16_t*>(k_scales->data_ptr<c10::Half>());
+    a.v_scales = reinterpret_cast<uint16_t*>(v_scales->data_ptr<c10::Half>());
+  }
   a.gather = gather.data_ptr<int64_t>();
   a.cos = reinterpret_cast<const uint16_t*>(cos.data_ptr<c10::BFloat16>());
   a.sin = reinterpret_cast<const uint16_t*>(sin.data_ptr<c10::BFloat16>());
@@ -1023,25 +1090,34 @@ void attention_store(const AttentionRef& a, uint16_t* qkv) {
   for (int64_t t = 0; t < a.tokens; ++t) {
     for (int64_t h = 0; h < a.heads + a.kv_heads; ++h)
       rope_head_bf16(qkv + t * width + h * a.hd, a.cos + t * a.hd, a.sin + t * a.hd, a.hd);
-    std::memcpy(a.k_pool + a.slots[t] * entry, qkv + t * width + a.heads * a.hd, entry * sizeof(uint16_t));
-    std::memcpy(a.v_pool + a.slots[t] * entry, qkv + t * width + (a.heads + a.kv_heads) * a.hd, entry * sizeof(uint16_t));
+    const uint16_t* k = qkv + t * width + a.heads * a.hd;
+    const uint16_t* v = k + a.kv_heads * a.hd;
+    if (a.code != miaotui_kv::kBf16) {
+      const auto code = static_cast<miaotui_kv::Code>(a.code);
+      miaotui_kv::store(code, k, a.kv_heads, a.hd, {reinterpret_cast<uint8_t*>(a.k_pool), a.k_scales}, a.slots[t]);
+      miaotui_kv::store(code, v, a.kv_heads, a.hd, {reinterpret_cast<uint8_t*>(a.v_pool), a.v_scales}, a.slots[t]);
+      continue;
+    }
+    std::memcpy(a.k_pool + a.slots[t] * entry, k, entry * sizeof(uint16_t));
+    std::memcpy(a.v_pool + a.slots[t] * entry, v, entry * sizeof(uint16_t));
   }
 }
 
 void attention_tasks(const AttentionRef& a, const uint16_t* qkv, int64_t begin, int64_t end, uint16_t* out) {
+  if (a.code != miaotui_kv::kBf16) {
+    miaotui_kv::attend_tasks(static_cast<miaotui_kv::Code>(a.code), qkv, (a.heads + 2 * a.kv_heads) * a.hd,
+                             {reinterpret_cast<uint8_t*>(a.k_pool), a.k_scales},
+                             {reinterpret_cast<uint8_t*>(a.v_pool), a.v_scales}, a.gather, a.lengths, out, a.per_group,
+                             a.heads, a.kv_heads, a.hd, a.t_max, a.scale, begin, end);
+    return;
+  }
 #if defined(__AVX512BF16__)
   attend_bf16_tasks(qkv, (a.heads + 2 * a.kv_heads) * a.hd, a.k_pool, a.v_pool, a.gather, a.lengths, out, a.per_group,
                     a.heads, a.kv_heads, a.hd, a.t_max, a.scale, begin, end);
 #endif
 }
 
-bool attention_threads(const AttentionRef& a) {
-#if defined(__AVX512BF16__)
-  return attend_worth_threads(a.lengths, a.tokens, a.heads);
-#else
-  return false;
-#endif
-}
+bool attention_threads(const AttentionRef& a) { return attend_worth_threads(a.lengths, a.tokens, a.heads); }
 
 }  // namespace miaotui_parts
 
@@ -1051,9 +1127,11 @@ namespace {
 // the context is long enough to pay for them.
 at::Tensor paged_attention_qkv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
                                at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
-                               const at::Tensor& lengths, int64_t heads, double scale) {
+                               const at::Tensor& lengths, int64_t heads, double scale,
+                               const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales) {
 #if defined(__AVX512BF16__)
-  const auto a = miaotui_parts::check_attention(qkv, cos, sin, k_pool, v_pool, slots, gather, lengths, heads, scale);
+  const auto a = miaotui_parts::check_attention(qkv, cos, sin, k_pool, v_pool, slots, gather, lengths, heads, scale,
+                                                k_scales, v_scales);
   auto* rows = reinterpret_cast<uint16_t*>(qkv.data_ptr<c10::BFloat16>());
   miaotui_parts::attention_store(a, rows);
   auto out = at::empty({a.tokens, heads * a.hd}, qkv.options());
@@ -1087,8 +1165,8 @@ void silu_mul_rows(const uint16_t* x, int64_t m, int64_t width, uint16_t* out) {
 }  // namespace miaotui_parts
 
 TORCH_LIBRARY(miaotui, m) {
-  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale) "
-        "-> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor gather, Tensor lengths, float scale, "
+        "Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("dequantize_4bit(Tensor packed, Tensor scale, Tensor offset, Tensor(a!) out) -> ()");
   m.def("dequantize_8bit(Tensor codes, Tensor scale, Tensor offset, int group_width, Tensor(a!) out) -> ()");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -1099,7 +1177,8 @@ TORCH_LIBRARY(miaotui, m) {
   m.def("row_argmax(Tensor x) -> Tensor");
   m.def("silu_mul_bf16(Tensor x) -> Tensor");
   m.def("paged_attention_qkv(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_pool, Tensor(c!) v_pool, "
-        "Tensor slots, Tensor gather, Tensor lengths, int heads, float scale) -> Tensor");
+        "Tensor slots, Tensor gather, Tensor lengths, int heads, float scale, Tensor(d!)? k_scales=None, "
+        "Tensor(e!)? v_scales=None) -> Tensor");
   m.def("has_amx() -> bool", &has_amx);
 }
 

@@ -52,7 +52,8 @@ inline void share(int64_t total, int thread, int threads, int64_t& begin, int64_
 
 // decode_layers: consecutive decoder layers in one call (one crossing from Python per step, not
 // one per layer). Per layer l: ln1[l], ln2[l], qkv_bias[l], qk_norms[2 l, 2 l + 1] (q and k head
-// norms, both or neither), k_pools[l], v_pools[l],
+// norms, both or neither), k_pools[l], v_pools[l] (and k_scales[l], v_scales[l] for quantized pools, else
+// empty lists),
 // linear_info[24 l, 24 l + 24), and its linears' tensors in `weights`, in the order qkv, o, gate_up,
 // down, each as many as its kernel takes (linear_q_tiles 2, linear_bf16_tiles 1).
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList ln2, double eps, at::TensorList weights,
@@ -60,11 +61,13 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList
                          const c10::List<c10::optional<at::Tensor>>& qk_norms, at::IntArrayRef linear_info,
                          const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_pools, at::TensorList v_pools,
                          const at::Tensor& slots, const at::Tensor& gather, const at::Tensor& lengths, int64_t heads,
-                         double scale) {
+                         double scale, at::TensorList k_scales, at::TensorList v_scales) {
   const size_t layers = ln1.size();
   TORCH_CHECK(layers > 0 && ln2.size() == layers && qkv_bias.size() == layers && qk_norms.size() == 2 * layers &&
                   k_pools.size() == layers && v_pools.size() == layers && linear_info.size() == 24 * layers,
               "one ln1, ln2, qkv bias, two qk norms, k pool, v pool and 24 linear_info ints per layer");
+  TORCH_CHECK((k_scales.empty() && v_scales.empty()) || (k_scales.size() == layers && v_scales.size() == layers),
+              "k and v scales: one each per layer (quantized pools), or none");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bf16 [M, D]");
   const int64_t m = x.size(0), d = x.size(1);
   std::vector<LayerRefs> refs(layers);
@@ -108,8 +111,11 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList ln1, at::TensorList
     TORCH_CHECK(r.qkv.n == qkv_buf.size(1) && r.o.k == attended.size(1) && r.gate_up.n == gate_up.size(1),
                 "the layers of one decode_layers call share their shapes");
     at::Tensor k_pool = k_pools[l], v_pool = v_pools[l];
+    const auto scales_of = [&](at::TensorList list) {
+      return list.empty() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(list[l]);
+    };
     r.attention = miaotui_parts::check_attention(qkv_buf, cos, sin, k_pool, v_pool, slots, gather, lengths, heads,
-                                                 scale);
+                                                 scale, scales_of(k_scales), scales_of(v_scales));
   }
   TORCH_CHECK(at == weights.size(), "weights: more tensors than linear_info names");
 
@@ -192,7 +198,7 @@ TORCH_LIBRARY_FRAGMENT(miaotui, m) {
   m.def("decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, float eps, Tensor[] weights, Tensor?[] qkv_bias, "
         "Tensor?[] qk_norms, "
         "int[] linear_info, Tensor cos, Tensor sin, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
-        "Tensor gather, Tensor lengths, int heads, float scale) -> Tensor");
+        "Tensor gather, Tensor lengths, int heads, float scale, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miaotui, CPU, m) {

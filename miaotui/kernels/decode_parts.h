@@ -8,10 +8,30 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace miaotui_parts {
+
+// s[0, len) -> softmax(s) in place: float32, max-subtracted (built with -ffast-math: no infinities;
+// expf is glibc's vector expf from libmvec). The decode attention kernels' one softmax.
+inline void softmax_in_place(float* s, int64_t len) {
+  float top = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : top)
+  for (int64_t i = 0; i < len; ++i) top = std::max(top, s[i]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < len; ++i) {
+    s[i] = expf(s[i] - top);
+    total += s[i];
+  }
+  const float inv = 1.f / total;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) s[i] *= inv;
+}
 
 // One activation row, quantized for the integer tile kernels (decode_matmul.cpp, quantize_row).
 struct QuantizedRow {
@@ -50,8 +70,11 @@ void silu_mul_rows(const uint16_t* x, int64_t m, int64_t width, uint16_t* out);
 // paged_attention_qkv in two parts: rope on q and k in place and the pool writes, then attention
 // tasks [begin, end) of attention_tasks() (one per token and kv head) into out [N, H * hd].
 struct AttentionRef {
-  uint16_t* k_pool = nullptr;
+  uint16_t* k_pool = nullptr;  // bf16 pools, or (code != 0) the pools' one-byte codes (kv_codes.h)
   uint16_t* v_pool = nullptr;
+  uint16_t* k_scales = nullptr;  // a quantized pool's float16 scales [S, KV], else null
+  uint16_t* v_scales = nullptr;
+  int code = 0;  // miaotui_kv::Code: 0 bf16 pools, 1 int8 codes, 2 fp8 e4m3 codes
   const int64_t* slots = nullptr;
   const int64_t* gather = nullptr;
   const int64_t* lengths = nullptr;
@@ -61,10 +84,12 @@ struct AttentionRef {
   float scale = 1.f;
   int64_t tasks() const { return tokens * kv_heads; }
 };
-// Checks as paged_attention_qkv does (throws here) -> the raw view. qkv [N, (H + 2 KV) hd] bf16.
+// Checks as paged_attention_qkv does (throws here) -> the raw view. qkv [N, (H + 2 KV) hd] bf16;
+// pools bf16, or int8 / float8_e4m3fn codes with their float16 scales [S, KV].
 AttentionRef check_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
                              at::Tensor& v_pool, const at::Tensor& slots, const at::Tensor& gather,
-                             const at::Tensor& lengths, int64_t heads, double scale);
+                             const at::Tensor& lengths, int64_t heads, double scale,
+                             const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales);
 void attention_store(const AttentionRef& a, uint16_t* qkv);
 void attention_tasks(const AttentionRef& a, const uint16_t* qkv, int64_t begin, int64_t end, uint16_t* out);
 // Whether the attention's keys are worth more than one thread (paged_attention_qkv's rule).

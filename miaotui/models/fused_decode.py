@@ -221,9 +221,11 @@ class FusedDecode:
             for _ in range(part.count):
                 note_kernel("decoder layer", "fused")
         seq = x.shape[1]
-        _, _, slots, gather, lengths = caches[0]
+        _, _, slots, gather, lengths, k_scales, _ = caches[0]
+        coded = k_scales is not None  # a quantized cache: each layer's scales too
         out = self._op(x.view(seq, -1), part.ln1, part.ln2, part.eps, part.weights, part.biases, part.qk_norms,
                        part.info,
                        cos.view(seq, -1), sin.view(seq, -1), [c[0] for c in caches], [c[1] for c in caches], slots,
-                       gather, lengths, part.heads, caches[0][0].shape[2] ** -0.5)
+                       gather, lengths, part.heads, caches[0][0].shape[2] ** -0.5,
+                       [c[5] for c in caches] if coded else [], [c[6] for c in caches] if coded else [])
         return out.view(x.shape)

@@ -150,23 +150,75 @@ def test_stop_strings_seeds_logprobs_and_errors(tiny_llm):
         engine.add_request(EngineRequest("e", ids, SamplingParams(max_tokens=100), lambda o: None))
 
 
-@pytest.mark.parametrize("k,kv_mb,stagger", [(2, 4, 0), (4, 4, 2), (8, 0.05, 0)])
-def test_prompt_lookup_speculation_keeps_greedy_outputs(tiny_llm, k, kv_mb, stagger):
+@pytest.mark.parametrize("k,kv_mb,stagger,kv_dtype", [(2, 4, 0, "auto"), (4, 4, 2, "auto"), (8, 0.05, 0, "auto"),
+                                                      (4, 4, 2, "int8"), (8, 0.03, 0, "fp8")])
+def test_prompt_lookup_speculation_keeps_greedy_outputs(tiny_llm, k, kv_mb, stagger, kv_dtype):
     """Drafted tokens verified in the batch: the same tokens as plain decoding, fewer steps.
-    kv_mb=0.05 leaves too few blocks for every request (drafts are dropped or requests preempted)."""
+    kv_mb=0.05 leaves too few blocks for every request (drafts are dropped or requests preempted).
+    Over a quantized cache the same holds against plain decoding over that cache."""
     rng = random.Random(k)
     motif = [rng.randrange(3, 400) for _ in range(6)]
     prompts = [motif * 4 + [rng.randrange(3, 400) for _ in range(i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     runs = {}
     for spec in (0, k):
-        engine = make_engine(tiny_llm, 256, kv_cache_mb=kv_mb, block_size=4,
-                           max_num_seqs=4, max_num_batched_tokens=64, speculate="ngram" if spec else None,
+        engine = make_engine(tiny_llm, 256, kv_cache_mb=kv_mb, block_size=4, kv_cache_dtype=kv_dtype,
+                             max_num_seqs=4, max_num_batched_tokens=64, speculate="ngram" if spec else None,
                              num_speculative_tokens=max(spec, 1))
         runs[spec] = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)], stagger)
         assert engine.blocks.usage == 0.0
         if spec:
             assert engine.stats.spec_accepted > 0 and engine.stats.spec_drafted >= engine.stats.spec_accepted
     for i, p in enumerate(prompts):
-        assert runs[k][f"r{i}"]["ids"] == runs[0][f"r{i}"]["ids"] == reference(tiny_llm, p, 30), i
+        assert runs[k][f"r{i}"]["ids"] == runs[0][f"r{i}"]["ids"], i
+        assert kv_dtype != "auto" or runs[0][f"r{i}"]["ids"] == reference(tiny_llm, p, 30), i
         assert runs[k][f"r{i}"]["finish"] == "length"
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_a_quantized_kv_cache_holds_twice_the_tokens(tiny_hf_dir, kv_dtype):
+    """One-byte codes and a float16 scale per token and kv head: 2 hd / (hd + 2) times the bf16
+    cache's tokens in the same --kv-cache-mb (hd = 16 here: 1.78x; 64: 1.94x; 128: 1.97x), and the
+    pools hold no more than that memory."""
+    from miaotui import LLM
+
+    tokens = {}
+    for dtype in ("auto", kv_dtype):
+        llm = LLM(str(tiny_hf_dir), dtype="bfloat16", kv_cache_mb=2, kv_cache_dtype=dtype, block_size=4)
+        engine = llm.engine
+        tokens[dtype] = engine.capacity_tokens
+        assert engine.cache.bytes <= 2 * 2**20
+        hd = llm.config.head_dim
+    assert engine.cache.keys[0].element_size() == 1 and engine.cache.key_scales[0].dtype == torch.float16
+    assert tokens[kv_dtype] / tokens["auto"] == pytest.approx(2 * hd / (hd + 2), rel=0.01)
+    assert kv_bytes_per_token(llm.config, torch.bfloat16, kv_dtype) * 2 * hd == \
+        kv_bytes_per_token(llm.config, torch.bfloat16) * (hd + 2)
+
+
+def test_a_quantized_kv_cache_keeps_prefix_caching_and_preemption(tiny_llm):
+    """Prefix blocks hold codes and scales as any block: a request reusing them gives the tokens a
+    fresh cache gives it; preemption recomputes into codes again."""
+    shared = list(range(10, 70))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    requests = [("a", shared + [5, 6], params), ("b", shared + [7], params)]
+    fresh = {rid: run_all(make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=8, kv_cache_dtype="int8",
+                                      enable_prefix_caching=False), [(rid, ids, p)])[rid]["ids"]
+             for rid, ids, p in requests}
+    engine = make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=8, kv_cache_dtype="int8")
+    for request in requests:
+        assert run_all(engine, [request])[request[0]]["ids"] == fresh[request[0]]
+    assert engine.blocks.prefix_hits == 56
+    tight = make_engine(tiny_llm, 256, block_size=4, kv_cache_dtype="int8", kv_cache_mb=25 * 4 * kv_bytes_per_token(
+        tiny_llm.model.config, torch.float32, "int8") / 2**20)
+    prompts = [list(range(20 + i, 50 + i)) for i in range(4)]
+    results = run_all(tight, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    assert tight.stats.preemptions > 0
+    for i, p in enumerate(prompts):
+        alone = run_all(make_engine(tiny_llm, 256, kv_cache_mb=4, block_size=4, kv_cache_dtype="int8"),
+                        [("x", p, params)])["x"]["ids"]
+        assert results[f"r{i}"]["ids"] == alone, i
+
+
+def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llm):
+    with pytest.raises(MiaotuiError, match="unknown KV-cache dtype 'int4'"):
+        make_engine(tiny_llm, 256, kv_cache_dtype="int4")

@@ -47,6 +47,16 @@ def _hidden_per_step(llm: LLM, monkeypatch, fused: bool, prompts=PROMPTS) -> tup
     return seen, [o.outputs[0].token_ids for o in outs], log.calls
 
 
+def _assert_fused_gives_module_bits(llm: LLM, monkeypatch, prompts) -> None:
+    """Decode steps ran fused, with the module path's tokens and hidden states, bit for bit."""
+    fused_hidden, fused_ids, fused_kernels = _hidden_per_step(llm, monkeypatch, True, prompts)
+    module_hidden, module_ids, _ = _hidden_per_step(llm, monkeypatch, False, prompts)
+    assert fused_kernels.get("decoder layer fused", 0) >= 2 * 5
+    assert fused_ids == module_ids
+    for a, b in zip(fused_hidden, module_hidden, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("weights", list(QUANTIZE), ids=str)
 def test_fused_decode_step_gives_the_module_path_bits(wide_dir, weights, tmp_path, monkeypatch):
     path = wide_dir
@@ -95,9 +105,17 @@ def test_long_contexts_split_attention_over_the_threads_with_the_same_bits(tmp_p
     llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, enable_prefix_caching=False)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (length,), generator=generator).tolist() for length in (700, 610, 650)]
-    fused_hidden, fused_ids, fused_kernels = _hidden_per_step(llm, monkeypatch, True, prompts)
-    module_hidden, module_ids, _ = _hidden_per_step(llm, monkeypatch, False, prompts)
-    assert fused_kernels.get("decoder layer fused", 0) >= 2 * 5
-    assert fused_ids == module_ids
-    for a, b in zip(fused_hidden, module_hidden, strict=True):
-        assert torch.equal(a, b)
+    _assert_fused_gives_module_bits(llm, monkeypatch, prompts)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_fused_decode_step_over_a_quantized_cache_gives_the_module_path_bits(wide_dir, kv_cache_dtype, monkeypatch):
+    """One-byte codes and scales in the paged cache (kernels/kv_codes.cpp): the fused step writes
+    and reads them with the bits of the module path, at short contexts and at long ones (attention
+    tasks over the threads)."""
+    llm = LLM(str(wide_dir), dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+    assert llm.engine.cache.keys[0].element_size() == 1
+    generator = torch.Generator().manual_seed(1)
+    for prompts in (PROMPTS, [torch.randint(3, 300, (length,), generator=generator).tolist()
+                                     for length in (240, 200, 220, 180)]):
+        _assert_fused_gives_module_bits(llm, monkeypatch, prompts)

@@ -194,10 +194,12 @@ def test_amx_int4_linear_matches_dequantize_then_matmul():
 
 
 @pytest.mark.skipif(not _bf16_dot(), reason="the fused bf16 decode attention needs AVX512-BF16")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
+def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n, kv_cache_dtype):
     """paged_attention_qkv (rope + pool writes + attention in one op) against the layer's unfused
-    native path: the same output bits and the same pool contents."""
+    native path: the same output bits and the same pool contents (a quantized cache's codes and
+    scales written by the native op and by paged_cache.quantize_rows alike)."""
     from miaotui.engine.paged_cache import AttentionGroup, PagedKVCache
     from miaotui.layers.attention import Attention
     from miaotui.layers.rope import RotaryEmbedding
@@ -211,10 +213,18 @@ def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
     attn = attn.bfloat16()
     block, rows = 16, 3
     starts = [37, 16, 5]  # tokens each row has cached; its n new tokens follow
-    caches = [PagedKVCache(config, 20, block, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
-    for c in caches[1:]:
-        c.keys[0].copy_(caches[0].keys[0].normal_())
-        c.values[0].copy_(caches[0].values[0].normal_())
+    caches = [PagedKVCache(config, 20, block, torch.bfloat16, torch.device("cpu"), kv_cache_dtype) for _ in range(2)]
+    pools = [(c.keys[0], c.values[0], c.key_scales[0], c.value_scales[0]) for c in caches]
+    for first, other in zip(pools[0], pools[1], strict=True):  # the same cached tokens in both
+        if first is not None:
+            raw = first.view(torch.uint8) if first.element_size() == 1 else first
+            if first.dtype == torch.int8:
+                raw.copy_(torch.randint(-127, 128, raw.shape, dtype=torch.int8).view(torch.uint8))
+            elif first.dtype == torch.float8_e4m3fn:
+                raw.copy_(torch.randn(raw.shape).mul(40).to(torch.float8_e4m3fn).view(torch.uint8))
+            else:
+                raw.copy_(torch.rand(raw.shape).mul(0.05) if first.dtype == torch.float16 else torch.randn(raw.shape))
+            other.copy_(first)
     tables = [[3, 7, 1, 9], [2, 5, 11, 12], [4, 0, 6, 8]]
     slot = [lambda p, t=t: t[p // block] * block + p % block for t in tables]
     t_max = max(starts) + n
@@ -235,7 +245,65 @@ def test_fused_decode_attention_gives_the_bits_of_the_unfused_path(n):
             outs.append(attn(x, cos, sin, view))
     assert caches[0].fused is not None
     assert torch.equal(outs[0], outs[1])
-    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
+    for first, other in zip(pools[0], pools[1], strict=True):
+        assert first is None or torch.equal(first.view(torch.uint8) if first.element_size() == 1 else first,
+                                            other.view(torch.uint8) if other.element_size() == 1 else other)
+    if kv_cache_dtype != "auto":  # the new tokens' slots were written
+        assert caches[0].key_scales[0].view(-1, 3)[slots].gt(0).all()
+
+
+@pytest.mark.parametrize("code", ["int8", "fp8"])
+def test_kv_codes_round_trip_within_half_a_step(code):
+    """int8: |x - code * scale| <= scale / 2 with scale = absmax / 127; fp8 e4m3: within 2^-4
+    relative (3 mantissa bits) above its subnormals; an all-zero head gives zero codes."""
+    from miaotui.engine.paged_cache import _CODES, dequantize_rows, quantize_rows
+
+    torch.manual_seed(11)
+    x = torch.randn(50, 3, 64) * torch.logspace(-3, 2, 50)[:, None, None]
+    x[7, 1] = 0
+    codes, scales = quantize_rows(x, _CODES[code])
+    assert codes.dtype == _CODES[code] and scales.dtype == torch.float16 and scales.shape == (50, 3)
+    back = dequantize_rows(codes, scales, torch.float32)
+    assert torch.equal(back[7, 1], torch.zeros(64))
+    step = scales.float()[..., None]
+    if code == "int8":
+        assert (back - x).abs().le(step / 2 * 1.002).all()
+        assert codes.abs().max() == 127
+    else:
+        normal = x.abs() >= step * 2 ** -6
+        assert ((back - x).abs() <= x.abs() * 2 ** -4 + 1e-12)[normal].all()
+
+
+@pytest.mark.parametrize("code", ["int8", "fp8"])
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_reads_quantized_pools_in_place(op, code, query_dtype):
+    """Codes + float16 scales per (slot, kv head): the kernel's result equals attention over the
+    dequantized keys and values (float32 queries: any CPU; bf16: the AVX-512 code path)."""
+    from miaotui.engine.paged_cache import _CODES, dequantize_rows, quantize_rows
+
+    if query_dtype == torch.bfloat16 and not _bf16_dot():
+        pytest.skip("bf16 queries over codes need AVX-512")
+    torch.manual_seed(12)
+    rows, n, heads, kv_heads, hd, slots, t = 4, 2, 9, 3, 64, 400, 90
+    (k_codes, k_scales), (v_codes, v_scales) = (quantize_rows(torch.randn(slots, kv_heads, hd) * 2, _CODES[code])
+                                                for _ in range(2))
+    gather = torch.stack([torch.randperm(slots)[:t] for _ in range(rows)])
+    lengths = torch.tensor([[t - 1, t], [40, 41], [16, 17], [1, 2]])
+    q = torch.randn(rows, n, heads, hd).to(query_dtype)
+    got = op(q, k_codes, v_codes, gather, lengths, hd ** -0.5, k_scales, v_scales)
+    assert got.dtype == query_dtype
+    keys = dequantize_rows(k_codes, k_scales, torch.float32)[gather].transpose(1, 2)  # [G, KV, T, hd]
+    values = dequantize_rows(v_codes, v_scales, torch.float32)[gather].transpose(1, 2)
+    mask = torch.arange(t)[None, None, :] < lengths[:, :, None]
+    ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), keys, values, attn_mask=mask[:, None],
+                                         enable_gqa=True).transpose(1, 2)
+    tolerance = 1e-5 if query_dtype == torch.float32 else 1e-2  # bf16 output rounding
+    torch.testing.assert_close(got.float(), ref, atol=tolerance, rtol=tolerance)
+    alone = op(q[2:3].contiguous(), k_codes, v_codes, gather[2:3].contiguous(), lengths[2:3].contiguous(),
+               hd ** -0.5, k_scales, v_scales)
+    assert torch.equal(alone, got[2:3])
+    with pytest.raises(RuntimeError, match="needs its scales"):
+        op(q, k_codes, v_codes, gather, lengths, hd ** -0.5)
 
 
 def test_native_silu_mul_matches_the_pytorch_path(op):
