@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install model lint bench bench-quant bench-quality bench-prune bench-serve bench-structured bench-llamacpp bench-sizes bench-dist clean
+.PHONY: run test install model lint bench bench-quant bench-quality bench-prune bench-serve bench-structured bench-llamacpp bench-sizes bench-dist bench-kv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-llamacpp: model
 
 bench-sizes: model
 	$(BIN)/python benchmarks/model_sizes.py
+
+bench-kv: model
+	$(BIN)/python benchmarks/kv_cache.py
 
 bench-dist: model
 	$(BIN)/python benchmarks/distributed.py

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save the result")
     _add_model_args(p)
     p.add_argument("--method", required=True,
-                   choices=["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "binary", "ternary"])
+                   choices=["rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq", "binary", "ternary"])
     p.add_argument("--bits", type=int, default=4, help="8, 4, 3 or 2 (ignored by binary/ternary)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per output row")
     p.add_argument("--symmetric", action="store_true", help="zero point fixed at 0 (default: asymmetric)")
@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the mean Hessian diagonal")
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1]")
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant(-gptq): migration strength in [0, 1]")
     p.add_argument("--alpha-search", action="store_true",
-                   help="smoothquant: choose each layer's alpha by the W8A8 output error on calibration rows")
+                   help="smoothquant(-gptq): choose each layer's alpha by the W8A8 output error on calibration rows")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
     p = sub.add_parser("qat", help="quantization-aware training, saved as a packed model")

@@ -217,6 +217,26 @@ def test_smoothquant_w8a8_runs_int_matmul(tiny_hf_dir, calib_text):
         quantize_model(load_model(tiny_hf_dir, torch.float32).model, "smoothquant", QuantFormat(4, 32, True), calib)
 
 
+def test_smoothquant_gptq_rounds_smoothed_weights_closer_than_rtn(tiny_hf_dir, calib_text):
+    """SmoothQuant + GPTQ (llm-compressor's W8A8 recipe): the same smoothing, int8 activations, and
+    the int8 weights rounded by GPTQ: the model's outputs on calibration-like text move less."""
+    calib = None
+    errors = {}
+    for method in ("smoothquant", "smoothquant-gptq"):
+        loaded = load_model(tiny_hf_dir, torch.float32)
+        calib = calib or load_calibration(calib_text, loaded.tokenizer, 8, 32)
+        ids = calib.tokens[:2]
+        positions = torch.arange(ids.shape[1])[None]
+        ref = loaded.model(ids, positions)
+        record = quantize_model(loaded.model, method, QuantFormat(8, -1, True), calib, alpha=0.5)
+        assert record.act_quant and record.method == method
+        assert ("damp" in record.options) == (method == "smoothquant-gptq")
+        layer = loaded.model.layers[0].mlp.down_proj
+        assert isinstance(layer, QuantLinear) and layer.act_quant
+        errors[method] = float((loaded.model(ids, positions) - ref).norm() / ref.norm())
+    assert errors["smoothquant-gptq"] < errors["smoothquant"]
+
+
 def test_smoothquant_alpha_search_picks_the_lowest_w8a8_error():
     from miaotui.compress.quantize.smoothquant import _fake_int8, search_alpha, smoothing_scales
 

@@ -24,7 +24,8 @@ from miaotui.layers.quantized_linear import QuantLinear
 from miaotui.models.plan import layer_plan
 from miaotui.models.transformer import Transformer
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "smoothquant-gptq")
+SMOOTHQUANT = ("smoothquant", "smoothquant-gptq")  # W8A8: int8 weights per channel, int8 activations per token
 AWQ_SAMPLE_ROWS = 4096  # input rows per linear kept for AWQ's grid search
 
 
@@ -48,7 +49,7 @@ def resolve_method(method: str, bits: int, group_size: int, symmetric: bool, int
     """User-facing method names (binary and ternary are formats, rounded by RTN) -> (algorithm, format)."""
     if method in ("binary", "ternary"):
         return "rtn", QuantFormat(2, group_size, True, method)
-    if method == "smoothquant":
+    if method in SMOOTHQUANT:
         return method, QuantFormat(8, -1, True)
     if method not in METHODS:
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)}, binary, ternary)")
@@ -104,10 +105,12 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
     `modules` (full names such as 'layers.3.mlp.down_proj', from compress/selectors.py).
 
     smoothquant = smoothing (alpha, or searched per fold with alpha_search) + RTN int8 weights per
-    channel + int8 activations per token.
+    channel + int8 activations per token; smoothquant-gptq rounds the smoothed int8 weights by GPTQ
+    instead, each linear's Hessian from inputs that pass through the layer's already-quantized
+    linears (int8 activations included), as llm-compressor's SmoothQuant + GPTQ W8A8 recipe.
     awq-gptq = AWQ's activation-aware scales folded in first, then GPTQ rounds the scaled weights.
     """
-    if method == "smoothquant":
+    if method in SMOOTHQUANT:
         if not (fmt.kind == "int" and fmt.bits == 8 and fmt.group_size == -1 and fmt.symmetric):
             raise MiaotuiError("smoothquant is W8A8: use --bits 8 --group-size -1 --symmetric")
         act_quant = True
@@ -115,8 +118,9 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         raise MiaotuiError(f"unknown quantization method '{method}' (available: {', '.join(METHODS)})")
     if fmt.kind == "binary" and method != "rtn":
         raise MiaotuiError("binary weights are quantized by sign (method rtn)")
-    options = ({"alpha": "searched" if alpha_search else alpha} if method == "smoothquant"
-               else {"damp": damp, "act_order": act_order})
+    options = {"alpha": "searched" if alpha_search else alpha} if method in SMOOTHQUANT else {}
+    if method not in ("rtn", "awq", "smoothquant"):
+        options |= {"damp": damp, "act_order": act_order}
     record = QuantizationRecord(method, fmt.to_dict(), act_quant, options=options)
     if method == "rtn":
         for i, layer in each_layer(model, "rtn"):
@@ -128,22 +132,24 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
                           "seq_len": int(calib.tokens.shape[1]),
                           "compute_dtype": str(layers_of(model).calibration_dtype).removeprefix("torch.")}
     for i, layer, forward_all in layer_by_layer(model, calib, desc=method):
-        keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") or (method == "smoothquant" and alpha_search) else 0
+        keep = AWQ_SAMPLE_ROWS if method in ("awq", "awq-gptq") or (method in SMOOTHQUANT and alpha_search) else 0
         plan = layer_plan(model.config, i)
         # GPTQ re-captures each later linear's inputs anyway (below): q/k/v's are all it needs now
         first = method in ("gptq",)
         stats = capture_inputs(layer, list(plan.linears[:1] if first else plan.inputs_to_capture), forward_all,
                                keep_rows=keep, stop_early=first)
-        if method == "smoothquant":
+        if method in SMOOTHQUANT:
             maxima = {name: acc.abs_max for name, acc in stats.items()}
             if alpha_search:
                 chosen = smooth_layer_searched(layer, plan, maxima, {name: acc.samples for name, acc in stats.items()})
                 record.options.setdefault("alphas", []).append(chosen)
             else:
                 smooth_layer(layer, plan, maxima, alpha)
-            rtn_quantize_layer(layer, i, plan.linears, fmt, True, record, modules=modules)
-            continue
-        hessians = {name: acc.hessian for name, acc in stats.items() if acc.count}  # [K, K] each
+            if method == "smoothquant":
+                rtn_quantize_layer(layer, i, plan.linears, fmt, True, record, modules=modules)
+                continue
+        # [K, K] each; smoothing changed every input: all are captured again below
+        hessians = {} if method in SMOOTHQUANT else {name: acc.hessian for name, acc in stats.items() if acc.count}
         if method in ("awq", "awq-gptq"):
             alphas, scales = awq_scale_layer(layer, plan, {name: acc.samples for name, acc in stats.items()}, fmt)
             record.options.setdefault("alphas", []).append(alphas)
@@ -158,7 +164,7 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         for n, name in enumerate(plan.linears):
             if modules is not None and f"layers.{i}.{name}" not in modules:
                 continue
-            if n > 0:
+            if n > 0 or name not in hessians:
                 # "True sequential": a linear's Hessian comes from inputs computed with the earlier
                 # linears of this layer already quantized, so it also corrects their error.
                 found = capture_inputs(layer, [name], forward_all, stop_early=True)[name]
