@@ -236,7 +236,8 @@ def main() -> None:
                "miaotui GPTQ int4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--symmetric"],
                "miaotui AWQ+GPTQ int4 g32": ["--method", "awq-gptq", "--bits", "4", "--group-size", "32",
                                             "--symmetric"],
-               "miaotui SmoothQuant W8A8": ["--method", "smoothquant", "--alpha-search"]}
+               "miaotui SmoothQuant W8A8": ["--method", "smoothquant", "--alpha-search"],
+               "miaotui SmoothQuant+GPTQ W8A8": ["--method", "smoothquant-gptq", "--alpha-search"]}
     for name, flags in methods.items():
         if keep_previous(name):
             if name == "miaotui AWQ+GPTQ int4 g32":

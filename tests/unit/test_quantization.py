@@ -97,13 +97,14 @@ def test_every_kernel_matches_dequantized_weight(fmt, act_quant):
         assert layer.kernel_for(many) == ("amx4" if fmt.bits == 4 and this_cpu().amx else "dense")
 
 
-def test_gptq_output_error_is_lower_than_rtn():
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 64, False), QuantFormat(4, -1, True)], ids=str)
+def test_gptq_output_error_is_lower_than_rtn(fmt):
+    """Groups, and per-channel scales over rows longer than GPTQ's 128-column blocks."""
     torch.manual_seed(0)
     k = 256
     x = torch.randn(2048, k) @ (torch.randn(k, k) / k**0.5)  # correlated inputs, as in real layers
     w = torch.randn(64, k) * 0.05
     hessian = 2 * x.t() @ x / x.shape[0]
-    fmt = QuantFormat(4, 64, False)
     scale, zero = compute_qparams(w, fmt)
     rtn = dequantize_codes(quantize_codes(w, scale, zero, fmt), scale, zero, fmt)
     for act_order in (False, True):

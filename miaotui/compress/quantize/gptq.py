@@ -20,7 +20,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
     """weight [N, K], hessian [K, K] -> (codes [N, K], scale [N, groups], zero [N, groups]).
 
     Without act-order, each group's scale and zero are chosen when GPTQ reaches the group's first
-    column, from the weights as updated by the error feedback so far (as in the reference code);
+    column, from the weights as updated by the error feedback so far (as in the reference code;
+    per-channel scales, one group spanning the row, from the original row);
     with act-order the columns are visited out of order, so the group parameters come from the
     original weight ("static groups") and the stored layout keeps contiguous groups. With
     clip_search the range of each group is shrunk where that lowers the rounding error weighted
@@ -33,9 +34,10 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
     importance = torch.diag(h).clone()
     per_group = replace(fmt, group_size=-1)  # one group's slice [N, <=G] is "per channel"
 
-    if act_order:
+    static = act_order or group == k  # one scale per row: chosen from the whole row, before any update
+    if static:
         scale, zero = compute_qparams(w, fmt, importance, clip_search)  # [N, groups]
-        perm = torch.argsort(torch.diag(h), descending=True)
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     else:
         scale, zero = torch.zeros(n, groups), torch.zeros(n, groups)
         perm = torch.arange(k)
@@ -52,7 +54,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Quant
         for i in range(i2 - i1):
             column = i1 + i
             g = int(perm[column]) // group
-            if not act_order and column % group == 0:
+            if not static and column % group == 0:
                 end = min(column + group, k)
                 s, z = compute_qparams(w1[:, i:i + end - column], per_group, importance[column:end], clip_search)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
