@@ -55,7 +55,6 @@ class HessianAccumulator:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
         self.abs_max = torch.zeros(in_features)  # per input channel: SmoothQuant's max|X_j|
-        self.abs_mean_sum = torch.zeros(in_features, dtype=torch.float64)  # AWQ's mean|X_j|
 
     @torch.autocast("cpu", enabled=False)  # statistics in float32 even inside a bf16 calibration pass
     def add(self, x: torch.Tensor) -> None:
@@ -67,7 +66,6 @@ class HessianAccumulator:
         self.sum += (x.t() @ x).double()  # float32 GEMM per batch (fast), float64 running sum (exact enough)
         self.count += x.shape[0]
         self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
-        self.abs_mean_sum += x.abs().sum(0).double()
 
     @property
     def samples(self) -> torch.Tensor:
@@ -77,10 +75,6 @@ class HessianAccumulator:
     @property
     def hessian(self) -> torch.Tensor:
         return (2.0 * self.sum / max(self.count, 1)).float()
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return (self.abs_mean_sum / max(self.count, 1)).float()
 
 
 class StopForward(Exception):
@@ -114,14 +108,49 @@ def capture_inputs(layer: nn.Module, names: list[str], run: Callable[..., object
     return stats
 
 
+class LayerPasses:
+    """One decoder layer run over every calibration sample, as it is at the moment of the call
+    (layer_by_layer's forward_all): -> the outputs [n, S, D], or None when capture hooks stopped
+    every pass early (stoppable). freeze_attention() marks the attention half as final (its linears
+    quantized): its output, the residual stream the MLP half reads, is computed once, and the later
+    passes run only the MLP half - the same numbers, without recomputing attention for each of the
+    MLP's linears (GPTQ's true-sequential captures, the pass that feeds the next layer)."""
+
+    def __init__(self, layer: nn.Module, current: torch.Tensor, ropes: dict, batch: int, bf16: bool) -> None:
+        self.layer, self.current, self.batch, self.bf16 = layer, current, batch, bf16
+        self.cos, self.sin = ropes[layer.rope_kind]
+        self.mid: list[torch.Tensor] | None = None  # the residual stream after attention, per batch
+
+    def __call__(self, stoppable: bool = False) -> torch.Tensor | None:
+        outs = []
+        for b, i in enumerate(range(0, self.current.shape[0], self.batch)):
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    if self.mid is not None:
+                        outs.append(self.layer.mlp_block(self.mid[b]))
+                    else:
+                        outs.append(self.layer(self.current[i:i + self.batch], self.cos, self.sin, None))
+            except StopForward:  # a capture hook saw what it needed (capture_inputs)
+                if not stoppable:
+                    raise
+        return torch.cat(outs) if outs else None
+
+    def freeze_attention(self) -> None:
+        if self.mid is not None or not hasattr(self.layer, "attention_block"):
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            self.mid = [self.layer.attention_block(self.current[i:i + self.batch], self.cos, self.sin, None)
+                        for i in range(0, self.current.shape[0], self.batch)]
+
+
 @torch.inference_mode()
 def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: int = 8, keep: bool = True
-                   ) -> Iterator[tuple[int, DecoderLayer, Callable[[], torch.Tensor]]]:
+                   ) -> Iterator[tuple[int, DecoderLayer, LayerPasses]]:
     """Yield (index, layer, forward_all) for each decoder layer in order.
 
     forward_all() runs the layer (as it is at that moment) over every calibration sample and
-    returns the outputs; after the caller has modified the layer, the generator feeds the
-    *modified* layer's outputs to the next layer, so errors propagate as they will at inference.
+    returns the outputs (LayerPasses); after the caller has modified the layer, the generator feeds
+    the *modified* layer's outputs to the next layer, so errors propagate as they will at inference.
     A streamed model (compress/streamed.py) holds one float32 layer at a time: each is then kept
     compact (keep) or released (a pass that only gathers statistics); a bf16 checkpoint's passes
     run under bf16 autocast where the CPU has native bf16 (LayerStore.calibration_dtype).
@@ -135,20 +164,7 @@ def layer_by_layer(model: Transformer, calib: CalibrationSet, desc: str, batch: 
     bf16 = store.calibration_dtype == torch.bfloat16  # a streamed bf16 checkpoint on a bf16-native CPU
     for index in tqdm(range(len(model.layers)), desc=desc, unit="layer"):
         layer = store.load(index)  # float32; read from the checkpoint if the model is streamed
-        current = hidden
-
-        def forward_all(layer=layer, current=current, stoppable: bool = False) -> torch.Tensor | None:
-            cos, sin = ropes[layer.rope_kind]
-            outs = []
-            for i in range(0, n, batch):
-                try:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        outs.append(layer(current[i:i + batch], cos, sin, None))
-                except StopForward:  # a capture hook saw what it needed (capture_inputs)
-                    if not stoppable:
-                        raise
-            return torch.cat(outs) if outs else None
-
+        forward_all = LayerPasses(layer, hidden, ropes, batch, bf16)
         yield index, layer, forward_all
         hidden = forward_all()
         if keep:

@@ -23,9 +23,9 @@ from miaotui.runtime import cpu_flags
 log = logging.getLogger(__name__)
 # cpu_kernels.cpp: attention, norms, dequantize, AMX; decode_matmul.cpp: few-row matmuls (decode);
 # decode_layer.cpp: the decode step of consecutive decoder layers in one op.
-# kv_codes.cpp: the quantized KV cache's writes and decode attention.
+# kv_codes.cpp: the quantized KV cache's writes and decode attention; gptq_columns.cpp: GPTQ's column loop.
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp", "decode_layer.cpp",
-                                                       "kv_codes.cpp")]
+                                                       "kv_codes.cpp", "gptq_columns.cpp")]
 # decode_parts.h: the parts decode_layer.cpp runs, shared by the first three; kv_codes.h: kv_codes.cpp's parts
 HEADERS = [Path(__file__).with_name(name) for name in ("decode_parts.h", "kv_codes.h")]
 _lock = threading.Lock()

@@ -93,18 +93,31 @@ def _clamp_magnitude(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale.abs() < 1e-8, torch.full_like(scale, 1e-8), scale)
 
 
-def _range_qparams(w: torch.Tensor, fmt: QuantFormat, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped w [N, groups, G] -> scale, zero [N, groups], the range shrunk by `ratio` (clipping)."""
+def _range_stats(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a grouped w [N, groups, G]'s ranges are made of, [N, groups] each: the largest magnitude
+    (8-bit symmetric), the signed extreme (other symmetric), or the min and max (asymmetric)."""
     if fmt.symmetric:
         if fmt.bits == 8:
-            return (w.abs().amax(-1) * ratio / fmt.qmax).clamp(min=1e-8), torch.zeros(w.shape[:2])
-        # Q4_0-style signed scale: the weight of largest magnitude lands exactly on qmin.
+            return w.abs().amax(-1), None
         idx = w.abs().argmax(-1, keepdim=True)
-        extreme = torch.gather(w, -1, idx).squeeze(-1)
-        return _clamp_magnitude(extreme * ratio / fmt.qmin), torch.zeros(w.shape[:2])
+        return torch.gather(w, -1, idx).squeeze(-1), None
+    return w.amin(-1), w.amax(-1)
+
+
+def _range_qparams(stats: tuple[torch.Tensor, torch.Tensor | None], fmt: QuantFormat,
+                   ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """_range_stats -> scale, zero [N, groups] with the range shrunk by `ratio` (clipping)."""
+    a, b = stats
+    if fmt.symmetric:
+        if fmt.bits == 8:
+            scale = (a * ratio / fmt.qmax).clamp(min=1e-8)
+            return scale, torch.zeros_like(scale)
+        # Q4_0-style signed scale: the weight of largest magnitude lands exactly on qmin.
+        scale = _clamp_magnitude(a * ratio / fmt.qmin)
+        return scale, torch.zeros_like(scale)
     # Like GGUF's Q4_1 (w = d * q + m): the group's min maps to code 0 and its max to qmax,
     # with a real-valued zero point, so every code is used.
-    lo, hi = w.amin(-1) * ratio, w.amax(-1) * ratio
+    lo, hi = a * ratio, b * ratio
     scale = ((hi - lo) / fmt.qmax).clamp(min=1e-8)
     zero = -lo / scale
     return scale, torch.round(zero).clamp(0, fmt.qmax) if fmt.integer_zero else zero
@@ -118,8 +131,8 @@ def compute_qparams(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Te
     Plain round-to-nearest uses each group's full range. With clip_search, each group also tries
     ranges shrunk to ratio in [min_ratio, 1] and keeps the one with the least squared rounding
     error, weighted per input column by `importance` [K] (e.g. E[x_j^2] of the calibration
-    inputs: the output error a column causes grows with its input's energy). Ties keep ratio 1,
-    so a weight already on the grid (the shipped Q4_1 model at asym g32) is reproduced exactly.
+    inputs: the output error a column causes grows with its input's energy). Ties keep the larger
+    ratio, so a weight already on the grid (the shipped Q4_1 model at asym g32) is reproduced exactly.
     """
     w = _grouped(weight.float(), fmt)
     if fmt.kind == "binary":
@@ -129,7 +142,8 @@ def compute_qparams(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Te
         kept = (w.abs() > delta).float()
         scale = (w.abs() * kept).sum(-1) / kept.sum(-1).clamp(min=1)
         return scale.clamp(min=1e-8), torch.zeros(w.shape[:2])
-    best_scale, best_zero = _range_qparams(w, fmt)
+    stats = _range_stats(w, fmt)
+    best_scale, best_zero = _range_qparams(stats, fmt)
     if not clip_search:
         return best_scale, best_zero
     col = torch.ones(weight.shape[1]) if importance is None else importance.float().clamp(min=0)
@@ -141,7 +155,7 @@ def compute_qparams(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Te
 
     best_err = error(best_scale, best_zero)
     for step in range(1, grid + 1):
-        scale, zero = _range_qparams(w, fmt, 1.0 - (1.0 - min_ratio) * step / grid)
+        scale, zero = _range_qparams(stats, fmt, 1.0 - (1.0 - min_ratio) * step / grid)
         err = error(scale, zero)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

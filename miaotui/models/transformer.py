@@ -61,8 +61,15 @@ class DecoderLayer(nn.Module):
         self.rope_kind = "local" if config.local_rope(index) else "global"
 
     def forward(self, x, cos, sin, kv_view) -> torch.Tensor:
+        return self.mlp_block(self.attention_block(x, cos, sin, kv_view))
+
+    def attention_block(self, x, cos, sin, kv_view) -> torch.Tensor:
+        """x [B, S, D] -> x + the attention block's output: the residual stream the MLP block reads."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, kv_view)
-        x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+        return x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+
+    def mlp_block(self, x) -> torch.Tensor:
+        """The residual stream after attention [B, S, D] -> the layer's output."""
         h = self.mlp(self.post_attention_layernorm(x))
         return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
 

@@ -113,6 +113,45 @@ def test_gptq_output_error_is_lower_than_rtn(fmt):
         assert (x @ (w - gptq).t()).norm() < 0.8 * (x @ (w - rtn).t()).norm()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_native_gptq_columns_follow_the_pytorch_steps(monkeypatch, act_order):
+    """kernels/gptq_columns.cpp (rows in parallel) against the same column loop in PyTorch ops: the
+    same codes but for rare ties at a rounding boundary, the same output error."""
+    import miaotui.compress.quantize.gptq as gptq
+
+    if gptq.native_op("gptq_columns") is None:
+        pytest.skip("no native kernels here")
+    torch.manual_seed(3)
+    k = 320  # 2.5 blocks of 128
+    x = torch.randn(1024, k) @ (torch.randn(k, k) / k**0.5)
+    w = torch.randn(96, k) * 0.05
+    hessian = 2 * x.t() @ x / x.shape[0]
+    fmt = QuantFormat(4, 64, True)
+    native = gptq_quantize_weight(w, hessian, fmt, act_order=act_order)
+    monkeypatch.setattr(gptq, "native_op", lambda name: None)
+    reference = gptq_quantize_weight(w, hessian, fmt, act_order=act_order)
+    assert (native[0] == reference[0]).float().mean() > 0.999
+    errors = [float((x @ (w - dequantize_codes(*r, fmt)).t()).norm()) for r in (native, reference)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-3)
+
+
+def test_frozen_attention_passes_give_the_layer_outputs(tiny_hf_dir, calib_text):
+    """layer_by_layer's passes after freeze_attention() run only the MLP half over the stored
+    residual stream: the same outputs, and the MLP linears' hooks still see their inputs."""
+    from miaotui.compress.calibration import capture_inputs, layer_by_layer
+
+    loaded = load_model(tiny_hf_dir, torch.float32)
+    calib = load_calibration(calib_text, loaded.tokenizer, 6, 32)
+    for _, layer, forward_all in layer_by_layer(loaded.model, calib, desc="test", batch=4):
+        full = forward_all()
+        before = capture_inputs(layer, ["mlp.down_proj"], forward_all, stop_early=True)["mlp.down_proj"]
+        forward_all.freeze_attention()
+        assert torch.equal(forward_all(), full)
+        after = capture_inputs(layer, ["mlp.down_proj"], forward_all, stop_early=True)["mlp.down_proj"]
+        assert after.count == before.count and torch.equal(after.hessian, before.hessian)
+        break
+
+
 @pytest.mark.parametrize("method,fmt", [("rtn", QuantFormat(8, -1, True)), ("gptq", QuantFormat(4, 32, False)),
                                         ("rtn", QuantFormat(2, 32, True, "binary"))])
 def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, calib_text, method, fmt):

@@ -164,6 +164,8 @@ def quantize_model(model: Transformer, method: str, fmt: QuantFormat, calib: Cal
         for n, name in enumerate(plan.linears):
             if modules is not None and f"layers.{i}.{name}" not in modules:
                 continue
+            if not name.startswith("self_attn."):  # the attention linears (first in the plan) are done
+                forward_all.freeze_attention()
             if n > 0 or name not in hessians:
                 # "True sequential": a linear's Hessian comes from inputs computed with the earlier
                 # linears of this layer already quantized, so it also corrects their error.

@@ -123,6 +123,8 @@ def gptq_gguf_model(model: Transformer, calib: CalibrationSet, kind: ExportType,
             module = layer.get_submodule(name)
             if not isinstance(module, Linear):
                 raise MiaotuiError("GPTQ into GGUF types needs a float model (this one is already quantized)")
+            if not name.startswith("self_attn."):  # the attention linears (first in the plan) are done
+                forward_all.freeze_attention()
             found = capture_inputs(layer, [name], forward_all, stop_early=True)[name]
             if not found.count:  # an expert no calibration token reached: plain importance-free rounding
                 continue
