@@ -310,3 +310,26 @@ def test_cli_quantize_then_export_then_run(family_dir, tmp_path, capsys):
         assert torch.equal(layer.codes(), other.codes())
         assert torch.allclose(layer.scale, other.scale, rtol=2 ** -8)
     assert main(["generate", "-m", str(tmp_path / "ct"), "--max-tokens", "4", "-p", "Hello"]) in (0, None)
+
+
+def test_a_2_4_pruned_model_keeps_its_pattern_through_compressed_tensors(family_dir, tmp_path):
+    """compressed-tensors 0.20 writes no sparse format any more (its ModelCompressor saves an empty
+    sparsity_config; llm-compressor 0.14 warns that sparse compression is no longer supported): a
+    2:4-pruned model travels as its dense or pack-quantized tensors, zeros in place. Symmetric int4
+    maps 0 to code 0, so after RTN the transformers-side weights still hold 2 zeros in every 4."""
+    from miaotui.cli import main
+
+    src = family_dir("llama")
+    assert main(["prune", "-m", str(src), "--method", "magnitude", "--pattern", "2:4", "-o",
+                 str(tmp_path / "p")]) in (0, None)
+    assert main(["quantize", "-m", str(tmp_path / "p"), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--symmetric", "-o", str(tmp_path / "q")]) in (0, None)
+    for model, out in ((tmp_path / "p", tmp_path / "dense"), (tmp_path / "q", tmp_path / "packed")):
+        assert main(["export", "-m", str(model), "--dtype", "float32", "-o", str(out)]) in (0, None)
+        exported = load_model(out, torch.float32).model  # read back through the compressed-tensors library
+        weights = [m.dequantized_weight() if isinstance(m, QuantLinear) else m.weight
+                   for n, m in exported.named_modules() if n.startswith("layers.") and hasattr(m, "in_features")]
+        assert weights
+        for weight in weights:
+            assert bool(((weight.detach().reshape(-1, 4) == 0).sum(-1) >= 2).all())
+        assert torch.allclose(_transformers_logits(out), _logits(load_model(model, torch.float32).model), atol=1e-3)
