@@ -78,10 +78,12 @@ class PagedKVCache:
         pool_dtype = dtype if code is None else code
         self.keys = [torch.zeros(shape, dtype=pool_dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=pool_dtype, device=device) for _ in range(config.num_layers)]
-        # a quantized pool's scales [blocks, block_size, KV] float16, per layer; else None
-        scales = (lambda: torch.zeros(shape[:3], dtype=torch.float16, device=device)) if code is not None else None
-        self.key_scales = [scales() for _ in self.keys] if scales else [None] * len(self.keys)
-        self.value_scales = [scales() for _ in self.keys] if scales else [None] * len(self.keys)
+
+        def scales() -> torch.Tensor | None:  # a quantized pool's [blocks, block_size, KV] float16; else None
+            return None if code is None else torch.zeros(shape[:3], dtype=torch.float16, device=device)
+
+        self.key_scales = [scales() for _ in range(config.num_layers)]
+        self.value_scales = [scales() for _ in range(config.num_layers)]
         # the pools as flat slots [S, KV, hd] (scales [S, KV]), made once (a view per layer and step costs ~1 us)
         self._flat = [(k.view(-1, *shape[2:]), v.view(-1, *shape[2:])) for k, v in zip(self.keys, self.values,
                                                                                      strict=True)]
