@@ -85,12 +85,7 @@ inline void dequantize_chunk(const uint8_t* q, const float* meta, uint16_t* dst)
 
 // bf16 <-> float32 as bits, vectorizable (c10's conversions check for NaN one value at a time);
 // rounding to nearest even, as PyTorch's bf16 ops do.
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using miaotui_parts::bf16_to_float;
 inline uint32_t bf16_bits(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);

@@ -11,10 +11,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace miaotui_parts {
+
+// bf16 bits -> float32 (exact; vectorizable, unlike c10's conversion, which checks each value for NaN).
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // s[0, len) -> softmax(s) in place: float32, max-subtracted (built with -ffast-math: no infinities;
 // expf is glibc's vector expf from libmvec). The decode attention kernels' one softmax.

@@ -20,16 +20,7 @@
 
 namespace miaotui_kv {
 
-namespace {
-
-inline float bf16_value(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-}  // namespace
+using miaotui_parts::bf16_to_float;
 
 void store(Code code, const uint16_t* row, int64_t kv_heads, int64_t hd, CodePool pool, int64_t slot) {
   // paged_cache.py's quantize_rows in the same float32 steps: scale = fp16(absmax * (1 / limit)),
@@ -39,13 +30,13 @@ void store(Code code, const uint16_t* row, int64_t kv_heads, int64_t hd, CodePoo
   for (int64_t h = 0; h < kv_heads; ++h) {
     const uint16_t* x = row + h * hd;
     float top = 0.f;
-    for (int64_t d = 0; d < hd; ++d) top = std::max(top, std::fabs(bf16_value(x[d])));
+    for (int64_t d = 0; d < hd; ++d) top = std::max(top, std::fabs(bf16_to_float(x[d])));
     const c10::Half s(top * per_limit);
     const float sf = static_cast<float>(s);
     const float inv = sf == 0.f ? 0.f : 1.f / sf;
     uint8_t* dst = pool.codes + (slot * kv_heads + h) * hd;
     for (int64_t d = 0; d < hd; ++d) {
-      const float v = std::clamp(bf16_value(x[d]) * inv, -limit, limit);
+      const float v = std::clamp(bf16_to_float(x[d]) * inv, -limit, limit);
       dst[d] = code == kFp8 ? c10::Float8_e4m3fn(v).x : static_cast<uint8_t>(static_cast<int8_t>(std::nearbyint(v)));
     }
     pool.scales[slot * kv_heads + h] = s.x;
@@ -126,7 +117,7 @@ void attend_lanes(const uint16_t* q, int64_t q_stride, CodePool k, CodePool v, c
     if (value_scales.size() < static_cast<size_t>(len)) value_scales.resize(len);
     float* s = scores.data();
     const uint16_t* qk = q + token * q_stride + kv * group * hd;  // the group's heads, contiguous
-    for (int64_t i = 0; i < group * hd; ++i) queries[i] = bf16_value(qk[i]);
+    for (int64_t i = 0; i < group * hd; ++i) queries[i] = bf16_to_float(qk[i]);
     for (int64_t t = 0; t < len; ++t) {
       if (t + 16 < len) {  // the pool is far bigger than the caches: ask 16 keys ahead
         const int64_t ahead = slots[t + 16] * slot_stride + kv * hd;
